@@ -1,0 +1,1 @@
+"""rsd: Reward-Guided Speculative Decoding."""

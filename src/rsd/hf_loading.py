@@ -1,0 +1,79 @@
+"""Loading Hugging Face checkpoints the same way for every role, with errors a user can act on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rsd.core import RSDError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` picks CUDA when it is there, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RSDError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise RSDError(f"--device {device}: unknown device; use cpu, cuda, cuda:N or auto.")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """`auto`: bfloat16 on CUDA, float32 on the CPU (exact comparisons in tests need float32)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise RSDError(f"--dtype {dtype}: unknown dtype; use one of {', '.join(DTYPES)}.")
+    return getattr(torch, dtype)
+
+
+def looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def check_model_source(name: str, role: str) -> str:
+    """A local folder must hold a config.json; a hub id is passed on (the hub gives its own errors)."""
+    if not name:
+        raise RSDError(f"no {role} model given; pass --{role} with a local folder or a Hugging Face hub id.")
+    if looks_like_local_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise RSDError(f"{role} model not found: {name} does not exist; pass a folder holding a "
+                           "Hugging Face checkpoint (config.json, weights, tokenizer) or a hub id.")
+        if not (path / "config.json").is_file():
+            raise RSDError(f"{role} model {name} has no config.json; pass the folder of a Hugging Face checkpoint.")
+        return str(path)
+    return name
+
+
+def read_config(name: str) -> dict:
+    """The raw config.json of a local checkpoint, or of a hub one through transformers."""
+    path = Path(name).expanduser() / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name).to_dict()
+
+
+def load_tokenizer(name: str, role: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RSDError(f"could not load the {role} tokenizer from {name}: {first_line(exc)}; "
+                       f"pass a checkpoint folder that holds its tokenizer files.") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
