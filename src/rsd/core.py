@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 DEFAULT_DELIMITER = "\n\n"
 
 
-class StopReason(str, Enum):
+class StopReason(StrEnum):
     """Why a step ended."""
 
     DELIMITER = "delimiter"  # the step text reached the step delimiter (kept at the end of the step)

@@ -46,8 +46,10 @@ def check_model_source(name: str, role: str) -> str:
     if looks_like_local_path(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise RSDError(f"{role} model not found: {name} does not exist; pass a folder holding a "
-                           "Hugging Face checkpoint (config.json, weights, tokenizer) or a hub id.")
+            raise RSDError(
+                f"{role} model not found: {name} does not exist; pass a folder holding a "
+                "Hugging Face checkpoint (config.json, weights, tokenizer) or a hub id."
+            )
         if not (path / "config.json").is_file():
             raise RSDError(f"{role} model {name} has no config.json; pass the folder of a Hugging Face checkpoint.")
         return str(path)
@@ -70,8 +72,10 @@ def load_tokenizer(name: str, role: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise RSDError(f"could not load the {role} tokenizer from {name}: {first_line(exc)}; "
-                       f"pass a checkpoint folder that holds its tokenizer files.") from exc
+        raise RSDError(
+            f"could not load the {role} tokenizer from {name}: {first_line(exc)}; "
+            f"pass a checkpoint folder that holds its tokenizer files."
+        ) from exc
 
 
 def first_line(exc: BaseException) -> str:

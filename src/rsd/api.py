@@ -1,0 +1,119 @@
+"""The few lines a Python user needs: build the three models once, then generate for any questions.
+
+    from rsd import RSD
+    rsd = RSD(draft="Qwen/Qwen2.5-Math-1.5B-Instruct", target="Qwen/Qwen2.5-Math-7B-Instruct",
+              prm="Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B", delta=0.7)
+    [result] = rsd.generate(["What is 17 * 23?"])
+    print(result.text, result.stats.acceptance_rate)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from rsd.core import RewardModel, RSDError, StepGenerator, Trajectory
+from rsd.loop import Prompted, RunConfig, StepwiseDecoder
+from rsd.policies import Policy, make_policy
+
+DEFAULT_TEMPLATE = "qwen25-math-cot"
+
+
+def load_generator(model: str | StepGenerator, role: str, device: str, dtype: str, trust_remote_code: bool):
+    """A `StepGenerator` from a model name or path (a built generator passes through)."""
+    if not isinstance(model, str):
+        return model
+    from rsd.backends.hf import HFStepGenerator
+
+    return HFStepGenerator(model, role=role, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(
+    prm: str | RewardModel | Callable,
+    prm_format: str | None,
+    delimiter: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+) -> RewardModel:
+    """A `RewardModel` from a name or path, a built one, or any callable `(question, steps) -> reward`."""
+    from rsd.rewards import CallableReward, load_prm
+
+    if isinstance(prm, str):
+        return load_prm(
+            prm,
+            prm_format=prm_format,
+            delimiter=delimiter,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+    if hasattr(prm, "score_steps"):
+        return prm
+    if callable(prm):
+        return CallableReward(prm)
+    raise RSDError(f"prm must be a model name or path, a RewardModel or a callable, not {type(prm).__name__}.")
+
+
+def check_pair(draft: StepGenerator, target: StepGenerator) -> None:
+    """Refuse a draft/target pair whose shared token ids would mean different things to the two models."""
+    same_vocab = draft.vocabulary_fingerprint() == target.vocabulary_fingerprint()
+    draft_size, target_size = getattr(draft, "vocab_size", None), getattr(target, "vocab_size", None)
+    if same_vocab and draft_size and target_size and draft_size > target_size:
+        raise RSDError(
+            f"the draft and target share a tokenizer but the draft's vocabulary ({draft_size}) is larger than "
+            f"the target's embedding table ({target_size}): draft tokens would crash the target; pick a draft "
+            "of the target's model family."
+        )
+
+
+class RSD:
+    """Reward-guided speculative decoding with a draft, a target and a PRM."""
+
+    def __init__(
+        self,
+        draft: str | StepGenerator,
+        target: str | StepGenerator,
+        prm: str | RewardModel | Callable,
+        policy: str | Policy = "threshold",
+        delta: float = 0.7,
+        alpha: float = 10.0,
+        p: float = 0.5,
+        prm_format: str | None = None,
+        config: RunConfig | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.config = config or RunConfig()
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, delta=delta, alpha=alpha, p=p)
+        self.draft = load_generator(draft, "draft", device, dtype, trust_remote_code)
+        self.target = load_generator(target, "target", device, dtype, trust_remote_code)
+        check_pair(self.draft, self.target)
+        self.prm = load_reward_model(prm, prm_format, self.config.delimiter, device, dtype, trust_remote_code)
+
+    def decoder(self, method: str = "rsd", **overrides) -> StepwiseDecoder:
+        """The decoder of one method: `rsd`, `draft` (draft alone) or `target` (target alone)."""
+        config = replace(self.config, **overrides) if overrides else self.config
+        if method == "rsd":
+            return StepwiseDecoder(self.draft, config, self.prm, self.target, self.policy, proposer_role="draft")
+        if method in ("draft", "target"):
+            return StepwiseDecoder(getattr(self, method), config, proposer_role=method)
+        raise RSDError(f"unknown method {method!r}; use rsd, draft or target.")
+
+    def prompt(self, question: str, template: str = DEFAULT_TEMPLATE) -> str:
+        from rsd.eval.prompts import build_prompt
+
+        return build_prompt(template, question, self.draft.tokenizer)
+
+    def generate(
+        self,
+        questions: str | Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+        method: str = "rsd",
+    ) -> list[Trajectory]:
+        """Decode each question; results come back in the order of the questions."""
+        if isinstance(questions, str):
+            questions = [questions]
+        problems = [Prompted(i, q, self.prompt(q, template)) for i, q in enumerate(questions)]
+        return self.decoder(method).run(problems)

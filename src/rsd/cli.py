@@ -1,0 +1,168 @@
+"""`rsd` on the command line: argument parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rsd.core import RSDError, Trajectory
+from rsd.policies import DEFAULT_DELTA, POLICY_NAMES
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--draft", required=required, help="draft model: hub id or local checkpoint folder")
+    group.add_argument("--target", required=required, help="target model: hub id or local checkpoint folder")
+    group.add_argument("--prm", required=required, help="process reward model: hub id or local folder")
+    group.add_argument(
+        "--prm-format",
+        default=None,
+        help="skywork, qwen-prm, math-shepherd, rlhflow or token-classification (default: from the config)",
+    )
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    group.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    group.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code from model repositories (off by default)"
+    )
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--policy", default="threshold", choices=POLICY_NAMES, help="weighting function of the reward")
+    group.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="threshold of threshold/logistic (0.7)")
+    group.add_argument("--alpha", type=float, default=10.0, help="slope of the logistic weighting")
+    group.add_argument("--p", type=float, default=0.5, help="keep probability of the constant weighting")
+    group.add_argument("--template", default="qwen25-math-cot", help="prompt template name, a template file, or none")
+    group.add_argument("--max-steps", type=int, default=64, help="step budget per problem")
+    group.add_argument("--step-max-tokens", type=int, default=256, help="a step ends after this many tokens")
+    group.add_argument("--max-new-tokens", type=int, default=2048, help="generated-token budget per problem")
+    group.add_argument("--delimiter", default="\n\n", help="step delimiter (default: a blank line)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=0, help="seeds sampling and soft weighting draws")
+    group.add_argument("--batch-size", type=int, default=32, help="problems decoded together")
+
+
+def run_config(args: argparse.Namespace):
+    from rsd.loop import RunConfig
+
+    return RunConfig(
+        delimiter=args.delimiter.encode().decode("unicode_escape") if "\\" in args.delimiter else args.delimiter,
+        step_max_tokens=args.step_max_tokens,
+        max_new_tokens=args.max_new_tokens,
+        max_steps=args.max_steps,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+
+
+def build_rsd(args: argparse.Namespace):
+    from rsd.api import RSD
+
+    return RSD(
+        draft=args.draft,
+        target=args.target,
+        prm=args.prm,
+        policy=args.policy,
+        delta=args.delta,
+        alpha=args.alpha,
+        p=args.p,
+        prm_format=args.prm_format,
+        config=run_config(args),
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+# -- rsd generate ---------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    questions = args.question
+    if any(not q.strip() for q in questions):
+        raise RSDError("--question is empty; pass the problem text, e.g. --question 'What is 2 + 3?'.")
+    results = build_rsd(args).generate(questions, template=args.template, method=args.method)
+    if args.json:
+        payload = [generation_json(t) for t in results]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, ensure_ascii=False))
+    else:
+        for traj in results:
+            print_generation(traj)
+    return 0
+
+
+def generation_json(traj: Trajectory) -> dict:
+    return {
+        "question": traj.question,
+        "text": traj.text,
+        "steps": [s.to_dict() for s in traj.steps],
+        "finish_reason": traj.finish_reason,
+        "stats": traj.stats.to_dict(),
+    }
+
+
+def print_generation(traj: Trajectory) -> None:
+    print(f"Question: {traj.question}\n")
+    for i, step in enumerate(traj.steps, 1):
+        reward = "   -  " if step.reward is None else f"{step.reward:.3f}"
+        verdict = "" if step.reward is None else (" kept" if step.kept else " rejected -> target")
+        print(f"[step {i:>2} | {step.source:<6} | reward {reward}{verdict}]")
+        if not step.kept and step.draft_text is not None:
+            print(f"  draft proposed: {step.draft_text.strip()!r}")
+        print(step.text.rstrip("\n") or "<empty step>")
+        print()
+    print_stats(traj)
+
+
+def print_stats(traj: Trajectory) -> None:
+    s = traj.stats
+    acc = "n/a" if s.acceptance_rate is None else f"{s.acceptance_rate:.1%}"
+    print(f"finished: {traj.finish_reason}   steps: {s.num_steps}   kept: {s.steps_kept}   "
+          f"rejected: {s.steps_rejected}   acceptance: {acc}")
+    print(f"tokens  draft kept {s.draft_tokens_kept}  draft discarded {s.draft_tokens_discarded}  "
+          f"target {s.target_tokens}  prm {s.prm_tokens}")
+    for role, usage in s.models.items():
+        if usage.calls:
+            print(f"{role:<7} {usage.flops:.3e} FLOPs  {usage.wall_time_s:.3f} s  "
+                  f"prefill {usage.prefill_tokens}  decode {usage.decode_tokens}")
+    print(f"total   {s.total_flops:.3e} FLOPs")
+
+
+# -- parser ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsd", description="Reward-Guided Speculative Decoding for reasoning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="solve questions with RSD and show every step")
+    add_model_arguments(gen, required=True)
+    add_decoding_arguments(gen)
+    gen.add_argument("--question", action="append", required=True, help="the problem (repeat for a batch)")
+    gen.add_argument("--method", default="rsd", choices=("rsd", "draft", "target"), help="rsd, or one model alone")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (a list for several questions)")
+    gen.set_defaults(func=cmd_generate)
+
+    from rsd.eval.grade_cmd import add_grade_arguments, run_grade
+
+    grade = sub.add_parser("grade", help="grade existing outputs in a JSONL file")
+    add_grade_arguments(grade)
+    grade.set_defaults(func=run_grade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RSDError as exc:
+        print(f"rsd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rsd: interrupted; finished work is saved where the command writes it.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

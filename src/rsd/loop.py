@@ -1,0 +1,258 @@
+"""The controller: draft -> score -> decide -> target rewrites the rejected, over a batch of trajectories.
+
+One round advances every active trajectory by exactly one step:
+  1. the proposer (the draft) writes a step for each trajectory, batched;
+  2. the PRM scores each proposal given the question and the steps so far;
+  3. the weighting function decides, per trajectory, whether the proposal stays;
+  4. the target rewrites the rejected steps from the same prefixes, batched (its steps are not scored);
+  5. steps are committed; a trajectory ends at EOS, its token budget or its step budget, and a new problem
+     takes its place in the batch (trajectories finish independently; no global cut-off).
+Without a PRM the proposer's steps are all kept: that is draft-only or target-only decoding, with the same
+step structure and the same statistics.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from rsd.core import (
+    DEFAULT_DELIMITER,
+    ModelUsage,
+    RewardModel,
+    RewardRequest,
+    RSDError,
+    Step,
+    StepGenerator,
+    StepOutput,
+    StepParams,
+    StepRequest,
+    StopReason,
+    Trajectory,
+    strip_delimiter,
+)
+from rsd.policies import Policy, Threshold
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long trajectories may grow and how steps are sampled. Saved with every result."""
+
+    delimiter: str = DEFAULT_DELIMITER  # ends a step; the only place it is defined for a run
+    step_max_tokens: int = 256  # a step that reaches this many tokens ends there
+    max_new_tokens: int = 2048  # generated-token budget of a trajectory
+    max_steps: int = 64  # step budget of a trajectory
+    temperature: float = 0.0  # 0: greedy, the paper's setting
+    top_p: float = 1.0
+    seed: int = 0  # seeds sampling and the soft weighting functions' draws
+    batch_size: int = 32  # trajectories advanced together in one round
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            raise RSDError("the step delimiter is empty; pass a non-empty --delimiter such as '\\n\\n'.")
+        for name in ("step_max_tokens", "max_new_tokens", "max_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RSDError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise RSDError("temperature must be >= 0 and top-p in (0, 1].")
+
+    def step_params(self) -> StepParams:
+        return StepParams(self.delimiter, self.temperature, self.top_p, self.seed)
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """A problem ready to decode: its key, its raw question (for the PRM) and the generators' prompt text."""
+
+    key: Hashable
+    question: str
+    prompt: str
+
+
+class StepwiseDecoder:
+    """Decodes trajectories step by step with a proposer, optionally checked by a PRM and a fallback model.
+
+    - RSD: proposer = draft, reward_model = PRM, policy = weighting function, fallback = target.
+    - draft-only / target-only: proposer alone; every step is kept.
+    """
+
+    def __init__(
+        self,
+        proposer: StepGenerator,
+        config: RunConfig,
+        reward_model: RewardModel | None = None,
+        fallback: StepGenerator | None = None,
+        policy: Policy | None = None,
+        proposer_role: str = "draft",
+    ) -> None:
+        if (reward_model is None) != (fallback is None):
+            raise RSDError("RSD needs both a PRM and a target model; pass both, or neither for a single model.")
+        self.proposer = proposer
+        self.fallback = fallback
+        self.reward_model = reward_model
+        self.policy = policy or Threshold()
+        self.config = config
+        self.proposer_role = proposer_role
+        # Token ids are only shared when both tokenizers give every id the same text; otherwise each model
+        # re-reads the trajectory as text in its own tokenization.
+        self.shared_ids = fallback is None or (proposer.vocabulary_fingerprint() == fallback.vocabulary_fingerprint())
+
+    # -- the public entry point ---------------------------------------------------------------------------
+    def run(
+        self,
+        problems: Sequence[Prompted],
+        on_finish: Callable[[Trajectory], None] | None = None,
+    ) -> list[Trajectory]:
+        """Decode every problem; `on_finish` sees each trajectory the moment it ends (to save it at once)."""
+        pending = [self._start(p) for p in reversed(problems)]
+        done: list[Trajectory] = []
+        active: list[Trajectory] = []
+        while pending or active:
+            while pending and len(active) < self.config.batch_size:
+                active.append(pending.pop())
+            self._advance(active)
+            still_active = []
+            for traj in active:
+                if traj.finished:
+                    self._release(traj)
+                    done.append(traj)
+                    if on_finish is not None:
+                        on_finish(traj)
+                else:
+                    still_active.append(traj)
+            active = still_active
+        order = {p.key: i for i, p in enumerate(problems)}
+        return sorted(done, key=lambda t: order[t.key])
+
+    # -- one round ----------------------------------------------------------------------------------------
+    def _start(self, problem: Prompted) -> Trajectory:
+        if not problem.question.strip():
+            raise RSDError(f"problem {problem.key!r} has an empty question; give every problem some text.")
+        return Trajectory(
+            key=problem.key,
+            question=problem.question,
+            prompt=problem.prompt,
+            prompt_ids=self.proposer.encode(problem.prompt),
+        )
+
+    def _advance(self, batch: list[Trajectory]) -> None:
+        proposals = self._generate(self.proposer, self.proposer_role, batch)
+        if self.reward_model is None:
+            for traj, out in zip(batch, proposals, strict=True):
+                self._commit(traj, self._own_step(out), kept=True)
+            return
+        rewards = self._score(batch, proposals)
+        keep = [self._decide(traj, reward) for traj, reward in zip(batch, rewards, strict=True)]
+        rejected = [traj for traj, k in zip(batch, keep, strict=True) if not k]
+        rewrites = iter(self._generate(self.fallback, "target", rejected)) if rejected else iter(())
+        for traj, proposal, reward, kept in zip(batch, proposals, rewards, keep, strict=True):
+            if kept:
+                step = Step("draft", proposal.text, proposal.token_ids, reward, True, stop=proposal.stop)
+                traj.stats.draft_tokens_kept += len(proposal.token_ids)
+            else:
+                rewrite = next(rewrites)
+                step = Step(
+                    "target",
+                    rewrite.text,
+                    rewrite.token_ids,
+                    reward,
+                    False,
+                    draft_text=proposal.text,
+                    draft_token_ids=proposal.token_ids,
+                    stop=rewrite.stop,
+                )
+                traj.stats.draft_tokens_discarded += len(proposal.token_ids)
+                traj.stats.target_tokens += len(rewrite.token_ids)
+            self._commit(traj, step, kept)
+
+    def _own_step(self, out: StepOutput) -> Step:
+        """A step of a single-model run: no PRM, always kept, attributed to the model that wrote it."""
+        return Step(self.proposer_role, out.text, out.token_ids, None, True, stop=out.stop)
+
+    def _decide(self, traj: Trajectory, reward: float) -> bool:
+        # Seeded per trajectory and step, so a decision never depends on which problems share the batch.
+        rng = random.Random(f"{self.config.seed}|{traj.key}|{len(traj.steps)}")
+        return self.policy.keep(reward, rng)
+
+    def _commit(self, traj: Trajectory, step: Step, kept: bool) -> None:
+        traj.steps.append(step)
+        stats = traj.stats
+        if self.reward_model is None:
+            stats.steps_kept += self.proposer_role == "draft"
+            stats.steps_target_only += self.proposer_role == "target"
+            if self.proposer_role == "draft":
+                stats.draft_tokens_kept += len(step.token_ids)
+            else:
+                stats.target_tokens += len(step.token_ids)
+        elif kept:
+            stats.steps_kept += 1
+        else:
+            stats.steps_rejected += 1
+        if step.stop is StopReason.EOS:
+            traj.finished, traj.finish_reason = True, "eos"
+        elif traj.num_generated_tokens >= self.config.max_new_tokens:
+            traj.finished, traj.finish_reason = True, "max_new_tokens"
+        elif len(traj.steps) >= self.config.max_steps:
+            traj.finished, traj.finish_reason = True, "max_steps"
+
+    # -- model calls, with their accounting ---------------------------------------------------------------
+    def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
+        if self.shared_ids or generator is self.proposer:
+            return traj.prompt_ids + traj.generated_ids
+        return generator.encode(traj.prompt + traj.text)
+
+    def _generate(self, generator: StepGenerator, role: str, batch: list[Trajectory]) -> list[StepOutput]:
+        requests = [
+            StepRequest(
+                key=traj.key,
+                prefix_ids=self._prefix_ids(generator, traj),
+                max_tokens=min(self.config.step_max_tokens, self.config.max_new_tokens - traj.num_generated_tokens),
+            )
+            for traj in batch
+        ]
+        start = time.perf_counter()
+        outputs = generator.generate_steps(requests, self.config.step_params())
+        share = (time.perf_counter() - start) / len(batch)
+        for traj, out in zip(batch, outputs, strict=True):
+            usage = ModelUsage(
+                prefill_tokens=out.prefill_tokens,
+                decode_tokens=out.decode_tokens,
+                flops=generator.cost.flops(out.prefill_tokens + out.decode_tokens, out.context_sum),
+                wall_time_s=share,
+                calls=1,
+            )
+            traj.stats.models[role].add(usage)
+        return outputs
+
+    def _score(self, batch: list[Trajectory], proposals: list[StepOutput]) -> list[float]:
+        delimiter = self.config.delimiter
+        requests = [
+            RewardRequest(
+                key=traj.key,
+                question=traj.question,
+                steps=[strip_delimiter(s.text, delimiter) for s in traj.steps] + [strip_delimiter(out.text, delimiter)],
+            )
+            for traj, out in zip(batch, proposals, strict=True)
+        ]
+        start = time.perf_counter()
+        outputs = self.reward_model.score_steps(requests)
+        share = (time.perf_counter() - start) / len(batch)
+        for traj, out in zip(batch, outputs, strict=True):
+            usage = ModelUsage(
+                prefill_tokens=out.prefill_tokens,
+                flops=self.reward_model.cost.flops(out.prefill_tokens, out.context_sum),
+                wall_time_s=share,
+                calls=1,
+            )
+            traj.stats.models["prm"].add(usage)
+            traj.stats.prm_tokens += out.prefill_tokens
+        return [out.reward for out in outputs]
+
+    def _release(self, traj: Trajectory) -> None:
+        self.proposer.release([traj.key])
+        if self.fallback is not None:
+            self.fallback.release([traj.key])
+        if self.reward_model is not None:
+            self.reward_model.release([traj.key])
