@@ -22,6 +22,7 @@ from rsd.core import (
     DEFAULT_DELIMITER,
     ModelUsage,
     RewardModel,
+    RewardOutput,
     RewardRequest,
     RSDError,
     Step,
@@ -141,7 +142,7 @@ class StepwiseDecoder:
         proposals = self._generate(self.proposer, self.proposer_role, batch)
         if self.reward_model is None:
             for traj, out in zip(batch, proposals, strict=True):
-                self._commit(traj, self._own_step(out), kept=True)
+                commit_single_model_step(traj, out, self.proposer_role, self.config)
             return
         rewards = self._score(batch, proposals)
         keep = [self._decide(traj, reward) for traj, reward in zip(batch, rewards, strict=True)]
@@ -149,53 +150,11 @@ class StepwiseDecoder:
         rewrites = iter(self._generate(self.fallback, "target", rejected)) if rejected else iter(())
         for traj, proposal, reward, kept in zip(batch, proposals, rewards, keep, strict=True):
             if kept:
-                step = Step("draft", proposal.text, proposal.token_ids, reward, True, stop=proposal.stop)
-                traj.stats.draft_tokens_kept += len(proposal.token_ids)
-            else:
-                rewrite = next(rewrites)
-                step = Step(
-                    "target",
-                    rewrite.text,
-                    rewrite.token_ids,
-                    reward,
-                    False,
-                    draft_text=proposal.text,
-                    draft_token_ids=proposal.token_ids,
-                    stop=rewrite.stop,
-                )
-                traj.stats.draft_tokens_discarded += len(proposal.token_ids)
-                traj.stats.target_tokens += len(rewrite.token_ids)
-            self._commit(traj, step, kept)
-
-    def _own_step(self, out: StepOutput) -> Step:
-        """A step of a single-model run: no PRM, always kept, attributed to the model that wrote it."""
-        return Step(self.proposer_role, out.text, out.token_ids, None, True, stop=out.stop)
+                rewrite = None if kept else next(rewrites)
+            commit_rsd_step(traj, proposal, reward, rewrite, self.config)
 
     def _decide(self, traj: Trajectory, reward: float) -> bool:
-        # Seeded per trajectory and step, so a decision never depends on which problems share the batch.
-        rng = random.Random(f"{self.config.seed}|{traj.key}|{len(traj.steps)}")
-        return self.policy.keep(reward, rng)
-
-    def _commit(self, traj: Trajectory, step: Step, kept: bool) -> None:
-        traj.steps.append(step)
-        stats = traj.stats
-        if self.reward_model is None:
-            stats.steps_kept += self.proposer_role == "draft"
-            stats.steps_target_only += self.proposer_role == "target"
-            if self.proposer_role == "draft":
-                stats.draft_tokens_kept += len(step.token_ids)
-            else:
-                stats.target_tokens += len(step.token_ids)
-        elif kept:
-            stats.steps_kept += 1
-        else:
-            stats.steps_rejected += 1
-        if step.stop is StopReason.EOS:
-            traj.finished, traj.finish_reason = True, "eos"
-        elif traj.num_generated_tokens >= self.config.max_new_tokens:
-            traj.finished, traj.finish_reason = True, "max_new_tokens"
-        elif len(traj.steps) >= self.config.max_steps:
-            traj.finished, traj.finish_reason = True, "max_steps"
+        return decide(self.policy, self.config.seed, traj, reward)
 
     # -- model calls, with their accounting ---------------------------------------------------------------
     def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
@@ -216,14 +175,7 @@ class StepwiseDecoder:
         outputs = generator.generate_steps(requests, self.config.step_params())
         share = (time.perf_counter() - start) / len(batch)
         for traj, out in zip(batch, outputs, strict=True):
-            usage = ModelUsage(
-                prefill_tokens=out.prefill_tokens,
-                decode_tokens=out.decode_tokens,
-                flops=generator.cost.flops(out.prefill_tokens + out.decode_tokens, out.context_sum),
-                wall_time_s=share,
-                calls=1,
-            )
-            traj.stats.models[role].add(usage)
+            record_generation(traj, role, generator, out, share)
         return outputs
 
     def _score(self, batch: list[Trajectory], proposals: list[StepOutput]) -> list[float]:
@@ -240,14 +192,7 @@ class StepwiseDecoder:
         outputs = self.reward_model.score_steps(requests)
         share = (time.perf_counter() - start) / len(batch)
         for traj, out in zip(batch, outputs, strict=True):
-            usage = ModelUsage(
-                prefill_tokens=out.prefill_tokens,
-                flops=self.reward_model.cost.flops(out.prefill_tokens, out.context_sum),
-                wall_time_s=share,
-                calls=1,
-            )
-            traj.stats.models["prm"].add(usage)
-            traj.stats.prm_tokens += out.prefill_tokens
+            record_scoring(traj, self.reward_model, out, share)
         return [out.reward for out in outputs]
 
     def _release(self, traj: Trajectory) -> None:
@@ -256,3 +201,71 @@ class StepwiseDecoder:
             self.fallback.release([traj.key])
         if self.reward_model is not None:
             self.reward_model.release([traj.key])
+
+
+# -- the bookkeeping of one step, shared by every controller (this one and the asynchronous one) ---------------
+def decide(policy: Policy, seed: int, traj: Trajectory, reward: float) -> bool:
+    """Draw the keep decision for the trajectory's next step."""
+    # Seeded per trajectory and step, so a decision never depends on which problems share the batch.
+    rng = random.Random(f"{seed}|{traj.key}|{len(traj.steps)}")
+    return policy.keep(reward, rng)
+
+
+def reward_request(traj: Trajectory, proposal_text: str, delimiter: str) -> RewardRequest:
+    """What the PRM reads: the raw question and every step, the proposal last, without their delimiters."""
+    steps = [strip_delimiter(s.text, delimiter) for s in traj.steps]
+    return RewardRequest(traj.key, traj.question, [*steps, strip_delimiter(proposal_text, delimiter)])
+
+
+def record_generation(traj: Trajectory, role: str, generator: StepGenerator, out: StepOutput, seconds: float) -> None:
+    tokens = out.prefill_tokens + out.decode_tokens
+    usage = ModelUsage(out.prefill_tokens, out.decode_tokens, generator.cost.flops(tokens, out.context_sum), seconds, 1)
+    traj.stats.models[role].add(usage)
+
+
+def record_scoring(traj: Trajectory, reward_model: RewardModel, out: RewardOutput, seconds: float) -> None:
+    flops = reward_model.cost.flops(out.prefill_tokens, out.context_sum)
+    traj.stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 1))
+    traj.stats.prm_tokens += out.prefill_tokens
+
+
+def commit_rsd_step(
+    traj: Trajectory, proposal: StepOutput, reward: float, rewrite: StepOutput | None, config: RunConfig
+) -> None:
+    """Append the kept proposal, or the target's rewrite of a rejected one, and count it."""
+    stats = traj.stats
+    if rewrite is None:
+        step = Step("draft", proposal.text, proposal.token_ids, reward, True, stop=proposal.stop)
+        stats.steps_kept += 1
+        stats.draft_tokens_kept += len(proposal.token_ids)
+    else:
+        step = Step(
+            "target", rewrite.text, rewrite.token_ids, reward, False,
+            draft_text=proposal.text, draft_token_ids=proposal.token_ids, stop=rewrite.stop,
+        )  # fmt: skip
+        stats.steps_rejected += 1
+        stats.draft_tokens_discarded += len(proposal.token_ids)
+        stats.target_tokens += len(rewrite.token_ids)
+    append_step(traj, step, config)
+
+
+def commit_single_model_step(traj: Trajectory, out: StepOutput, role: str, config: RunConfig) -> None:
+    """A step of a one-model run: no PRM, always kept, attributed to the model that wrote it."""
+    if role == "draft":
+        traj.stats.steps_kept += 1
+        traj.stats.draft_tokens_kept += len(out.token_ids)
+    else:
+        traj.stats.steps_target_only += 1
+        traj.stats.target_tokens += len(out.token_ids)
+    append_step(traj, Step(role, out.text, out.token_ids, None, True, stop=out.stop), config)
+
+
+def append_step(traj: Trajectory, step: Step, config: RunConfig) -> None:
+    """Append a step and end the trajectory at EOS, at its token budget or at its step budget."""
+    traj.steps.append(step)
+    if step.stop is StopReason.EOS:
+        traj.finished, traj.finish_reason = True, "eos"
+    elif traj.num_generated_tokens >= config.max_new_tokens:
+        traj.finished, traj.finish_reason = True, "max_new_tokens"
+    elif len(traj.steps) >= config.max_steps:
+        traj.finished, traj.finish_reason = True, "max_steps"
