@@ -145,16 +145,12 @@ class StepwiseDecoder:
                 commit_single_model_step(traj, out, self.proposer_role, self.config)
             return
         rewards = self._score(batch, proposals)
-        keep = [self._decide(traj, reward) for traj, reward in zip(batch, rewards, strict=True)]
+        keep = [decide(self.policy, self.config.seed, traj, r) for traj, r in zip(batch, rewards, strict=True)]
         rejected = [traj for traj, k in zip(batch, keep, strict=True) if not k]
         rewrites = iter(self._generate(self.fallback, "target", rejected)) if rejected else iter(())
         for traj, proposal, reward, kept in zip(batch, proposals, rewards, keep, strict=True):
-            if kept:
-                rewrite = None if kept else next(rewrites)
+            rewrite = None if kept else next(rewrites)
             commit_rsd_step(traj, proposal, reward, rewrite, self.config)
-
-    def _decide(self, traj: Trajectory, reward: float) -> bool:
-        return decide(self.policy, self.config.seed, traj, reward)
 
     # -- model calls, with their accounting ---------------------------------------------------------------
     def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
