@@ -1,10 +1,10 @@
 """The few lines a Python user needs: build the three models once, then generate for any questions.
 
-    from rsd import RSD
-    rsd = RSD(draft="Qwen/Qwen2.5-Math-1.5B-Instruct", target="Qwen/Qwen2.5-Math-7B-Instruct",
-              prm="Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B", delta=0.7)
-    [result] = rsd.generate(["What is 17 * 23?"])
-    print(result.text, result.stats.acceptance_rate)
+from rsd import RSD
+rsd = RSD(draft="Qwen/Qwen2.5-Math-1.5B-Instruct", target="Qwen/Qwen2.5-Math-7B-Instruct",
+          prm="Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B", delta=0.7)
+[result] = rsd.generate(["What is 17 * 23?"])
+print(result.text, result.stats.acceptance_rate)
 """
 
 from __future__ import annotations

@@ -120,14 +120,20 @@ def print_generation(traj: Trajectory) -> None:
 def print_stats(traj: Trajectory) -> None:
     s = traj.stats
     acc = "n/a" if s.acceptance_rate is None else f"{s.acceptance_rate:.1%}"
-    print(f"finished: {traj.finish_reason}   steps: {s.num_steps}   kept: {s.steps_kept}   "
-          f"rejected: {s.steps_rejected}   acceptance: {acc}")
-    print(f"tokens  draft kept {s.draft_tokens_kept}  draft discarded {s.draft_tokens_discarded}  "
-          f"target {s.target_tokens}  prm {s.prm_tokens}")
+    print(
+        f"finished: {traj.finish_reason}   steps: {s.num_steps}   kept: {s.steps_kept}   "
+        f"rejected: {s.steps_rejected}   acceptance: {acc}"
+    )
+    print(
+        f"tokens  draft kept {s.draft_tokens_kept}  draft discarded {s.draft_tokens_discarded}  "
+        f"target {s.target_tokens}  prm {s.prm_tokens}"
+    )
     for role, usage in s.models.items():
         if usage.calls:
-            print(f"{role:<7} {usage.flops:.3e} FLOPs  {usage.wall_time_s:.3f} s  "
-                  f"prefill {usage.prefill_tokens}  decode {usage.decode_tokens}")
+            print(
+                f"{role:<7} {usage.flops:.3e} FLOPs  {usage.wall_time_s:.3f} s  "
+                f"prefill {usage.prefill_tokens}  decode {usage.decode_tokens}"
+            )
     print(f"total   {s.total_flops:.3e} FLOPs")
 
 
@@ -144,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (a list for several questions)")
     gen.set_defaults(func=cmd_generate)
 
+    from rsd.eval.commands import register
     from rsd.eval.grade_cmd import add_grade_arguments, run_grade
+
+    register(sub, add_model_arguments, add_decoding_arguments)
 
     grade = sub.add_parser("grade", help="grade existing outputs in a JSONL file")
     add_grade_arguments(grade)

@@ -1,0 +1,298 @@
+"""`rsd eval`, `rsd sweep` and `rsd merge`: resolve the configuration, run the harness, write the run folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from rsd.core import RSDError
+from rsd.eval.harness import (
+    AGGREGATES,
+    METHODS,
+    EvalContext,
+    EvalProblem,
+    MethodSpec,
+    default_tinyworld_model,
+    run_methods,
+    select_shard,
+)
+from rsd.eval.report import plot_tradeoff, report_markdown, summarize, text_table
+from rsd.eval.runfolder import REPORT, SUMMARY, RunFolder, fresh_run_dir, read_records, write_atomic
+from rsd.policies import make_policy
+
+TINYWORLD = "tinyworld"
+TINYWORLD_DEFAULT_PROBLEMS = 200
+
+
+# -- arguments ------------------------------------------------------------------------------------------------
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("problems")
+    group.add_argument("--dataset", default=TINYWORLD, help="tinyworld (default), a benchmark name, or a JSONL path")
+    group.add_argument("--data-dir", default=None, help="folder holding NAME/test.jsonl for named benchmarks")
+    group.add_argument("--question-field", default=None, help="question field of a JSONL file")
+    group.add_argument("--answer-field", default=None, help="gold answer field of a JSONL file")
+    group.add_argument("--num-problems", type=int, default=None, help="first N problems (tinyworld: 200)")
+    group.add_argument("--problem-seed", type=int, default=None, help="tinyworld: which problems (default: --seed)")
+    group.add_argument("--strict", action="store_true", help="refuse a data file with malformed rows")
+    group.add_argument("--shard", default=None, help="i/n: run every n-th problem from i (combine with rsd merge)")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="run folder (resumes if it exists; default: a fresh one)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--grade-workers", type=int, default=2, help="grading worker processes")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("N-sample methods")
+    group.add_argument("--n", type=int, default=8, help="samples per problem for best-of-n / majority")
+    group.add_argument("--sample-temperature", type=float, default=0.7, help="their temperature when --temperature 0")
+    group.add_argument("--sample-model", default="draft", choices=("draft", "target"), help="who samples (non-RSD)")
+    group.add_argument("--aggregate", default="min", choices=AGGREGATES, help="step rewards -> solution score")
+    group.add_argument("--sd-lookahead", type=int, default=4, help="draft tokens per target check in `sd`")
+
+
+# -- building the run -----------------------------------------------------------------------------------------
+def fill_model_defaults(args: argparse.Namespace) -> None:
+    """No model arguments: the built-in tiny world's draft, target and PRM."""
+    given = [args.draft, args.target, args.prm]
+    if not any(given):
+        args.draft, args.target, args.prm = (default_tinyworld_model(r) for r in ("draft", "target", "prm"))
+    elif not all(given):
+        raise RSDError("pass all of --draft, --target and --prm, or none of them to run the built-in tiny world.")
+
+
+def load_eval_problems(args: argparse.Namespace, tokenizer, template: str) -> list[EvalProblem]:
+    from rsd.eval.prompts import build_prompt
+
+    if args.dataset == TINYWORLD:
+        from rsd.tinyworld.task import load_tinyworld
+
+        seed = args.seed if args.problem_seed is None else args.problem_seed
+        count = args.num_problems or TINYWORLD_DEFAULT_PROBLEMS
+        raw = load_tinyworld(split="test", n=count, seed=seed)
+    else:
+        from rsd.eval.datasets import load_problems
+
+        raw = load_problems(
+            args.dataset,
+            data_dir=args.data_dir,
+            question_field=args.question_field,
+            answer_field=args.answer_field,
+            strict=args.strict,
+            limit=args.num_problems,
+        )
+    if not raw:
+        raise RSDError(f"no problems loaded from {args.dataset}; check the name, --data-dir and the fields.")
+    problems = [
+        EvalProblem(
+            id=str(p.id),
+            question=p.question,
+            answer=str(p.answer),
+            prompt=build_prompt(template, p.question, tokenizer),
+            meta=dict(getattr(p, "meta", {}) or {}),
+        )
+        for p in raw
+    ]
+    return select_shard(problems, args.shard)
+
+
+def resolved_config(args: argparse.Namespace, methods: list[str]) -> dict:
+    """Everything that decides the records (saved in config.json; a resume must match it)."""
+    skip = {"func", "command", "out", "json", "no_progress", "grade_workers"}
+    config = {k: v for k, v in vars(args).items() if k not in skip}
+    config["methods"] = methods
+    return config
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import rsd
+
+    return {
+        "rsd": getattr(rsd, "__version__", "0"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def make_context(args: argparse.Namespace, rsd_models, pool) -> EvalContext:
+    from rsd.eval.grading import answers_match, extract, majority_vote
+
+    def grader(problem: EvalProblem, text: str) -> tuple[str | None, bool]:
+        choice = bool(problem.meta.get("multiple_choice", False))
+        prediction = extract(text, choice)
+        return prediction, answers_match([problem.answer], [prediction], multiple_choice=choice, pool=pool)[0]
+
+    def voter(problem: EvalProblem, texts: list[str]) -> int:
+        vote = majority_vote(texts, multiple_choice=bool(problem.meta.get("multiple_choice", False)), pool=pool)
+        return max(vote.index, 0)
+
+    return EvalContext(
+        rsd=rsd_models,
+        config=rsd_models.config,
+        num_samples=args.n,
+        sample_temperature=args.sample_temperature,
+        sample_model=args.sample_model,
+        aggregate=args.aggregate,
+        sd_lookahead=args.sd_lookahead,
+        grader=grader,
+        voter=voter,
+    )
+
+
+def execute(args: argparse.Namespace, specs: list[MethodSpec], title: str, prefix: str) -> tuple[Path, list[dict]]:
+    """Load, run every method on the problems not yet recorded, write summary and report; return them."""
+    from rsd.cli import build_rsd
+    from rsd.eval.grading import GradingPool
+
+    fill_model_defaults(args)
+    rsd_models = build_rsd(args)
+    problems = load_eval_problems(args, rsd_models.draft.tokenizer, args.template)
+    out = Path(args.out) if args.out else fresh_run_dir(prefix=prefix)
+    config = resolved_config(args, [s.label for s in specs])
+    folder = RunFolder(out, config)
+    started = time.perf_counter()
+    try:
+        with GradingPool(workers=args.grade_workers) as pool:
+            ctx = make_context(args, rsd_models, pool)
+            run_methods(ctx, specs, problems, folder, progress=not args.no_progress)
+    finally:
+        folder.close()
+    wanted = {p.id for p in problems}
+    records = [r for r in folder.records if r["id"] in wanted]
+    summaries = summarize(records, [s.label for s in specs])
+    write_outputs(folder.path, title, summaries, config, time.perf_counter() - started)
+    return folder.path, summaries
+
+
+def write_outputs(path: Path, title: str, summaries: list[dict], config: dict, elapsed: float) -> None:
+    summary = {
+        "run_dir": str(path),
+        "methods": summaries,
+        "config": config,
+        "versions": versions(),
+        "elapsed_s": round(elapsed, 3),
+    }
+    write_atomic(path, SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_atomic(path, REPORT, report_markdown(title, summaries, config))
+
+
+def print_result(args: argparse.Namespace, path: Path, summaries: list[dict]) -> None:
+    if args.json:
+        print(json.dumps(json.loads((path / SUMMARY).read_text())))
+        return
+    print()
+    print(text_table(summaries))
+    print(f"\nrecords, summary and report: {path}")
+
+
+# -- rsd eval ---------------------------------------------------------------------------------------------------
+def parse_methods(text: str) -> list[MethodSpec]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise RSDError("--methods is empty; name at least one of " + ", ".join(METHODS) + ".")
+    return [MethodSpec(name, name) for name in names]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    specs = parse_methods(args.methods)
+    path, summaries = execute(args, specs, f"rsd eval: {args.dataset}", "eval")
+    print_result(args, path, summaries)
+    return 0
+
+
+# -- rsd sweep --------------------------------------------------------------------------------------------------
+def sweep_specs(args: argparse.Namespace) -> list[MethodSpec]:
+    """Target-only and draft-only as reference points, then RSD for each weighting function and delta."""
+    try:
+        deltas = [float(d) for d in args.deltas.split(",") if d.strip()]
+    except ValueError:
+        raise RSDError(f"--deltas {args.deltas!r}: give numbers separated by commas, e.g. 0.3,0.5,0.7.") from None
+    specs = [MethodSpec("target", "target"), MethodSpec("draft", "draft")]
+    for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        if name in ("threshold", "logistic"):
+            for delta in deltas:
+                policy = make_policy(name, delta=delta, alpha=args.alpha)
+                specs.append(MethodSpec("rsd", f"rsd[{name},delta={delta:g}]", policy))
+        else:
+            specs.append(MethodSpec("rsd", f"rsd[{name}]", make_policy(name, alpha=args.alpha, p=args.p)))
+    return specs
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    specs = sweep_specs(args)
+    path, summaries = execute(args, specs, f"rsd sweep: {args.dataset}", "sweep")
+    for s, spec in zip(summaries, specs, strict=True):
+        s["label"] = spec.label.removeprefix("rsd[").rstrip("]")
+    plot = plot_tradeoff(summaries, path / "tradeoff.png", title=f"RSD on {args.dataset}")
+    print_result(args, path, summaries)
+    if not args.json:
+        print(f"plot: {plot}")
+    return 0
+
+
+# -- rsd merge --------------------------------------------------------------------------------------------------
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Combine the run folders of shards into one: records concatenated, summary recomputed."""
+    configs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
+    base = {k: v for k, v in configs[0].items() if k != "shard"}
+    for d, c in zip(args.runs, configs, strict=True):
+        if {k: v for k, v in c.items() if k != "shard"} != base:
+            raise RSDError(f"{d} was run with another configuration than {args.runs[0]}; merge shards of one run.")
+    seen: set[tuple[str, str]] = set()
+    records = []
+    for d in args.runs:
+        for r in read_records(d):
+            if (r["method"], r["id"]) not in seen:
+                seen.add((r["method"], r["id"]))
+                records.append(r)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**base, "shard": None, "merged_from": [str(d) for d in args.runs]}
+    write_atomic(out, "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(out, "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summaries = summarize(records, base["methods"])
+    write_outputs(out, "rsd merge", summaries, config, 0.0)
+    print_result(args, out, summaries)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_arguments) -> None:
+    ev = sub.add_parser("eval", help="evaluate methods on a benchmark (default: the built-in tiny world)")
+    add_model_arguments(ev, required=False)
+    add_decoding_arguments(ev)
+    add_dataset_arguments(ev)
+    add_sampling_arguments(ev)
+    add_output_arguments(ev)
+    ev.add_argument("--methods", default="rsd,target,draft", help=f"comma-separated: {', '.join(METHODS)}")
+    ev.set_defaults(func=cmd_eval)
+
+    sw = sub.add_parser("sweep", help="RSD over thresholds / weighting functions, with a plot")
+    add_model_arguments(sw, required=False)
+    add_decoding_arguments(sw)
+    add_dataset_arguments(sw)
+    add_sampling_arguments(sw)
+    add_output_arguments(sw)
+    sw.add_argument("--deltas", default="0.3,0.5,0.6,0.7,0.8,0.9", help="thresholds to sweep")
+    sw.add_argument("--policies", default="threshold", help="weighting functions to sweep, comma-separated")
+    sw.set_defaults(func=cmd_sweep)
+
+    mg = sub.add_parser("merge", help="combine the run folders of --shard runs")
+    mg.add_argument("runs", nargs="+", help="run folders of the shards")
+    mg.add_argument("--out", required=True, help="folder of the merged run")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(func=cmd_merge)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `rsd` command")
