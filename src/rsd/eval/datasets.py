@@ -1,0 +1,467 @@
+"""Benchmark problems: the built-in math test sets, any JSONL file, a Hugging Face hub dataset, or a plug-in.
+
+Built-in names read `DATA_DIR/NAME/SPLIT.jsonl` in the layout of the Qwen2.5-Math evaluation suite, each with
+its own rule for the question and the gold answer (the table in `BUILTIN_LAYOUTS`). Malformed rows are
+reported with their line numbers and skipped, or refused up front with `strict=True`: a run never crashes
+on row 900 of a file.
+
+Other modules add data sets by name with `register_dataset(name, loader)`; `tinyworld`, the built-in
+synthetic task, is one such loader (it generates its problems and imports `rsd.tinyworld.task` only when asked).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rsd.core import RSDError
+from rsd.eval.grading import CHOICE_LETTERS, last_boxed
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "RSD_DATA_DIR"
+MAX_LINES_LISTED = 10  # malformed lines named in one message; the rest are counted
+
+
+@dataclass
+class Problem:
+    """One benchmark problem: what the model is asked and the gold answer it is graded against."""
+
+    id: str
+    question: str  # the full question text; for multiple choice it lists the lettered choices
+    answer: str  # the gold final answer, as text (a letter for multiple choice)
+    meta: dict = field(default_factory=dict)  # dataset, line, multiple_choice, and the row's own extras
+
+    @property
+    def multiple_choice(self) -> bool:
+        return bool(self.meta.get("multiple_choice", False))
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What `load_problems` passes to a dataset loader."""
+
+    name: str
+    data_dir: Path | None
+    split: str = "test"
+    question_field: str | None = None
+    answer_field: str | None = None
+    strict: bool = False
+    limit: int | None = None
+
+
+DatasetLoader = Callable[[LoadOptions], list[Problem]]
+
+# name -> loader; `register_dataset` adds to it.
+DATASET_LOADERS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str, loader: DatasetLoader, *, replace: bool = False) -> None:
+    """Make `load_problems(name)` call `loader(options)`."""
+    if name in DATASET_LOADERS and not replace and DATASET_LOADERS[name] is not loader:
+        raise ValueError(f"a dataset named {name!r} is already registered; pass replace=True to override it")
+    DATASET_LOADERS[name] = loader
+
+
+def dataset_names() -> list[str]:
+    """Every name `load_problems` accepts besides paths and hub datasets (for the CLI's help)."""
+    return sorted(DATASET_LOADERS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+class BadRow(ValueError):
+    """A row that cannot become a Problem; the message says why (no line number: the reader adds it)."""
+
+
+def get_field(row: dict, path: str) -> object:
+    """`row["a"]["b"]` for the dotted path "a.b" (a list takes an index: "choices.0"); BadRow if absent."""
+    value: object = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise BadRow(f"no field {path!r} (fields: {fields})")
+    return value
+
+
+def as_text(value: object) -> str:
+    """A field as answer text: 27.0 -> "27", a one-element list -> its element, strings stripped."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or value is None:
+        raise BadRow(f"expected text or a number, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int | float | str):
+        return str(value).strip()
+    raise BadRow(f"expected text or a number, got a {type(value).__name__}")
+
+
+@dataclass
+class _Rows:
+    """The good rows of a JSONL file as (line number, row), and the bad ones as (line number, reason)."""
+
+    good: list[tuple[int, dict]] = field(default_factory=list)
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    """(line number, row or None, reason) for every non-blank line; 1-based line numbers."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                continue
+            if not isinstance(row, dict):
+                yield number, None, f"a JSON {type(row).__name__}, not an object"
+                continue
+            yield number, row, ""
+
+
+def _describe_bad(source: str, bad: list[tuple[int, str]]) -> str:
+    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:MAX_LINES_LISTED])
+    more = f"; and {len(bad) - MAX_LINES_LISTED} more" if len(bad) > MAX_LINES_LISTED else ""
+    return f"{len(bad)} malformed row(s) in {source}: {shown}{more}"
+
+
+RowRule = Callable[[dict], tuple[str, str, dict]]  # row -> (question, answer, extra meta)
+
+
+def problems_from_rows(
+    rows: Iterable[tuple[int, dict | None, str]],
+    rule: RowRule,
+    *,
+    dataset: str,
+    source: str,
+    strict: bool,
+    limit: int | None,
+) -> list[Problem]:
+    """Apply `rule` to each row; report (or, strict, refuse) the rows it cannot read, naming their lines."""
+    problems: list[Problem] = []
+    bad: list[tuple[int, str]] = []
+    for number, row, reason in rows:
+        if limit is not None and len(problems) >= limit:
+            break
+        if row is None:
+            bad.append((number, reason))
+            continue
+        try:
+            question, answer, extra = rule(row)
+            if not question.strip():
+                raise BadRow("empty question")
+            if not answer.strip():
+                raise BadRow("empty answer")
+        except BadRow as exc:
+            bad.append((number, str(exc)))
+            continue
+        meta = {"dataset": dataset, "line": number, "multiple_choice": False, **extra}
+        problems.append(Problem(id=_row_id(row, number), question=question, answer=answer, meta=meta))
+    if bad:
+        message = _describe_bad(source, bad)
+        if strict:
+            raise RSDError(f"{message}. Fix or delete those lines, or load without strict to skip them.")
+        logger.warning("%s. Skipped them.", message)
+    return _unique_ids(problems)
+
+
+def _row_id(row: dict, number: int) -> str:
+    for key in ("id", "unique_id", "idx"):
+        if row.get(key) is not None and str(row[key]).strip():
+            return str(row[key]).strip()
+    return str(number)
+
+
+def _unique_ids(problems: list[Problem]) -> list[Problem]:
+    # A file that mixes its own ids with line numbers could repeat one; suffix the line to keep ids unique.
+    seen: dict[str, int] = {}
+    for p in problems:
+        seen[p.id] = seen.get(p.id, 0) + 1
+    for p in problems:
+        if seen[p.id] > 1:
+            p.id = f"{p.id}@line{p.meta['line']}"
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in benchmarks
+
+
+def _first_field(row: dict, *names: str) -> str:
+    for name in names:
+        if row.get(name) is not None and as_text(row[name]):
+            return as_text(row[name])
+    raise BadRow(f"no field {' or '.join(repr(n) for n in names)} (fields: {', '.join(sorted(row))})")
+
+
+def _keep(row: dict, *names: str) -> dict:
+    return {n: row[n] for n in names if n in row}
+
+
+def _math500(row: dict) -> tuple[str, str, dict]:
+    return _first_field(row, "problem"), as_text(get_field(row, "answer")), _keep(row, "subject", "level")
+
+
+def _gsm8k(row: dict) -> tuple[str, str, dict]:
+    solution = str(get_field(row, "answer"))
+    if "####" not in solution:
+        raise BadRow("field 'answer' has no '####' before the final answer")
+    return _first_field(row, "question"), solution.split("####")[-1].strip().replace(",", ""), {}
+
+
+def _gaokao(row: dict) -> tuple[str, str, dict]:
+    return _first_field(row, "question"), as_text(get_field(row, "answer")).replace("$", "").strip(), {}
+
+
+def _olympiadbench(row: dict) -> tuple[str, str, dict]:
+    finals = get_field(row, "final_answer")
+    if not isinstance(finals, list) or not finals:
+        raise BadRow("field 'final_answer' is not a non-empty list")
+    question = _first_field(row, "question")
+    if row.get("context"):
+        question = f"{str(row['context']).strip()}\n{question}"
+    extra = _keep(row, "subfield", "unit", "answer_type", "is_multiple_answer")
+    return question, as_text(finals[0]).replace("$", "").strip(), extra
+
+
+def _minerva(row: dict) -> tuple[str, str, dict]:
+    answer = last_boxed(str(get_field(row, "solution")))
+    if not answer:
+        raise BadRow("field 'solution' has no \\boxed{} answer")
+    return _first_field(row, "problem"), answer, _keep(row, "type")
+
+
+def _choices(row: dict) -> list[str]:
+    choices = get_field(row, "choices")
+    if isinstance(choices, str):  # some exports store the list as its Python repr
+        try:
+            choices = ast.literal_eval(choices)
+        except (ValueError, SyntaxError) as exc:
+            raise BadRow("field 'choices' is not a list") from exc
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise BadRow(f"field 'choices' is not a list of 2 to {len(CHOICE_LETTERS)} options")
+    return [str(c).strip() for c in choices]
+
+
+def _mmlu_stem(row: dict) -> tuple[str, str, dict]:
+    choices = _choices(row)
+    index = get_field(row, "answer")
+    if isinstance(index, str) and index.strip().isdigit():
+        index = int(index)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(choices):
+        raise BadRow(f"field 'answer' is not an index into the {len(choices)} choices")
+    # The Qwen2.5-Math suite's wording, so prompts match the paper's.
+    options = " ".join(f"({CHOICE_LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    question = f"{_first_field(row, 'question')}\nAnswer Choices: {options}"
+    meta = {"multiple_choice": True, "choices": choices, **_keep(row, "type")}
+    return question, CHOICE_LETTERS[index], meta
+
+
+def _competition(row: dict) -> tuple[str, str, dict]:
+    return _first_field(row, "problem", "question"), as_text(get_field(row, "answer")), _keep(row, "url")
+
+
+# name -> (row rule, where the rule comes from), the README of the benchmark data.
+BUILTIN_LAYOUTS: dict[str, RowRule] = {
+    "math500": _math500,  # problem; answer
+    "gsm8k": _gsm8k,  # question; text after #### in answer, commas removed
+    "gaokao2023en": _gaokao,  # question; answer with $ stripped
+    "olympiadbench": _olympiadbench,  # question; final_answer[0] with $ stripped
+    "minerva_math": _minerva,  # problem; last \boxed{} of solution
+    "mmlu_stem": _mmlu_stem,  # question + lettered choices; "ABCD"[answer]
+    "aime24": _competition,  # problem / question; answer
+    "amc23": _competition,  # problem / question; answer
+}
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The benchmark folder: the argument, else $RSD_DATA_DIR."""
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    if not chosen:
+        raise RSDError(
+            f"no data folder given: pass --data-dir (a folder holding NAME/test.jsonl) or set {DATA_DIR_ENV}."
+        )
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise RSDError(f"data folder {path} does not exist; pass --data-dir or set {DATA_DIR_ENV} to the right one.")
+    return path
+
+
+def _builtin_loader(rule: RowRule) -> DatasetLoader:
+    def load(options: LoadOptions) -> list[Problem]:
+        folder = resolve_data_dir(options.data_dir)
+        path = folder / options.name / f"{options.split}.jsonl"
+        if not path.is_file():
+            raise RSDError(
+                f"{path} not found: {folder} has no {options.name}/{options.split}.jsonl; point --data-dir "
+                f"(or {DATA_DIR_ENV}) at the folder of the benchmark files."
+            )
+        if options.question_field or options.answer_field:
+            rule_used = _field_rule(options.question_field or "question", options.answer_field or "answer")
+        else:
+            rule_used = rule
+        return problems_from_rows(
+            iter_jsonl(path),
+            rule_used,
+            dataset=options.name,
+            source=str(path),
+            strict=options.strict,
+            limit=options.limit,
+        )
+
+    return load
+
+
+for _name, _rule in BUILTIN_LAYOUTS.items():
+    register_dataset(_name, _builtin_loader(_rule))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Any JSONL file, any hub dataset
+
+QUESTION_FIELDS = ("question", "problem", "prompt", "input", "query")
+ANSWER_FIELDS = ("answer", "final_answer", "gt", "target")
+
+
+def _field_rule(question_field: str, answer_field: str) -> RowRule:
+    def rule(row: dict) -> tuple[str, str, dict]:
+        return as_text(get_field(row, question_field)), as_text(get_field(row, answer_field)), {}
+
+    return rule
+
+
+def _guess_fields(row: dict, question_field: str | None, answer_field: str | None, source: str) -> RowRule:
+    question_field = question_field or next((f for f in QUESTION_FIELDS if f in row), None)
+    answer_field = answer_field or next((f for f in ANSWER_FIELDS if f in row), None)
+    if question_field is None or answer_field is None:
+        raise RSDError(
+            f"cannot tell which fields of {source} hold the question and the answer (fields: "
+            f"{', '.join(sorted(row))}); pass --question-field and --answer-field."
+        )
+    return _field_rule(question_field, answer_field)
+
+
+def _load_jsonl_path(path: Path, options: LoadOptions) -> list[Problem]:
+    rows = list(iter_jsonl(path))
+    first = next((row for _n, row, _why in rows if row is not None), None)
+    if first is None:
+        raise RSDError(f"{path} holds no JSON object rows; give a JSONL file with one object per line.")
+    rule = _guess_fields(first, options.question_field, options.answer_field, str(path))
+    return problems_from_rows(
+        rows, rule, dataset=path.stem, source=str(path), strict=options.strict, limit=options.limit
+    )
+
+
+HUB_PREFIX = "hf:"
+
+
+def _load_hub(name: str, options: LoadOptions) -> list[Problem]:
+    """`owner/name` or `hf:owner/name[:config]` from the Hugging Face hub (needs `datasets` and a network)."""
+    try:
+        import datasets  # heavy and optional: imported only when a hub dataset is asked for
+    except ImportError as exc:
+        raise RSDError(
+            f"{name!r} is not a built-in name or a file, and loading it from the Hugging Face hub needs the "
+            f"`datasets` package: pip install datasets (or download it as JSONL and pass the path)."
+        ) from exc
+    repo, _, config = name.removeprefix(HUB_PREFIX).partition(":")
+    try:
+        table = datasets.load_dataset(repo, config or None, split=options.split)
+    except Exception as exc:  # no network, no such repo or split: all end the same way for the user
+        raise RSDError(
+            f"cannot load {repo!r} (split {options.split!r}) from the Hugging Face hub: {exc}. Check the name, "
+            f"the split and the network, or download it as JSONL and pass the path."
+        ) from exc
+    rows = [(i, dict(row), "") for i, row in enumerate(table, start=1)]
+    if not rows:
+        raise RSDError(f"{repo!r} split {options.split!r} is empty; pick another split with --split.")
+    rule = _guess_fields(rows[0][1], options.question_field, options.answer_field, repo)
+    return problems_from_rows(
+        rows, rule, dataset=repo, source=f"hub dataset {repo}", strict=options.strict, limit=options.limit
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+TINYWORLD_DEFAULT_PROBLEMS = 200
+
+
+def _tinyworld(options: LoadOptions) -> list[Problem]:
+    """The built-in synthetic task (`rsd.tinyworld.task`), generated, not read: `limit` problems, seed 0."""
+    try:
+        from rsd.tinyworld.task import load_tinyworld
+    except ImportError as exc:
+        raise RSDError(f"the tinyworld task is unavailable ({exc}); reinstall rsd.") from exc
+    count = options.limit if options.limit is not None else TINYWORLD_DEFAULT_PROBLEMS
+    return [
+        Problem(
+            id=str(p.id),
+            question=p.question,
+            answer=str(p.answer),
+            meta={"dataset": "tinyworld", "multiple_choice": False, **dict(getattr(p, "meta", {}) or {})},
+        )
+        for p in load_tinyworld(split=options.split, n=count)
+    ]
+
+
+register_dataset("tinyworld", _tinyworld)
+
+
+def load_problems(
+    name_or_path: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    strict: bool = False,
+    limit: int | None = None,
+) -> list[Problem]:
+    """The problems of a registered data set, a JSONL file (or a folder holding SPLIT.jsonl), or a hub dataset.
+
+    Resolution order: a registered name (the built-ins read `data_dir/NAME/SPLIT.jsonl`, `data_dir` defaulting
+    to $RSD_DATA_DIR); an existing path; `hf:owner/name[:config]` or `owner/name` from the hub.
+    """
+    if limit is not None and limit < 0:
+        raise RSDError(f"limit must be >= 0 (got {limit}).")
+    name = str(name_or_path)
+    options = LoadOptions(
+        name=name,
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        split=split,
+        question_field=question_field,
+        answer_field=answer_field,
+        strict=strict,
+        limit=limit,
+    )
+    if name in DATASET_LOADERS:
+        problems = DATASET_LOADERS[name](options)
+    elif Path(name).expanduser().is_file():
+        problems = _load_jsonl_path(Path(name).expanduser(), options)
+    elif (Path(name).expanduser() / f"{split}.jsonl").is_file():
+        problems = _load_jsonl_path(Path(name).expanduser() / f"{split}.jsonl", options)
+    elif name.endswith((".jsonl", ".json")):
+        raise RSDError(f"{name} not found; check the path (relative paths start from {Path.cwd()}).")
+    elif name.startswith(HUB_PREFIX) or name.count("/") == 1:
+        problems = _load_hub(name, options)
+    else:
+        raise RSDError(
+            f"unknown dataset {name!r}: not one of {', '.join(dataset_names())}, not a file, and not a hub "
+            f"name (owner/name). Pass a built-in name, a JSONL path, or hf:owner/name."
+        )
+    return problems[:limit] if limit is not None else problems
