@@ -1,0 +1,351 @@
+"""Step generation with an in-process transformers model, reusing each trajectory's KV cache across steps.
+
+One `generate_steps` call is one batch: every request's new tail runs in one padded forward (explicit 2-D mask
+with holes, explicit positions), then all rows decode one token per forward until each ends at the delimiter,
+an EOS token or its token cap. Per trajectory key the generator keeps the ids whose keys and values it holds;
+a request reuses the longest common prefix and drops the rest, which is how a rejected proposal is rolled back.
+
+Supported: decoder-only models with full attention over a `DynamicCache` (Qwen2/2.5/3, Llama, Mistral without a
+sliding window, ...). Sliding-window layers count their window in cache columns, padding holes included, so
+they are exact only while contexts stay within the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rsd.backends.kv import (
+    RowCache,
+    common_prefix_length,
+    extract_row_cache,
+    select_rows,
+    stack_row_caches,
+)
+from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
+from rsd.hf_loading import check_model_source, first_line, load_tokenizer, resolve_device, resolve_dtype
+
+# Extra tokens decoded around a delimiter: covers a leading space a SentencePiece decode strips, a special token.
+DELIMITER_WINDOW_SLACK = 2
+
+
+@dataclass
+class _Row:
+    """One request while a call serves it."""
+
+    index: int  # position of the request in the call
+    request: StepRequest
+    reused: int = 0  # prefix tokens whose keys and values came from the cache
+    tokens: list[int] = field(default_factory=list)  # generated so far; the last one is not yet in the cache
+    context_sum: int = 0
+    stop: StopReason | None = None
+
+    @property
+    def tail(self) -> list[int]:
+        return list(self.request.prefix_ids[self.reused :])
+
+    @property
+    def length(self) -> int:
+        """Prefix plus generated tokens: the absolute position of the next token to sample."""
+        return len(self.request.prefix_ids) + len(self.tokens)
+
+
+@dataclass
+class _Batch:
+    """The rows still decoding and their shared cache; `mask` marks each row's real columns."""
+
+    rows: list[_Row]
+    cache: Any  # transformers DynamicCache
+    mask: torch.Tensor  # [rows, columns] of 0/1
+
+
+class HFStepGenerator:
+    """A transformers causal LM as a `StepGenerator` (see `rsd.core`)."""
+
+    def __init__(
+        self,
+        model: str,
+        role: str = "draft",
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        source = check_model_source(model, role)
+        device = resolve_device(device)
+        tokenizer = load_tokenizer(source, role, trust_remote_code)
+        lm = load_causal_lm(source, role, resolve_dtype(dtype, device), device, trust_remote_code)
+        self._attach(lm, tokenizer, name=model, role=role)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, name: str | None = None, role: str = "draft") -> HFStepGenerator:
+        """Wrap an already loaded model and tokenizer (the model stays on its device and dtype)."""
+        self = cls.__new__(cls)
+        self._attach(model, tokenizer, name=name or model.config.name_or_path or type(model).__name__, role=role)
+        return self
+
+    def _attach(self, model: Any, tokenizer: Any, name: str, role: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.role = role
+        self.device = str(model.device)
+        self.eos_token_ids = collect_eos_token_ids(model, tokenizer)
+        self.cost = model_cost(model)
+        self._vocab_rows = model.get_input_embeddings().weight.shape[0]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_id = pad if pad is not None and pad < self._vocab_rows else 0
+        forward_args = inspect.signature(model.forward).parameters
+        # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes.
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in forward_args
+        self._caches: dict[Hashable, RowCache] = {}
+
+    # -- the StepGenerator interface ------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def vocabulary_fingerprint(self) -> str:
+        return vocabulary_fingerprint(self.tokenizer)
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        for key in keys:
+            self._caches.pop(key, None)
+
+    def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
+        self._check_requests(requests)
+        outputs: list[StepOutput | None] = [None] * len(requests)
+        rows = []
+        for i, request in enumerate(requests):
+            if request.max_tokens < 1:  # no budget left: nothing to run, the cache stays as it is
+                outputs[i] = StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
+            else:
+                rows.append(_Row(i, request))
+        if rows:
+            with torch.inference_mode():
+                batch, logits = self._prefill(rows)
+                self._decode(batch, logits, params, outputs)
+        return outputs  # type: ignore[return-value]
+
+    # -- one call --------------------------------------------------------------------------------------------
+
+    def _prefill(self, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
+        """Run every row's uncached tail in one forward; returns the batch and the next-token logits."""
+        cached = [self._take_cache(row) for row in rows]
+        width = max(row.reused for row in rows)
+        tail_width = max(len(row.tail) for row in rows)
+        input_ids = torch.full((len(rows), tail_width), self._pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), tail_width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width + tail_width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            tail, start = row.tail, tail_width - len(row.tail)
+            input_ids[b, start:] = torch.tensor(tail)
+            positions[b, start:] = torch.arange(row.reused, row.reused + len(tail))
+            mask[b, width - row.reused : width] = 1
+            mask[b, width + start :] = 1
+            row.context_sum += sum(range(row.reused + 1, row.reused + len(tail) + 1))
+        batch = _Batch(rows, stack_row_caches(cached, width), mask.to(self.device))
+        logits = self._forward(input_ids, positions, batch)
+        return batch, logits
+
+    def _decode(
+        self, batch: _Batch, logits: torch.Tensor, params: StepParams, outputs: list[StepOutput | None]
+    ) -> None:
+        """Pick one token per row per forward; finished rows leave the batch and keep their cache."""
+        while True:
+            for row, token in zip(batch.rows, self._next_tokens(logits, batch.rows, params), strict=True):
+                row.tokens.append(token)
+                row.stop = self._stop_reason(row, params)
+            done = [b for b, row in enumerate(batch.rows) if row.stop is not None]
+            for b in done:
+                outputs[batch.rows[b].index] = self._finish(batch, b)
+            if len(done) == len(batch.rows):
+                return
+            if done:
+                batch = self._without(batch, done)
+            logits = self._feed_last_tokens(batch)
+
+    def _feed_last_tokens(self, batch: _Batch) -> torch.Tensor:
+        input_ids = torch.tensor([[row.tokens[-1]] for row in batch.rows])
+        positions = torch.tensor([[row.length - 1] for row in batch.rows])
+        ones = batch.mask.new_ones((len(batch.rows), 1))
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        for row in batch.rows:
+            row.context_sum += row.length
+        return self._forward(input_ids, positions, batch)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Next-token logits (float32) at the last column; the LM head runs at that column only."""
+        kwargs: dict[str, Any] = {self._cache_arg: batch.cache}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=batch.mask,
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _next_tokens(self, logits: torch.Tensor, rows: list[_Row], params: StepParams) -> list[int]:
+        if params.temperature <= 0:
+            return logits.argmax(dim=-1).tolist()
+        draws = [position_uniform(params.seed, row.request.key, row.length) for row in rows]
+        uniforms = torch.tensor(draws, dtype=torch.float32, device=logits.device)
+        return sample_top_p(logits / params.temperature, params.top_p, uniforms).tolist()
+
+    def _stop_reason(self, row: _Row, params: StepParams) -> StopReason | None:
+        if row.tokens[-1] in self.eos_token_ids:
+            return StopReason.EOS
+        if params.delimiter and self._completes_delimiter(row.tokens, params.delimiter):
+            return StopReason.DELIMITER
+        if len(row.tokens) >= row.request.max_tokens:
+            return StopReason.LENGTH
+        return None
+
+    def _completes_delimiter(self, tokens: list[int], delimiter: str) -> bool:
+        # Every token adds at least one byte, so a delimiter that the newest token completes lies within its last
+        # len(bytes) tokens; an earlier occurrence would have ended the step already.
+        window = len(delimiter.encode("utf-8")) + DELIMITER_WINDOW_SLACK
+        return delimiter in self._decode_text(tokens[-window:])
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # -- caches ----------------------------------------------------------------------------------------------
+
+    def _take_cache(self, row: _Row) -> RowCache | None:
+        """Pop the row's cache, trimmed to what its prefix shares with it (at least one token must run)."""
+        entry = self._caches.pop(row.request.key, None)
+        prefix = row.request.prefix_ids
+        if entry is not None:
+            row.reused = min(common_prefix_length(entry.ids, prefix), len(prefix) - 1)
+        self._check_token_ids(row)
+        return entry.trimmed(row.reused) if entry is not None and row.reused > 0 else None
+
+    def _finish(self, batch: _Batch, b: int) -> StepOutput:
+        row = batch.rows[b]
+        # The last token was sampled, not run: the next step's prefix starts its tail with it.
+        ids = list(row.request.prefix_ids) + row.tokens[:-1]
+        columns = batch.mask[b].nonzero().squeeze(-1)
+        self._caches[row.request.key] = extract_row_cache(batch.cache, b, columns, ids)
+        return StepOutput(
+            token_ids=row.tokens,
+            text=self._decode_text(row.tokens),
+            stop=row.stop or StopReason.LENGTH,
+            prefill_tokens=len(row.request.prefix_ids) - row.reused,
+            decode_tokens=len(row.tokens),
+            context_sum=row.context_sum,
+        )
+
+    @staticmethod
+    def _without(batch: _Batch, done: list[int]) -> _Batch:
+        finished = set(done)
+        keep = [b for b in range(len(batch.rows)) if b not in finished]
+        index = torch.tensor(keep, device=batch.mask.device)
+        select_rows(batch.cache, index)
+        return _Batch([batch.rows[b] for b in keep], batch.cache, batch.mask[index])
+
+    # -- checks ----------------------------------------------------------------------------------------------
+
+    def _check_requests(self, requests: Sequence[StepRequest]) -> None:
+        keys = [request.key for request in requests]
+        if len(set(keys)) != len(keys):
+            raise ValueError("generate_steps: each request of one call needs its own key (they own KV caches)")
+        for request in requests:
+            if len(request.prefix_ids) == 0:
+                raise RSDError(f"request {request.key!r} has an empty prefix; give it at least one prompt token.")
+
+    def _check_token_ids(self, row: _Row) -> None:
+        # An id past the embedding table is a device-side assert on CUDA; say what is wrong instead.
+        bad = [t for t in row.tail if not 0 <= t < self._vocab_rows]
+        if bad:
+            raise RSDError(
+                f"request {row.request.key!r}: token id {bad[0]} is outside the {self.role} model's vocabulary "
+                f"({self._vocab_rows} rows); the prefix was tokenized for another model."
+            )
+
+
+# -- loading and model facts ---------------------------------------------------------------------------------
+
+
+def load_causal_lm(source: str, role: str, dtype: torch.dtype, device: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RSDError(
+            f"could not load the {role} model from {source}: {first_line(exc)}; pass a folder or hub id of a "
+            "causal language model checkpoint (config.json and weights)."
+        ) from exc
+    try:
+        return model.to(device).eval()
+    except torch.OutOfMemoryError as exc:
+        raise RSDError(
+            f"the {role} model {source} does not fit on {device}; use a smaller model, --dtype bfloat16, "
+            "or another device."
+        ) from exc
+
+
+def collect_eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from the generation config, the model config and the tokenizer (chat models list several)."""
+    sources = (getattr(model, "generation_config", None), model.config.get_text_config(), tokenizer)
+    ids: set[int] = set()
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        values = value if isinstance(value, list | tuple) else [value]
+        ids.update(int(v) for v in values if v is not None)
+    return ids
+
+
+def model_cost(model: Any) -> ModelCost:
+    config = model.config.get_text_config()
+    embedding = model.get_input_embeddings().weight
+    parameters = sum(p.numel() for p in model.parameters()) - embedding.numel()
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is embedding:
+        parameters += embedding.numel()  # tied: the table still multiplies every token as the LM head
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelCost(parameters=parameters, layers=config.num_hidden_layers, attention_width=heads * head_dim)
+
+
+def vocabulary_fingerprint(tokenizer: Any) -> str:
+    """A hash of id -> token string, added and special tokens included, and of which ids are special."""
+    vocab = sorted((index, token) for token, index in tokenizer.get_vocab().items())
+    special = sorted(tokenizer.all_special_ids)
+    digest = hashlib.sha256(repr((vocab, special)).encode("utf-8"))
+    return digest.hexdigest()
+
+
+# -- sampling -----------------------------------------------------------------------------------------------
+
+
+def position_uniform(seed: int, key: Hashable, position: int) -> float:
+    """A uniform draw fixed by (seed, key, position): reproducible, and blind to which rows share the batch.
+
+    `repr(key)` rather than `hash(key)`, which Python salts per process for strings.
+    """
+    digest = hashlib.sha256(f"{seed}\x1f{key!r}\x1f{position}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling from the top-p nucleus of each row, one given uniform in [0, 1) per row."""
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it is below top_p.
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs * (before < top_p)
+    cdf = sorted_probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(-1, pick).squeeze(-1)
