@@ -86,6 +86,10 @@ class RSD:
         trust_remote_code: bool = False,
     ) -> None:
         self.config = config or RunConfig()
+        if prm_format is not None:
+            from rsd.rewards.formats import check_prm_format
+
+            check_prm_format(prm_format)  # before minutes of loading the other models
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, delta=delta, alpha=alpha, p=p)
         self.draft = load_generator(draft, "draft", device, dtype, trust_remote_code)
         self.target = load_generator(target, "target", device, dtype, trust_remote_code)
