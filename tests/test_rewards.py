@@ -1,0 +1,303 @@
+"""PRM adapters: each format's rewards against a full forward built here from notes/prm-formats.md, incremental
+scoring with rollback against a full re-score, format detection and forcing, callable rewards."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_prm import BUILDERS, make_plain_qwen2_lm  # noqa: E402
+
+from rsd.core import RewardRequest, RSDError  # noqa: E402
+from rsd.rewards import PRM_FORMATS, CallableReward, detect_prm_format, load_prm  # noqa: E402
+
+# The delimiter in the question checks that reward positions are the built ones, not every "\n\n" token.
+QUESTION = "Tom has 3 apples.\n\nHe buys 4 more. How many apples does he have?"
+STEPS = ["Step 1: 3 + 4 = 7.", "Let x be the number of apples, x = 7.", "So the answer is \\boxed{7}."]
+REJECTED = "What is 12 - 5? We compute 12 - 5 = 7."  # a draft step 2 that the target replaces with STEPS[1]
+QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prms")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+def tokenizer_of(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def safetensors_of(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+# ---- references: the whole input of a trajectory, built from the format description, one forward pass ----------
+
+
+def skywork_reference(path: Path, question: str, steps: list[str], delimiter: str = "\n\n"):
+    from transformers import Qwen2Model
+
+    tok = tokenizer_of(path)
+    assert tok.bos_token == "<|im_start|>"
+    ids = encode(tok, tok.bos_token + question + "\n")
+    reward_token = encode(tok, delimiter)[-1]
+    positions = []
+    for step in steps:
+        ids += encode(tok, step) + [reward_token]
+        positions.append(len(ids) - 1)
+    hidden = Qwen2Model.from_pretrained(path)(torch.tensor([ids])).last_hidden_state[0, positions]
+    head = safetensors_of(path)
+    value = hidden @ head["v_head.summary.weight"].T + head["v_head.summary.bias"]
+    return ids, torch.sigmoid(value[:, 0]).tolist()
+
+
+def qwen_prm_reference(path: Path, question: str, steps: list[str]):
+    from transformers import Qwen2Model
+
+    tok = tokenizer_of(path)
+    messages = [
+        {"role": "system", "content": QWEN_SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"},
+    ]
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+    tag = tok.convert_tokens_to_ids("<extra_0>")
+    positions = [i for i, t in enumerate(ids) if t == tag]
+    hidden = Qwen2Model.from_pretrained(path)(torch.tensor([ids])).last_hidden_state[0, positions]
+    head = safetensors_of(path)
+    h = torch.relu(hidden @ head["score.0.weight"].T + head["score.0.bias"])
+    logits = h @ head["score.2.weight"].T + head["score.2.bias"]
+    return ids, torch.softmax(logits, -1)[:, 1].tolist()
+
+
+def math_shepherd_reference(path: Path, question: str, steps: list[str]):
+    from transformers import MistralForCausalLM
+
+    tok = tokenizer_of(path)
+    text = f"{question} " + "\n".join(f"{step} ки" for step in steps)
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    plus_minus = tok.encode("+ -")[1:]
+    tag = tok.encode("ки")[-1]
+    positions = [i for i, t in enumerate(ids) if t == tag]
+    logits = MistralForCausalLM.from_pretrained(path)(torch.tensor([ids])).logits[0, positions][:, plus_minus]
+    return ids, torch.softmax(logits, -1)[:, 0].tolist()
+
+
+def rlhflow_reference(path: Path, question: str, steps: list[str]):
+    from transformers import LlamaForCausalLM
+
+    tok = tokenizer_of(path)
+    conversation = []
+    for k, step in enumerate(steps):
+        conversation += [
+            {"role": "user", "content": f"{question} {step}" if k == 0 else step},
+            {"role": "assistant", "content": "+"},
+        ]
+    ids = tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    plus, minus = tok.encode("+ -")[1:]
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    # Each assistant turn is "+<|eot_id|>"; the position before its "+" predicts it.
+    positions = [i - 1 for i in range(1, len(ids) - 1) if ids[i] == plus and ids[i + 1] == eot]
+    assert len(positions) == len(steps) and positions[-1] == len(ids) - 3  # the reference's logits[:, -3]
+    logits = LlamaForCausalLM.from_pretrained(path)(torch.tensor([ids])).logits[0, positions][:, [plus, minus]]
+    return ids, torch.softmax(logits, -1)[:, 0].tolist()
+
+
+def token_classification_reference(path: Path, question: str, steps: list[str]):
+    from transformers import Qwen2ForTokenClassification
+
+    tok = tokenizer_of(path)
+    assert tok.bos_token_id is None
+    ids, positions = encode(tok, question), []
+    for step in steps:
+        ids += encode(tok, step) + encode(tok, "\n")
+        positions.append(len(ids) - 1)
+    logits = Qwen2ForTokenClassification.from_pretrained(path)(torch.tensor([ids])).logits[0, positions]
+    return ids, torch.softmax(logits, -1)[:, 1].tolist()
+
+
+REFERENCES = {
+    "skywork": skywork_reference,
+    "qwen-prm": qwen_prm_reference,
+    "math-shepherd": math_shepherd_reference,
+    "rlhflow": rlhflow_reference,
+    "token-classification": token_classification_reference,
+}
+
+
+def load(path: Path, **kwargs):
+    return load_prm(str(path), device="cpu", dtype="float32", **kwargs)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", PRM_FORMATS)
+def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(checkpoints, fmt):
+    path, reference = checkpoints[fmt], REFERENCES[fmt]
+    prm = load(path)
+    assert prm.prm_format == fmt  # detected from config.json
+    final_ids, final_rewards = reference(path, QUESTION, STEPS)
+    rejected_ids, rejected_rewards = reference(path, QUESTION, STEPS[:1] + [REJECTED])
+    first_ids, _ = reference(path, QUESTION, STEPS[:1])
+    two_ids, _ = reference(path, QUESTION, STEPS[:2])
+    assert max(final_rewards) - min(final_rewards) > 1e-3  # the model tells steps apart, so positions matter
+
+    def score(steps):
+        return prm.score_steps([RewardRequest("t", QUESTION, steps)])[0]
+
+    first = score(STEPS[:1])
+    draft = score(STEPS[:1] + [REJECTED])
+    target = score(STEPS[:2])  # the rejected step rolled back, the target's in its place
+    last = score(STEPS)
+    got = [first.reward, target.reward, last.reward]
+    assert got == pytest.approx(final_rewards, abs=1e-5)
+    assert draft.reward == pytest.approx(rejected_rewards[-1], abs=1e-5)
+
+    # Only new tokens run: each call's tail is the growth of the whole input. The adapter stops at the last reward
+    # position; what the whole input has after it (Qwen's "<|im_end|>\n", RLHFlow's "+<|eot_id|>") is the same
+    # for every step count.
+    unrun_suffix = len(first_ids) - first.prefill_tokens
+    assert unrun_suffix == {"qwen-prm": 2, "rlhflow": 2}.get(fmt, 0)
+    assert first.context_sum == first.prefill_tokens * (first.prefill_tokens + 1) // 2
+    assert draft.prefill_tokens == len(rejected_ids) - len(first_ids)
+    assert draft.context_sum == sum(first.prefill_tokens + j + 1 for j in range(draft.prefill_tokens))
+    assert target.prefill_tokens == len(two_ids) - common_prefix(rejected_ids, two_ids) - unrun_suffix
+    assert last.prefill_tokens == len(final_ids) - len(two_ids)
+
+    prm.release(["t"])
+    assert score(STEPS[:1]).prefill_tokens == first.prefill_tokens
+
+
+@pytest.mark.parametrize("fmt", PRM_FORMATS)
+def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt):
+    path, reference = checkpoints[fmt], REFERENCES[fmt]
+    prm = load(path)
+    prm.score_steps([RewardRequest("b", QUESTION, STEPS[:1]), RewardRequest("c", QUESTION, STEPS[:1] + [REJECTED])])
+    requests = [
+        RewardRequest("a", QUESTION, STEPS),  # nothing cached
+        RewardRequest("b", "What is 12 - 5?", STEPS[:2]),  # another question: the cached prefix is dropped
+        RewardRequest("b2", QUESTION, STEPS[:1]),
+        RewardRequest("c", QUESTION, STEPS),  # rolls back the rejected step, adds two
+    ]
+    outputs = prm.score_steps(requests)
+    expected = [reference(path, r.question, list(r.steps))[1][-1] for r in requests]
+    assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
+    # The caches the padded batch left behind, one per key, carry on correctly.
+    follow_up = [RewardRequest("a", QUESTION, STEPS + ["Thus 7."]), RewardRequest("b2", QUESTION, STEPS[:2])]
+    outputs = prm.score_steps(follow_up)
+    expected = [reference(path, r.question, list(r.steps))[1][-1] for r in follow_up]
+    assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
+    assert outputs[1].prefill_tokens < outputs[0].prefill_tokens + len(STEPS[1])  # cache hits, not fresh inputs
+
+
+def test_repeated_key_in_one_call_is_scored_in_order(checkpoints):
+    path = checkpoints["skywork"]
+    prm = load(path, max_batch_size=2)
+    _, expected = skywork_reference(path, QUESTION, STEPS)
+    outputs = prm.score_steps([RewardRequest("k", QUESTION, STEPS[: n + 1]) for n in range(3)])
+    assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
+    tok = tokenizer_of(path)
+    assert outputs[2].prefill_tokens == len(encode(tok, STEPS[2])) + 1
+
+
+def test_skywork_marks_steps_with_the_run_delimiter(checkpoints):
+    path = checkpoints["skywork"]
+    prm = load(path, delimiter=" #")
+    _, expected = skywork_reference(path, QUESTION, STEPS, delimiter=" #")
+    _, default = skywork_reference(path, QUESTION, STEPS)
+    got = [prm.score_steps([RewardRequest("k", QUESTION, STEPS[: n + 1])])[0].reward for n in range(3)]
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert got != pytest.approx(default, abs=1e-5)
+
+
+def test_cost_counts_the_body_without_embeddings_and_the_head(checkpoints):
+    prm = load(checkpoints["skywork"])
+    config = prm.body.config
+    hidden, vocab = config.hidden_size, config.vocab_size
+    total = sum(p.numel() for p in prm.body.parameters())
+    assert prm.cost.parameters == total - vocab * hidden + hidden + 1
+    assert (prm.cost.layers, prm.cost.attention_width) == (2, 128)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"architectures": ["Qwen2ForPrmModel"], "model_type": "qwen2"}, "skywork"),
+        ({"architectures": ["Qwen2ForProcessRewardModel"], "model_type": "qwen2"}, "qwen-prm"),
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "math-shepherd"),
+        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "rlhflow"),
+        ({"architectures": ["Qwen2ForTokenClassification"], "model_type": "qwen2"}, "token-classification"),
+    ],
+)
+def test_detect_format_from_config(config, expected):
+    assert detect_prm_format(config) == expected
+
+
+def test_undetectable_format_names_the_choices_and_forcing_works(checkpoints, tmp_path):
+    path = make_plain_qwen2_lm(tmp_path / "plain")
+    with pytest.raises(RSDError, match="--prm-format") as err:
+        load(path)
+    assert all(name in str(err.value) for name in PRM_FORMATS)
+    prm = load(path, prm_format="rlhflow")
+    assert prm.prm_format == "rlhflow"
+    assert 0.0 <= prm.score_steps([RewardRequest("k", QUESTION, STEPS)])[0].reward <= 1.0
+
+
+def test_unknown_format_is_refused(checkpoints):
+    with pytest.raises(RSDError, match="unknown --prm-format 'bogus'") as err:
+        load(checkpoints["skywork"], prm_format="bogus")
+    assert all(name in str(err.value) for name in PRM_FORMATS)
+
+
+@pytest.mark.parametrize(("checkpoint", "forced"), [("qwen-prm", "skywork"), ("skywork", "token-classification")])
+def test_forcing_a_format_the_weights_lack_is_refused(checkpoints, checkpoint, forced):
+    with pytest.raises(RSDError, match="--prm-format"):
+        load(checkpoints[checkpoint], prm_format=forced)
+
+
+def test_callable_reward_sees_question_and_steps():
+    seen = []
+
+    def last_step_has_answer(question: str, steps: list[str]) -> float:
+        seen.append((question, steps))
+        return 1.0 if "\\boxed" in steps[-1] else 0.25
+
+    reward = CallableReward(last_step_has_answer)
+    out = reward.score_steps([RewardRequest("a", QUESTION, STEPS[:1]), RewardRequest("b", QUESTION, STEPS)])
+    assert [o.reward for o in out] == [0.25, 1.0]
+    assert seen[1] == (QUESTION, STEPS)
+    assert reward.name == "last_step_has_answer" and reward.cost.parameters == 0
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, 1.0), (0, 0.0), (1 + 1e-9, 1.0), (torch.tensor(0.5), 0.5)])
+def test_callable_reward_accepts_numbers_in_range(value, expected):
+    reward = CallableReward(lambda q, s: value, name="rule")
+    assert reward.score_steps([RewardRequest("a", "q", ["s"])])[0].reward == expected
+
+
+@pytest.mark.parametrize("value", [1.5, -0.2, math.nan, "0.9", None, [0.5]])
+def test_callable_reward_refuses_what_is_not_a_reward(value):
+    reward = CallableReward(lambda q, s: value, name="rule")
+    with pytest.raises(RSDError, match="reward function rule"):
+        reward.score_steps([RewardRequest("a", "q", ["s"])])
