@@ -104,6 +104,7 @@ class HFStepGenerator:
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_args
         self._caches: dict[Hashable, RowCache] = {}
+        self._fingerprint: tuple[int, str] | None = None
 
     # -- the StepGenerator interface ------------------------------------------------------------------------
 
@@ -111,7 +112,12 @@ class HFStepGenerator:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def vocabulary_fingerprint(self) -> str:
-        return vocabulary_fingerprint(self.tokenizer)
+        # Hashing a 150k-token vocabulary takes about a second; every decoder built over this generator asks.
+        # Keyed on the tokenizer's size, so tokens added after wrapping are still seen.
+        size = len(self.tokenizer)
+        if self._fingerprint is None or self._fingerprint[0] != size:
+            self._fingerprint = (size, vocabulary_fingerprint(self.tokenizer))
+        return self._fingerprint[1]
 
     def release(self, keys: Sequence[Hashable]) -> None:
         for key in keys:

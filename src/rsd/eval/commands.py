@@ -268,21 +268,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_arguments) -> None:
-    ev = sub.add_parser("eval", help="evaluate methods on a benchmark (default: the built-in tiny world)")
-    add_model_arguments(ev, required=False)
-    add_decoding_arguments(ev)
-    add_dataset_arguments(ev)
-    add_sampling_arguments(ev)
-    add_output_arguments(ev)
+    def add_run_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        add_model_arguments(parser, required=False)
+        add_decoding_arguments(parser)
+        add_dataset_arguments(parser)
+        add_sampling_arguments(parser)
+        add_output_arguments(parser)
+        return parser
+
+    ev = add_run_command("eval", "evaluate methods on a benchmark (default: the built-in tiny world)")
     ev.add_argument("--methods", default="rsd,target,draft", help=f"comma-separated: {', '.join(METHODS)}")
     ev.set_defaults(func=cmd_eval)
 
-    sw = sub.add_parser("sweep", help="RSD over thresholds / weighting functions, with a plot")
-    add_model_arguments(sw, required=False)
-    add_decoding_arguments(sw)
-    add_dataset_arguments(sw)
-    add_sampling_arguments(sw)
-    add_output_arguments(sw)
+    sw = add_run_command("sweep", "RSD over thresholds / weighting functions, with a plot")
     sw.add_argument("--deltas", default="0.3,0.5,0.6,0.7,0.8,0.9", help="thresholds to sweep")
     sw.add_argument("--policies", default="threshold", help="weighting functions to sweep, comma-separated")
     sw.set_defaults(func=cmd_sweep)
