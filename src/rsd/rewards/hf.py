@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rsd.backends.kv import common_prefix_length
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
 from rsd.hf_loading import (
     check_model_source,
@@ -204,14 +205,6 @@ class HFRewardModel:
                     values[i, :, past_width - row.past_len :] = row.past[layer][1][0]
             cache.update(keys, values, layer)
         return cache
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def cache_layers(cache: Any) -> KV:
