@@ -84,6 +84,7 @@ def test_every_method_runs_in_one_table(setup):
     assert by_name["rsd"]["flops"]["prm"] > 0
     assert by_name["best-of-n"]["flops"]["prm"] > 0  # the PRM ranked the samples
     assert by_name["majority"]["flops"]["prm"] == 0
+    assert 0.0 <= by_name["sd"]["speculative"]["token_acceptance_rate"] <= 1.0
     for name in ("records.jsonl", "summary.json", "report.md", "config.json"):
         assert (out / name).is_file()
     records = records_of(out)

@@ -97,7 +97,14 @@ def single_record(ctx: EvalContext, spec: MethodSpec, problem: EvalProblem, traj
         "finish_reason": traj.finish_reason,
         "steps": [s.to_dict() for s in traj.steps],
         "stats": traj.stats.to_dict(),
+        **extra_fields(traj),
     }
+
+
+def extra_fields(traj: Trajectory) -> dict:
+    """What a method adds beyond the common record (token-level SD: its acceptance counts)."""
+    data = traj.to_dict()
+    return {k: data[k] for k in ("speculative",) if k in data}
 
 
 def by_id(problems: Sequence[EvalProblem]) -> dict[str, EvalProblem]:
@@ -235,14 +242,20 @@ def run_methods(
             continue
         bar = make_progress(spec.label, len(problems), len(problems) - len(todo), progress)
         finished = [r for r in folder.records if r["method"] == spec.label]
-
-        def emit(record: dict, bar=bar, finished=finished) -> None:
-            folder.append(record)
-            finished.append(record)
-            update_progress(bar, finished)
-
+        emit = recorder(folder, bar, finished, show_acceptance=spec.kind.startswith("rsd"))
         METHOD_RUNNERS[spec.kind](ctx, spec, todo, emit)
         bar.close()
+
+
+def recorder(folder, bar, finished: list[dict], show_acceptance: bool) -> Emit:
+    """Save a finished problem's record at once (the run's durable state), then update the progress bar."""
+
+    def emit(record: dict) -> None:
+        folder.append(record)
+        finished.append(record)
+        update_progress(bar, finished, show_acceptance)
+
+    return emit
 
 
 def make_progress(label: str, total: int, initial: int, enabled: bool):
@@ -251,12 +264,13 @@ def make_progress(label: str, total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc=f"{label:<14}", unit="problem", disable=not enabled, leave=True)
 
 
-def update_progress(bar, finished: list[dict]) -> None:
+def update_progress(bar, finished: list[dict], show_acceptance: bool) -> None:
+    """Live accuracy, and the step acceptance rate for methods where a PRM can reject steps."""
     correct = sum(bool(r["correct"]) for r in finished)
     kept = sum(r["stats"]["steps_kept"] for r in finished)
     rejected = sum(r["stats"]["steps_rejected"] for r in finished)
     postfix = {"acc": f"{correct / len(finished):.1%}"}
-    if kept + rejected:
+    if show_acceptance and kept + rejected:
         postfix["accept"] = f"{kept / (kept + rejected):.1%}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(1)

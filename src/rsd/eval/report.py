@@ -33,6 +33,7 @@ def summarize_method(method: str, records: Sequence[dict]) -> dict:
             flops[role] += stats["flops"].get(role, 0.0)
             wall[role] += stats["wall_time_s"].get(role, 0.0)
     proposed = totals["steps_kept"] + totals["steps_rejected"]
+    speculative = [r["speculative"] for r in records if "speculative" in r]
     generated = tokens["draft_kept"] + tokens["target"]
     return {
         "method": method,
@@ -47,6 +48,18 @@ def summarize_method(method: str, records: Sequence[dict]) -> dict:
         "flops": {**flops, "total": sum(flops.values())},
         "wall_time_s": round(sum(wall.values()), 4),
         "wall_time_by_model_s": {r: round(t, 4) for r, t in wall.items()},
+        **({"speculative": speculative_summary(speculative)} if speculative else {}),
+    }
+
+
+def speculative_summary(per_problem: Sequence[dict]) -> dict:
+    proposed = sum(s["draft_tokens_proposed"] for s in per_problem)
+    accepted = sum(s["draft_tokens_accepted"] for s in per_problem)
+    return {
+        "rounds": sum(s["rounds"] for s in per_problem),
+        "draft_tokens_proposed": proposed,
+        "draft_tokens_accepted": accepted,
+        "token_acceptance_rate": accepted / proposed if proposed else None,
     }
 
 
