@@ -1,0 +1,794 @@
+"""GPU speed of RSD at real model sizes: target-only, RSD and a lock-step re-encoding RSD, side by side.
+
+Random-weight models built from the real configurations (Qwen2.5-Math-1.5B draft, a 1.5B PRM in the
+Qwen2ForProcessRewardModel layout, Qwen2.5-Math-7B target), bf16 on one GPU. Prompts of 256 tokens, steps of 64
+tokens (random text never writes the delimiter, so the step cap ends every step), 8 steps per problem. The PRM
+threshold is calibrated so that 70% of draft steps are kept.
+
+Printed per batch size, in one run:
+- target-only: a lean greedy loop on the target with a KV cache (DynamicCache), same tokens, same batch;
+- RSD: `StepwiseDecoder` with `HFStepGenerator` draft/target and the in-process PRM, its time split between
+  draft, PRM, target and the controller (everything between model calls);
+- lock-step RSD: the same decoder whose three models forget every cache after each call, so each step re-reads
+  the whole trajectory (the paper script's scheme, on the same backend);
+- the bound on RSD's speed-up, target-only / (draft + PRM + 0.3 x target), each term timed alone on the same work
+  (the draft and the PRM through lean loops like the target's), and a bandwidth-aware variant whose target term is
+  the target alone on the rows RSD actually gives it (see `target_rewrite_term`);
+- peak GPU memory of each method.
+Timings: synchronised host clocks, a warm-up of every method first, medians over `--repeats` rounds.
+
+    python benchmarks/gpu_speed.py --batches 16 --out results/   # real sizes: ~23 GiB of GPU memory, ~8 minutes
+    python benchmarks/gpu_speed.py --tiny                        # tiny models on the CPU, seconds (the smoke test)
+
+Results and what limits RSD: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rsd.backends.hf import HFStepGenerator
+from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, Trajectory, TrajectoryStats
+from rsd.loop import Prompted, RunConfig, StepwiseDecoder
+from rsd.policies import Threshold
+from rsd.rewards.formats import QwenPRMInput
+from rsd.rewards.hf import HFRewardModel, QwenPRMHead
+from rsd.rewards.hf import model_cost as prm_model_cost
+
+# The Qwen chat template, as the tiny test tokenizers carry it (the Qwen PRM input builder renders it).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
+GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
+RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
+
+
+# -- what to run --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The fields of a Qwen2 configuration that decide its speed."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool  # input embedding shared with the LM head (the 1.5B models tie, the 7B does not)
+
+
+REAL_SHAPES = {
+    "draft": Shape(1536, 28, 12, 2, 8960, 151936, True),  # Qwen2.5-Math-1.5B
+    "prm": Shape(1536, 28, 12, 2, 8960, 151936, True),  # a 1.5B Qwen2ForProcessRewardModel body
+    "target": Shape(3584, 28, 28, 4, 18944, 152064, False),  # Qwen2.5-Math-7B
+}
+TINY_SHAPES = {
+    "draft": Shape(128, 2, 2, 1, 256, 512, True),
+    "prm": Shape(128, 2, 2, 1, 256, 512, True),
+    "target": Shape(256, 3, 4, 1, 512, 640, False),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompt_tokens: int = 256
+    step_tokens: int = 64  # the step cap; random text has no delimiter, so every step is this long
+    steps: int = 8
+    keep_share: float = 0.7  # share of draft steps the calibrated threshold keeps
+    batches: tuple[int, ...] = (16, 64, 1)  # goal sizes first, so a deadline cuts the least useful one
+    repeats: int = 3  # timed rounds of every method; medians are reported
+    # Steps per problem in the untimed warm-up of each method. Full length by default: with torch >= 2.11 on
+    # Hopper, SDPA may go to cuDNN, which builds a plan for every new (batch, length) shape, so a shorter warm-up
+    # leaves the first timed round paying for the longer shapes (seen on an H200: 27 s against 15 s).
+    warmup_steps: int = 8
+    deadline_s: float = 0.0  # stop starting new rounds past this many seconds (0: none); one round always runs
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    seed: int = 0
+    profile: bool = True  # per-forward wall time against GPU kernel time and a CUDA-graph replay
+    sdpa: str = "default"  # "no-cudnn": take cuDNN out of SDPA's backends for the whole run (an A/B switch)
+    tiny: bool = False
+
+    @property
+    def new_tokens(self) -> int:
+        return self.steps * self.step_tokens
+
+
+def tiny_config(**overrides: Any) -> BenchConfig:
+    settings: dict[str, Any] = dict(
+        prompt_tokens=12, step_tokens=4, steps=3, batches=(1, 3), repeats=1, warmup_steps=3,
+        device="cpu", dtype="float32", profile=False, tiny=True,
+    )  # fmt: skip
+    settings.update(overrides)
+    return BenchConfig(**settings)
+
+
+# -- the threshold ------------------------------------------------------------------------------------------------
+
+
+def calibrate_delta(rewards: Sequence[float], target_share: float) -> float:
+    """The threshold delta that keeps `target_share` of these rewards under the binary rule 1[r >= delta].
+
+    The k-th largest reward, k = round(share x n): exactly k rewards reach it when they are distinct (ties keep a
+    little more). A share of 0 gives +inf, which keeps nothing.
+    """
+    if not 0.0 <= target_share <= 1.0:
+        raise ValueError(f"target_share must lie in [0, 1], got {target_share}")
+    if not rewards:
+        raise ValueError("calibrate_delta needs at least one observed reward")
+    keep = round(target_share * len(rewards))
+    if keep == 0:
+        return math.inf
+    return sorted(rewards, reverse=True)[keep - 1]
+
+
+# -- random models in the real layouts ----------------------------------------------------------------------------
+
+
+def make_word_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer of exactly `vocab_size` ids: `<unk>` = 0, words `w1`... and the Qwen special tokens
+    last. Decoding joins words with spaces, so step texts re-encode to the same ids (the PRM re-reads them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = vocab_size - len(SPECIAL_TOKENS)
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    assert len(tokenizer) == vocab_size
+    return tokenizer
+
+
+def qwen2_config(shape: Shape, tokenizer: Any) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=shape.tied,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+
+
+@contextlib.contextmanager
+def building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly on the device in the dtype: a 7B model initialised on the host takes minutes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def banned_token_ids(tokenizer: Any, vocab: int) -> list[int]:
+    """Ids a random model must never write: `<unk>`, the special tokens (EOS would end a trajectory early) and the
+    padding rows past the tokenizer (the 7B's vocabulary is padded; the draft could not read those ids)."""
+    return [0, *tokenizer.all_special_ids, *range(len(tokenizer), vocab)]
+
+
+def build_lm(shape: Shape, tokenizer: Any, device: str, dtype: torch.dtype, seed: int) -> Any:
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    with building_on(device, dtype):
+        model = Qwen2ForCausalLM(qwen2_config(shape, tokenizer))
+    with torch.no_grad():
+        # A zero row scores 0 while the best of ~150k random logits is far above it: greedy never picks these.
+        model.lm_head.weight[banned_token_ids(tokenizer, shape.vocab)] = 0.0
+    return model.eval()
+
+
+def build_prm(shape: Shape, tokenizer: Any, device: str, dtype: torch.dtype, seed: int, batch: int) -> HFRewardModel:
+    """A Qwen2 body and the Qwen2.5-Math-PRM head (score.0 / score.2), random, as `rsd.rewards.hf` runs them."""
+    from transformers import Qwen2Model
+
+    torch.manual_seed(seed)
+    with building_on(device, dtype):
+        body = Qwen2Model(qwen2_config(shape, tokenizer)).eval()
+    hidden = shape.hidden
+    head_tensors = {
+        "score.0.weight": torch.randn(hidden, hidden) / math.sqrt(hidden),
+        "score.0.bias": torch.zeros(hidden),
+        "score.2.weight": torch.randn(2, hidden) / math.sqrt(hidden),
+        "score.2.bias": torch.zeros(2),
+    }
+    head = QwenPRMHead(head_tensors).to(device).eval()
+    builder = QwenPRMInput(tokenizer)
+    cost = prm_model_cost(body, head)
+    return HFRewardModel("random-qwen-prm-1.5b", "qwen-prm", body, head, builder, cost, max_batch_size=batch)
+
+
+@dataclass
+class Models:
+    tokenizer: Any
+    draft: HFStepGenerator
+    target: HFStepGenerator
+    prm: HFRewardModel
+
+
+def build_models(config: BenchConfig) -> Models:
+    shapes = TINY_SHAPES if config.tiny else REAL_SHAPES
+    dtype = getattr(torch, config.dtype)
+    tokenizer = make_word_tokenizer(shapes["draft"].vocab)
+    draft = build_lm(shapes["draft"], tokenizer, config.device, dtype, config.seed)
+    target = build_lm(shapes["target"], tokenizer, config.device, dtype, config.seed + 1)
+    prm = build_prm(shapes["prm"], tokenizer, config.device, dtype, config.seed + 2, max(config.batches))
+    return Models(
+        tokenizer,
+        HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft"),
+        HFStepGenerator.from_model(target, tokenizer, name="random-qwen2.5-math-7b", role="target"),
+        prm,
+    )
+
+
+def random_text(rng: random.Random, words: int, tokens: int) -> str:
+    """`tokens` random words of the word-level tokenizer: exactly `tokens` ids, no special token, no delimiter."""
+    return " ".join(f"w{rng.randrange(1, words)}" for _ in range(tokens))
+
+
+def make_problems(tokenizer: Any, count: int, tokens: int, seed: int, tag: str) -> list[Prompted]:
+    """Prompts of `tokens` random words (the question, the PRM's context, is the same text)."""
+    rng = random.Random(seed)
+    words = len(tokenizer) - len(SPECIAL_TOKENS)
+    problems = []
+    for i in range(count):
+        text = random_text(rng, words, tokens)
+        problems.append(Prompted(key=f"{tag}-{i}", question=text, prompt=text))
+    return problems
+
+
+# -- timing -------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device: str, work: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of `work` between two device synchronisations, and its result."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = work()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+# -- the lean reference loops: one model, no controller, no host round trip per token ---------------------------
+
+
+def cache_kwarg(model: Any) -> str:
+    # transformers renamed `past_key_values` to `cache` in 5.2x.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def greedy_decode(model: Any, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Prefill the prompts, then decode `new_tokens` greedily with a DynamicCache; tokens stay on the device."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    token = model(input_ids=prompt_ids, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [token]
+    for _ in range(new_tokens - 1):
+        token = model(input_ids=token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
+
+
+@torch.inference_mode()
+def prm_scoring(prm: HFRewardModel, chunks: list[torch.Tensor]) -> list[list[float]]:
+    """The PRM's work in RSD without the adapter: the first chunk (prompt and first step), then one chunk per
+    step on a growing cache, the head at each chunk's last position (the step tag), rewards read back each step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    kwargs = {cache_kwarg(prm.body): cache, "use_cache": True}
+    rewards = []
+    for chunk in chunks:
+        hidden = prm.body(input_ids=chunk, **kwargs).last_hidden_state[:, -1]
+        rewards.append(prm.head(hidden).float().tolist())
+    return rewards
+
+
+def prm_chunks(models: Models, problems: list[Prompted], config: BenchConfig, seed: int) -> list[torch.Tensor]:
+    """The PRM inputs of `steps` random steps, split where each step's reward is read (after its tag)."""
+    rng = random.Random(seed)
+    words = len(models.tokenizer) - len(SPECIAL_TOKENS)
+    tag = models.tokenizer.convert_tokens_to_ids("<extra_0>")
+    rows = []
+    for problem in problems:
+        steps = [random_text(rng, words, config.step_tokens) for _ in range(config.steps)]
+        ids = models.prm.builder.build_ids(problem.question, steps)
+        ends = [i + 1 for i, t in enumerate(ids) if t == tag]
+        rows.append([ids[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)])
+    device = models.prm.device
+    # Every row has the same lengths (same prompt and step sizes), so chunks stack without padding.
+    return [torch.tensor([row[k] for row in rows], device=device) for k in range(config.steps)]
+
+
+def prompt_tensor(models: Models, problems: list[Prompted], device: str) -> torch.Tensor:
+    return torch.tensor([models.draft.encode(p.prompt) for p in problems], device=device)
+
+
+# -- the lock-step scheme: the same backend, every cache forgotten after each call ------------------------------
+
+
+class Reencoding:
+    """A step generator that releases every trajectory's cache after each call: each step re-reads its prefix."""
+
+    def __init__(self, inner: HFStepGenerator) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.cost = inner.cost
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def vocabulary_fingerprint(self) -> str:
+        return self.inner.vocabulary_fingerprint()
+
+    def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
+        try:
+            return self.inner.generate_steps(requests, params)
+        finally:
+            self.inner.release([r.key for r in requests])
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        self.inner.release(keys)
+
+
+class ReencodingPRM:
+    """A PRM that forgets every prefix after each call: each step's score re-reads the whole trajectory."""
+
+    def __init__(self, inner: HFRewardModel) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.cost = inner.cost
+
+    def score_steps(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
+        try:
+            return self.inner.score_steps(requests)
+        finally:
+            self.inner.release([r.key for r in requests])
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        self.inner.release(keys)
+
+
+# -- one measured run of each method ------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeRun:
+    """One `StepwiseDecoder.run`: wall time, its split, the tokens it wrote and how many proposals it kept."""
+
+    seconds: float
+    split: dict[str, float]  # draft, prm, target, controller (seconds)
+    tokens: int
+    kept: int
+    proposed: int
+    rewards: list[float] = field(default_factory=list)
+
+
+def run_decoder(decoder: StepwiseDecoder, problems: list[Prompted], device: str) -> DecodeRun:
+    seconds, trajectories = timed(device, lambda: decoder.run(problems))
+    total = TrajectoryStats()
+    for traj in trajectories:
+        total.add(traj.stats)
+    split = {role: total.models[role].wall_time_s for role in ("draft", "prm", "target")}
+    split["controller"] = seconds - sum(split.values())
+    return DecodeRun(
+        seconds=seconds,
+        split=split,
+        tokens=sum(t.num_generated_tokens for t in trajectories),
+        kept=total.steps_kept,
+        proposed=total.steps_kept + total.steps_rejected,
+        rewards=step_rewards(trajectories),
+    )
+
+
+def step_rewards(trajectories: list[Trajectory]) -> list[float]:
+    return [s.reward for t in trajectories for s in t.steps if s.reward is not None]
+
+
+def run_config(config: BenchConfig, batch: int, steps: int) -> RunConfig:
+    return RunConfig(
+        step_max_tokens=config.step_tokens,
+        max_new_tokens=steps * config.step_tokens,
+        max_steps=steps,
+        batch_size=batch,
+        seed=config.seed,
+    )
+
+
+def rsd_decoder(models: Models, run: RunConfig, delta: float, lockstep: bool = False) -> StepwiseDecoder:
+    if lockstep:
+        draft, target, prm = Reencoding(models.draft), Reencoding(models.target), ReencodingPRM(models.prm)
+        return StepwiseDecoder(draft, run, reward_model=prm, fallback=target, policy=Threshold(delta))  # type: ignore[arg-type]
+    return StepwiseDecoder(models.draft, run, reward_model=models.prm, fallback=models.target, policy=Threshold(delta))
+
+
+def calibrate(models: Models, config: BenchConfig, problems: list[Prompted]) -> tuple[float, int]:
+    """Score every draft step of a keep-all pass (delta 0 keeps every reward in [0, 1]); delta keeps 70% of them."""
+    decoder = rsd_decoder(models, run_config(config, len(problems), config.steps), delta=0.0)
+    rewards = run_decoder(decoder, problems, config.device).rewards
+    return calibrate_delta(rewards, config.keep_share), len(rewards)
+
+
+def target_rewrite_term(config: BenchConfig, batch: int, time_on_rows: Callable[[int], float]) -> float:
+    """The target's time alone on the work RSD hands it, while decoding is bandwidth-bound (a forward costs about
+    the same for 1 or 64 rows): per step, the rejected rows, about (1 - keep) x batch of them, decode together, and
+    the target runs at all only in steps with at least one rejection, which happen with probability 1 - keep^batch.
+    """
+    reject = 1.0 - config.keep_share
+    rows = max(1, math.ceil(reject * batch))
+    return (1.0 - config.keep_share**batch) * time_on_rows(rows)
+
+
+# -- one batch size -------------------------------------------------------------------------------------------------
+
+
+def measure_batch(models: Models, config: BenchConfig, batch: int, started: float, log: Callable[[str], None]) -> dict:
+    device = config.device
+    problems = make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
+    delta, scored = calibrate(models, config, problems)
+    log(f"batch {batch}: delta {delta:.6f} keeps {config.keep_share:.0%} of {scored} calibration rewards")
+
+    prompts = prompt_tensor(models, problems, device)
+    rewrite_rows = max(1, math.ceil((1.0 - config.keep_share) * batch))
+    chunks = prm_chunks(models, problems, config, config.seed)
+    methods: dict[str, Callable[[int], Any]] = {
+        "target_only": lambda steps: greedy_decode(models.target.model, prompts, steps * config.step_tokens),
+        "rsd": lambda steps: run_decoder(
+            rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
+        ),
+        "lockstep": lambda steps: run_decoder(
+            rsd_decoder(models, run_config(config, batch, steps), delta, lockstep=True), fresh(problems, steps), device
+        ),
+        "draft_alone": lambda steps: greedy_decode(models.draft.model, prompts, steps * config.step_tokens),
+        "prm_alone": lambda steps: prm_scoring(models.prm, chunks[:steps]),
+    }
+    if rewrite_rows < batch:  # else it is target-only's work, already timed
+        methods["target_rewrite_rows"] = lambda steps: greedy_decode(
+            models.target.model, prompts[:rewrite_rows], steps * config.step_tokens
+        )
+    for work in methods.values():  # warm-up: kernels chosen, allocator grown, handles made
+        timed(device, lambda work=work: work(min(config.warmup_steps, config.steps)))
+
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    runs: dict[str, list[DecodeRun]] = {"rsd": [], "lockstep": []}
+    peaks: dict[str, float | None] = {}
+    for round_index in range(config.repeats):
+        if round_index > 0 and config.deadline_s and time.perf_counter() - started > config.deadline_s:
+            log(f"batch {batch}: deadline reached after {round_index} round(s)")
+            break
+        for name, work in methods.items():
+            reset_peak_memory(device)
+            elapsed, result = timed(device, lambda work=work: work(config.steps))
+            peak = peak_memory_gib(device)
+            peaks[name] = max(peaks.get(name) or 0.0, peak) if peak is not None else None
+            if isinstance(result, DecodeRun):
+                runs[name].append(result)
+                elapsed = result.seconds
+            seconds[name].append(elapsed)
+        log(f"batch {batch}: round {round_index + 1} " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
+    return summarize_batch(config, batch, delta, seconds, runs, peaks)
+
+
+def fresh(problems: list[Prompted], steps: int) -> list[Prompted]:
+    """The same problems under keys never seen before, so no run finds another run's caches."""
+    run = next(RUN_IDS)
+    return [Prompted(f"{p.key}-run{run}-s{steps}", p.question, p.prompt) for p in problems]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def summarize_batch(
+    config: BenchConfig,
+    batch: int,
+    delta: float,
+    seconds: dict[str, list[float]],
+    runs: dict[str, list[DecodeRun]],
+    peaks: dict[str, float | None],
+) -> dict:
+    t = {name: median(values) for name, values in seconds.items()}
+    tokens = batch * config.new_tokens
+    rsd_runs, lock_runs = runs["rsd"], runs["lockstep"]
+    split = {role: median([r.split[role] for r in rsd_runs]) for role in rsd_runs[0].split}
+    rewrite = target_rewrite_term(config, batch, lambda rows: t.get("target_rewrite_rows", t["target_only"]))
+    bound = t["target_only"] / (t["draft_alone"] + t["prm_alone"] + (1.0 - config.keep_share) * t["target_only"])
+    bandwidth_bound = t["target_only"] / (t["draft_alone"] + t["prm_alone"] + rewrite)
+    speedup = t["target_only"] / t["rsd"]
+    kept = sum(r.kept for r in rsd_runs) / max(1, sum(r.proposed for r in rsd_runs))
+    return {
+        "batch": batch,
+        "delta": delta,
+        "tokens_per_run": tokens,
+        "rsd_tokens_checked": [r.tokens for r in rsd_runs],
+        "seconds_median": t,
+        "seconds_all": seconds,
+        "tokens_per_s": {name: tokens / t[name] for name in ("target_only", "rsd", "lockstep")},
+        "rsd_split_s": split,
+        "rsd_split_share": {role: value / t["rsd"] for role, value in split.items()},
+        "lockstep_split_s": {role: median([r.split[role] for r in lock_runs]) for role in lock_runs[0].split},
+        "rsd_split_per_round_s": [r.split for r in rsd_runs],
+        "lockstep_split_per_round_s": [r.split for r in lock_runs],
+        "rsd_kept_share": kept,
+        "lockstep_kept_share": sum(r.kept for r in lock_runs) / max(1, sum(r.proposed for r in lock_runs)),
+        "speedup": speedup,
+        "bound": bound,
+        "speedup_over_bound": speedup / bound,
+        "target_rewrite_term_s": rewrite,
+        "bandwidth_bound": bandwidth_bound,
+        "speedup_over_bandwidth_bound": speedup / bandwidth_bound,
+        "rsd_over_lockstep": t["lockstep"] / t["rsd"],
+        "peak_memory_gib": peaks,
+        "rounds": len(seconds["rsd"]),
+    }
+
+
+def goals(result: dict) -> dict[str, bool]:
+    """The issue's goals, for one batch size."""
+    share = result["rsd_split_share"]
+    return {
+        "speedup >= 85% of bound": result["speedup_over_bound"] >= 0.85,
+        "rsd >= 1.5x lock-step": result["rsd_over_lockstep"] >= 1.5,
+        "prm <= 10% of time": share["prm"] <= 0.10,
+        "controller <= 5% of time": share["controller"] <= 0.05,
+    }
+
+
+# -- what limits a forward: wall time, GPU kernel time, CUDA-graph replay ------------------------------------------
+
+
+@torch.inference_mode()
+def profile_forward(model: Any, batch: int, context: int, device: str, vocab: int) -> dict:
+    """One decode forward at `context` cached tokens: synchronised wall time, the time its kernels keep the GPU
+    busy (torch.profiler), and a replay of the same forward captured as a CUDA graph (no launch overhead)."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(1, vocab // 2, (batch, context), device=device)
+    cache = DynamicCache()
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    model(input_ids=ids, **kwargs)
+    token = ids[:, -1:]
+    walls = []
+    for _ in range(8):
+        seconds, _ = timed(device, lambda: model(input_ids=token, **kwargs))
+        walls.append(seconds)
+        cache.crop(-1)  # keep the context fixed
+    out = {"wall_ms": 1e3 * median(walls[2:])}
+    out["kernel_ms"] = kernel_time_ms(lambda: (model(input_ids=token, **kwargs), cache.crop(-1)), device)
+    try:
+        out["graph_ms"] = graph_replay_ms(model, batch, context, device, vocab)
+    except Exception as exc:  # the probe is optional: a transformers version may not capture; say why
+        out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def kernel_time_ms(work: Callable[[], Any], device: str, repeats: int = 3) -> float | None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            work()
+        synchronize(device)
+    events = prof.events()
+    # Kernels are events of their own on the device; where a version attaches them to the CPU ops instead, each
+    # op's self device time counts its kernels once.
+    kernels = [e for e in events if e.device_type.name != "CPU"]
+    busy_us = sum(e.device_time_total for e in kernels) if kernels else sum(e.self_device_time_total for e in events)
+    return busy_us / 1e3 / repeats
+
+
+def graph_replay_ms(model: Any, batch: int, context: int, device: str, vocab: int) -> float:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=context + 64)
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    prompt = torch.randint(1, vocab // 2, (batch, context), device=device)
+    model(input_ids=prompt, position_ids=torch.arange(context, device=device)[None].expand(batch, -1), **kwargs)
+    token = prompt[:, -1:].clone()
+    position = torch.full((batch, 1), context, device=device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model(input_ids=token, position_ids=position, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(input_ids=token, position_ids=position, **kwargs)
+    replays = 16
+    seconds, _ = timed(device, lambda: [graph.replay() for _ in range(replays)])
+    return 1e3 * seconds / replays
+
+
+def profile_models(models: Models, config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    context = config.prompt_tokens + config.new_tokens // 2  # the average context of a decode step
+    rows = []
+    for name, gen in (("draft", models.draft), ("target", models.target)):
+        for batch in sorted(config.batches):
+            vocab = len(models.tokenizer)
+            row = {"model": name, "batch": batch, "context": context}
+            row.update(profile_forward(gen.model, batch, context, config.device, vocab))
+            log(f"profile {name} batch {batch}: {row}")
+            rows.append(row)
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------------------------------
+
+
+def environment(config: BenchConfig) -> dict:
+    import transformers
+
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "device": config.device,
+    }
+    if config.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+        env.update(cudnn=torch.backends.cudnn.version(), cudnn_sdpa=torch.backends.cuda.cudnn_sdp_enabled())
+    return env
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "batch | target-only tok/s | RSD tok/s | lock-step tok/s | speed-up | bound | /bound | bw-bound | /bw-bound"
+        " | RSD/lock | draft | prm | target | ctrl | kept | peak GiB (T/RSD/lock)",
+    ]
+    for r in sorted(results, key=lambda r: r["batch"]):
+        tps, share, peak = r["tokens_per_s"], r["rsd_split_share"], r["peak_memory_gib"]
+        peaks = "/".join("-" if peak.get(k) is None else f"{peak[k]:.1f}" for k in ("target_only", "rsd", "lockstep"))
+        lines.append(
+            f"{r['batch']:>5} | {tps['target_only']:>17.1f} | {tps['rsd']:>9.1f} | {tps['lockstep']:>15.1f} | "
+            f"{r['speedup']:>8.2f} | {r['bound']:>5.2f} | {r['speedup_over_bound']:>6.0%} | "
+            f"{r['bandwidth_bound']:>8.2f} | {r['speedup_over_bandwidth_bound']:>9.0%} | "
+            f"{r['rsd_over_lockstep']:>8.2f} | {share['draft']:>5.0%} | {share['prm']:>3.0%} | "
+            f"{share['target']:>6.0%} | {share['controller']:>4.0%} | {r['rsd_kept_share']:>4.0%} | {peaks}"
+        )
+    return "\n".join(lines)
+
+
+def goal_lines(results: list[dict]) -> str:
+    lines = []
+    for r in sorted(results, key=lambda r: r["batch"]):
+        if r["batch"] in GOAL_BATCHES:
+            verdicts = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in goals(r).items())
+            lines.append(f"batch {r['batch']}: {verdicts}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke test, seconds)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 16 64 1)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per batch size (default 3)")
+    parser.add_argument("--steps", type=int, help="steps per problem (default 8)")
+    parser.add_argument("--deadline-s", type=float, help="start no new round after this many seconds")
+    parser.add_argument("--device", help="torch device (default cuda; cpu with --tiny)")
+    parser.add_argument("--warmup-steps", type=int, help="steps per problem of each warm-up run (default 8)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-forward profile")
+    parser.add_argument(
+        "--sdpa", choices=("default", "no-cudnn"), help="no-cudnn: keep SDPA off cuDNN (its per-shape plans)"
+    )
+    parser.add_argument("--out", type=Path, help="folder for gpu_speed.json")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.batches:
+        overrides["batches"] = tuple(args.batches)
+    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.no_profile:
+        overrides["profile"] = False
+    config = tiny_config(**overrides) if args.tiny else BenchConfig(**overrides)
+    return config, args.out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    config, out_dir = parse_args(argv)
+    # Tiny matrices on a busy machine run many times faster on one thread than on contending ones.
+    threads, cudnn_sdpa = torch.get_num_threads(), torch.backends.cuda.cudnn_sdp_enabled()
+    if config.tiny:
+        torch.set_num_threads(1)
+    if config.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # for the whole run: an A/B of cuDNN's per-shape plans
+    try:
+        return run_benchmark(config, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
+
+
+def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device here; run with --tiny for the CPU smoke test")
+    models = build_models(config)
+    log(f"models built on {config.device} ({config.dtype}); {environment(config)}")
+    report: dict[str, Any] = {"config": asdict(config), "environment": environment(config), "results": []}
+    if config.profile:
+        report["profile"] = profile_models(models, config, log)
+    for batch in config.batches:
+        report["results"].append(measure_batch(models, config, batch, started, log))
+        if out_dir is not None:  # after every batch size, so a cut-off run keeps what it measured
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "gpu_speed.json").write_text(json.dumps(report, indent=2, default=str))
+    report["table"] = table(report["results"])
+    if out_dir is not None:
+        (out_dir / "gpu_speed.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\n{report['environment'].get('gpu', config.device)}; medians of up to {config.repeats} rounds")
+    print(report["table"])
+    print(goal_lines(report["results"]))
+    return report
+
+
+if __name__ == "__main__":
+    main()

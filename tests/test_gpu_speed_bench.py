@@ -1,0 +1,108 @@
+"""The GPU speed benchmark at tiny sizes on the CPU, so that it cannot rot: every method runs and every figure is
+reported; the threshold calibration keeps the share it is asked for; the lock-step scheme really re-reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_speed  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rsd.core import TrajectoryStats  # noqa: E402
+
+
+def test_calibrate_delta_keeps_the_asked_share():
+    rng = random.Random(0)
+    rewards = [rng.random() for _ in range(200)]
+    for share in (0.1, 0.3, 0.7, 1.0):
+        delta = gpu_speed.calibrate_delta(rewards, share)
+        kept = sum(r >= delta for r in rewards) / len(rewards)
+        assert kept == pytest.approx(share)
+    assert gpu_speed.calibrate_delta(rewards, 0.0) == math.inf
+    assert gpu_speed.calibrate_delta([0.2, 0.9, 0.5], 2 / 3) == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        gpu_speed.calibrate_delta([], 0.7)
+    with pytest.raises(ValueError, match="target_share"):
+        gpu_speed.calibrate_delta(rewards, 1.5)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    report = gpu_speed.main(["--tiny", "--repeats", "2", "--out", str(out)])
+    assert json.loads((out / "gpu_speed.json").read_text())["table"] == report["table"]
+    return report
+
+
+def test_tiny_run_reports_every_method_and_figure(report):
+    config = report["config"]
+    assert [r["batch"] for r in report["results"]] == list(config["batches"])
+    for result in report["results"]:
+        tokens = result["batch"] * config["steps"] * config["step_tokens"]
+        # Every RSD run wrote every token: no trajectory ended early at an EOS the random models might write.
+        assert result["tokens_per_run"] == tokens
+        assert result["rsd_tokens_checked"] == [tokens] * result["rounds"] and result["rounds"] == 2
+        methods = {"target_only", "rsd", "lockstep", "draft_alone", "prm_alone"}
+        if result["batch"] > 1:  # one row: the rejected rows are target-only's row, not timed twice
+            methods.add("target_rewrite_rows")
+        assert set(result["seconds_median"]) == methods
+        assert all(t > 0 for t in result["seconds_median"].values())
+        assert sum(result["rsd_split_share"].values()) == pytest.approx(1.0)
+        assert all(result["rsd_split_s"][role] > 0 for role in ("draft", "prm"))
+        assert 0.0 < result["rsd_kept_share"] <= 1.0
+        assert result["bound"] > 0 and result["bandwidth_bound"] > 0
+        assert result["speedup"] == pytest.approx(
+            result["seconds_median"]["target_only"] / result["seconds_median"]["rsd"]
+        )
+    assert report["table"].count("\n") == len(report["results"])  # a header and one line per batch size
+    assert "speed-up" in report["table"] and "RSD/lock" in report["table"]
+
+
+def test_lockstep_rereads_every_prefix_and_rsd_does_not():
+    config = gpu_speed.tiny_config(steps=3)
+    models = gpu_speed.build_models(config)
+    problems = gpu_speed.make_problems(models.tokenizer, 2, config.prompt_tokens, seed=1, tag="lock")
+    run = gpu_speed.run_config(config, batch=2, steps=config.steps)
+    prefill = {}
+    for lockstep in (False, True):
+        decoder = gpu_speed.rsd_decoder(models, run, delta=0.0, lockstep=lockstep)  # keeps every draft step
+        trajectories = decoder.run(gpu_speed.fresh(problems, config.steps))
+        total = TrajectoryStats()
+        for traj in trajectories:
+            total.add(traj.stats)
+        prefill[lockstep] = (total.models["draft"].prefill_tokens, total.models["prm"].prefill_tokens)
+        assert [len(t.steps) for t in trajectories] == [config.steps] * 2
+    # Cached: the prompt once, then one token per step. Lock-step: the whole prefix at every step.
+    prompt, step = config.prompt_tokens, config.step_tokens
+    assert prefill[False][0] == 2 * (prompt + config.steps - 1)
+    assert prefill[True][0] == 2 * sum(prompt + k * step for k in range(config.steps))
+    assert prefill[True][1] > 2 * prefill[False][1]
+
+
+def test_target_rewrite_term_follows_the_rejections():
+    config = gpu_speed.tiny_config()
+    rows_seen = []
+
+    def time_on_rows(rows: int) -> float:
+        rows_seen.append(rows)
+        return 1.0
+
+    assert gpu_speed.target_rewrite_term(config, 1, time_on_rows) == pytest.approx(0.3)
+    assert gpu_speed.target_rewrite_term(config, 64, time_on_rows) == pytest.approx(1.0 - 0.7**64)
+    assert rows_seen == [1, 20]
+
+
+def test_profile_runs_on_the_cpu_and_says_why_there_is_no_graph():
+    config = gpu_speed.tiny_config()
+    models = gpu_speed.build_models(config)
+    row = gpu_speed.profile_forward(models.draft.model, batch=2, context=8, device="cpu", vocab=len(models.tokenizer))
+    assert row["wall_ms"] > 0 and row["kernel_ms"] == 0.0
+    assert "graph_error" in row and "graph_ms" not in row
+    assert torch.get_num_threads() >= 1
