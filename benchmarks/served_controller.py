@@ -11,9 +11,11 @@ Three runs of RSD (draft, target, Skywork-layout PRM), each from a cold prefix c
 Measured: wall time, and the prompt tokens each model's server actually computed (`vllm:prompt_tokens_total` minus
 `vllm:prompt_tokens_cached_total` from its /metrics). All runs must make the same decisions (checked).
 
-Without `--draft/--target/--prm-*` URLs it builds tiny random checkpoints (tests/tiny.py, tests/tiny_prm.py) and
-starts four CPU servers itself (about 2 minutes), so the numbers measure the controllers and the serving path, not
-the models. Prints a markdown table.
+It builds tiny random checkpoints (tests/tiny.py, tests/tiny_prm.py) and starts four CPU servers itself (about 2
+minutes; `--keep-servers FILE` leaves them up and `--servers FILE` reuses them), so the numbers measure the
+controllers and the serving path, not the models. `--layout two-devices` (the default) pins the draft and PRM
+servers to core 0 and the target's to core 1, as the draft and PRM would share one GPU and the target have another;
+`--layout shared` lets every server use both cores. Prints a markdown table.
 """
 
 from __future__ import annotations

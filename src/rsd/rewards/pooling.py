@@ -36,10 +36,13 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from rsd.backends.openai import (
     ServerOptions,
     ServerPool,
     checkpoint_cost,
+    describe,
     load_served_tokenizer,
     run_sync,
     tokenizer_folder,
@@ -168,8 +171,8 @@ class ServedRewardModel:
         for server in self.pool.servers:
             try:
                 response = await self.pool.client().post(server.root + path, json=payload)
-            except Exception as exc:  # noqa: BLE001 - any transport failure gets the same advice
-                raise RSDError(f"the PRM server {server.root} did not answer {path} ({exc}).") from exc
+            except httpx.HTTPError as exc:
+                raise RSDError(f"the PRM server {server.root} did not answer {path} ({describe(exc)}).") from exc
             if response.status_code >= 400:
                 raise RSDError(
                     f"the PRM server {server.root} cannot score {self.prm_format} rewards ({path}: HTTP "
@@ -232,7 +235,7 @@ def convert_skywork(source: str | Path, destination: str | Path) -> Path:
     renamed_index: dict[str, str] = {}
     for file in weight_files:
         tensors = load_file(file)
-        out = {skywork_to_token_classification(name): t for name, t in tensors.items()}
+        out = {skywork_head_name(name): t for name, t in tensors.items()}
         out = {name: t for name, t in out.items() if not name.startswith("lm_head.")}
         save_file(out, destination / file.name, metadata={"format": "pt"})
         renamed_index.update(dict.fromkeys(out, file.name))
@@ -251,7 +254,7 @@ def convert_skywork(source: str | Path, destination: str | Path) -> Path:
     return destination
 
 
-def skywork_to_token_classification(name: str) -> str:
+def skywork_head_name(name: str) -> str:
     return "score." + name.removeprefix("v_head.summary.") if name.startswith("v_head.summary.") else name
 
 

@@ -1,0 +1,179 @@
+"""The asynchronous controller: every trajectory advances the moment its own step is done.
+
+`StepwiseDecoder` (loop.py) advances a batch in rounds: all drafts, then all rewards, then all rewrites, and the
+round waits for its slowest member. Against servers that batch continuously (vLLM, SGLang) rounds waste time: a
+trajectory whose draft step was short sits idle while another's runs on. Here each trajectory is its own task:
+
+    draft step -> PRM reward -> decide -> (target rewrite) -> commit -> next step
+
+and up to `config.batch_size` trajectories are in flight at once; the servers see a steady stream of requests and
+batch them as they come. The bookkeeping of a step (decision draw, statistics, end of a trajectory) is the same
+code as the lock-step controller's, so both give the same trajectories for the same models and seeds.
+
+Backends with asynchronous methods (`agenerate_step`, `ascore`: the served ones) are awaited directly; others (an
+in-process model, a Python callable) run one request at a time on a worker thread, so any mix works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rsd.core import (
+    RewardModel,
+    RewardOutput,
+    RSDError,
+    StepGenerator,
+    StepOutput,
+    StepRequest,
+    Trajectory,
+)
+from rsd.loop import (
+    Prompted,
+    RunConfig,
+    commit_rsd_step,
+    commit_single_model_step,
+    decide,
+    record_generation,
+    record_scoring,
+    reward_request,
+)
+from rsd.policies import Policy, Threshold
+
+
+class AsyncStepwiseDecoder:
+    """Same roles and results as `rsd.loop.StepwiseDecoder`, without rounds.
+
+    - RSD: proposer = draft, reward_model = PRM, policy = weighting function, fallback = target.
+    - draft-only / target-only: proposer alone; every step is kept.
+    Per-model wall time in the statistics is each request's own latency; requests overlap, so the sum over a run
+    exceeds the run's wall time.
+    """
+
+    def __init__(
+        self,
+        proposer: StepGenerator,
+        config: RunConfig,
+        reward_model: RewardModel | None = None,
+        fallback: StepGenerator | None = None,
+        policy: Policy | None = None,
+        proposer_role: str = "draft",
+    ) -> None:
+        if (reward_model is None) != (fallback is None):
+            raise RSDError("RSD needs both a PRM and a target model; pass both, or neither for a single model.")
+        self.proposer = proposer
+        self.fallback = fallback
+        self.reward_model = reward_model
+        self.policy = policy or Threshold()
+        self.config = config
+        self.proposer_role = proposer_role
+        self.shared_ids = fallback is None or (proposer.vocabulary_fingerprint() == fallback.vocabulary_fingerprint())
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    # -- entry points -----------------------------------------------------------------------------------------
+    def run(
+        self,
+        problems: Sequence[Prompted],
+        on_finish: Callable[[Trajectory], None] | None = None,
+    ) -> list[Trajectory]:
+        """Decode every problem; `on_finish` sees each trajectory the moment it ends (to save it at once)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.arun(problems, on_finish))
+        from rsd.backends.openai import run_sync  # inside a running loop (a notebook): use the helper thread
+
+        return run_sync(self.arun(problems, on_finish))
+
+    async def arun(
+        self,
+        problems: Sequence[Prompted],
+        on_finish: Callable[[Trajectory], None] | None = None,
+    ) -> list[Trajectory]:
+        trajectories = [self._start(p) for p in problems]  # checks every problem before any request goes out
+        slots = asyncio.Semaphore(self.config.batch_size)
+        self._locks = {}
+        try:
+            async with asyncio.TaskGroup() as group:
+                for traj in trajectories:
+                    group.create_task(self._solve(traj, slots, on_finish))
+        except* RSDError as errors:
+            raise errors.exceptions[0] from None  # the first problem, as one clear message
+        finally:
+            await self._close_backends()
+        return trajectories
+
+    # -- one trajectory -----------------------------------------------------------------------------------------
+    def _start(self, problem: Prompted) -> Trajectory:
+        if not problem.question.strip():
+            raise RSDError(f"problem {problem.key!r} has an empty question; give every problem some text.")
+        return Trajectory(problem.key, problem.question, problem.prompt, self.proposer.encode(problem.prompt))
+
+    async def _solve(
+        self, traj: Trajectory, slots: asyncio.Semaphore, on_finish: Callable[[Trajectory], None] | None
+    ) -> None:
+        async with slots:
+            while not traj.finished:
+                await self._advance(traj)
+            self._release(traj)
+        if on_finish is not None:
+            on_finish(traj)
+
+    async def _advance(self, traj: Trajectory) -> None:
+        proposal = await self._generate(self.proposer, self.proposer_role, traj)
+        if self.reward_model is None:
+            commit_single_model_step(traj, proposal, self.proposer_role, self.config)
+            return
+        reward = await self._score(traj, proposal)
+        kept = decide(self.policy, self.config.seed, traj, reward)
+        rewrite = None if kept else await self._generate(self.fallback, "target", traj)
+        commit_rsd_step(traj, proposal, reward, rewrite, self.config)
+
+    # -- model calls, with their accounting ------------------------------------------------------------------------
+    def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
+        if self.shared_ids or generator is self.proposer:
+            return traj.prompt_ids + traj.generated_ids
+        return generator.encode(traj.prompt + traj.text)
+
+    async def _generate(self, generator: StepGenerator, role: str, traj: Trajectory) -> StepOutput:
+        request = StepRequest(
+            key=traj.key,
+            prefix_ids=self._prefix_ids(generator, traj),
+            max_tokens=min(self.config.step_max_tokens, self.config.max_new_tokens - traj.num_generated_tokens),
+        )
+        params = self.config.step_params()
+        start = time.perf_counter()
+        out = await self._call(generator, "agenerate_step", "generate_steps", request, params)
+        record_generation(traj, role, generator, out, time.perf_counter() - start)
+        return out
+
+    async def _score(self, traj: Trajectory, proposal: StepOutput) -> float:
+        request = reward_request(traj, proposal.text, self.config.delimiter)
+        start = time.perf_counter()
+        out: RewardOutput = await self._call(self.reward_model, "ascore", "score_steps", request)
+        record_scoring(traj, self.reward_model, out, time.perf_counter() - start)
+        return out.reward
+
+    async def _call(self, backend: Any, async_name: str, batch_name: str, request: Any, *args: Any) -> Any:
+        """Await the backend's asynchronous method, or run its batch method for this one request on a thread
+        (one at a time per backend: in-process models are not safe to call from two threads)."""
+        method = getattr(backend, async_name, None)
+        if method is not None:
+            return await method(request, *args)
+        lock = self._locks.setdefault(id(backend), asyncio.Lock())
+        async with lock:
+            [out] = await asyncio.to_thread(getattr(backend, batch_name), [request], *args)
+        return out
+
+    def _release(self, traj: Trajectory) -> None:
+        for backend in (self.proposer, self.fallback, self.reward_model):
+            if backend is not None:
+                backend.release([traj.key])
+
+    async def _close_backends(self) -> None:
+        for backend in {id(b): b for b in (self.proposer, self.fallback, self.reward_model) if b}.values():
+            close = getattr(backend, "aclose", None)
+            if close is not None:
+                await close()
