@@ -19,10 +19,22 @@ from rsd.policies import Policy, make_policy
 DEFAULT_TEMPLATE = "qwen25-math-cot"
 
 
-def load_generator(model: str | StepGenerator, role: str, device: str, dtype: str, trust_remote_code: bool):
-    """A `StepGenerator` from a model name or path (a built generator passes through)."""
+def load_generator(
+    model: str | StepGenerator,
+    role: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    tokenizer: str | None = None,
+):
+    """A `StepGenerator` from a model name or path, or served models from `http(s)://HOST:PORT/v1` URLs
+    (comma-separated for replicas); a built generator passes through."""
     if not isinstance(model, str):
         return model
+    from rsd.backends.openai import ServedStepGenerator, is_server_url
+
+    if is_server_url(model):
+        return ServedStepGenerator(model, role=role, tokenizer=tokenizer)
     from rsd.backends.hf import HFStepGenerator
 
     return HFStepGenerator(model, role=role, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -35,10 +47,16 @@ def load_reward_model(
     device: str,
     dtype: str,
     trust_remote_code: bool,
+    tokenizer: str | None = None,
 ) -> RewardModel:
-    """A `RewardModel` from a name or path, a built one, or any callable `(question, steps) -> reward`."""
+    """A `RewardModel` from a name or path, server URLs, a built one, or any callable `(question, steps) -> reward`."""
+    from rsd.backends.openai import is_server_url
     from rsd.rewards import CallableReward, load_prm
 
+    if is_server_url(prm):
+        from rsd.rewards.pooling import ServedRewardModel
+
+        return ServedRewardModel(prm, prm_format=prm_format, tokenizer=tokenizer, delimiter=delimiter)
     if isinstance(prm, str):
         return load_prm(
             prm,
@@ -84,25 +102,42 @@ class RSD:
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        tokenizers: dict[str, str] | None = None,
     ) -> None:
+        """`tokenizers` names a local tokenizer per role ("draft", "target", "prm") for served models."""
+        tokenizers = tokenizers or {}
         self.config = config or RunConfig()
         if prm_format is not None:
             from rsd.rewards.formats import check_prm_format
 
             check_prm_format(prm_format)  # before minutes of loading the other models
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, delta=delta, alpha=alpha, p=p)
-        self.draft = load_generator(draft, "draft", device, dtype, trust_remote_code)
-        self.target = load_generator(target, "target", device, dtype, trust_remote_code)
+        self.draft = load_generator(draft, "draft", device, dtype, trust_remote_code, tokenizers.get("draft"))
+        self.target = load_generator(target, "target", device, dtype, trust_remote_code, tokenizers.get("target"))
         check_pair(self.draft, self.target)
-        self.prm = load_reward_model(prm, prm_format, self.config.delimiter, device, dtype, trust_remote_code)
+        self.prm = load_reward_model(
+            prm, prm_format, self.config.delimiter, device, dtype, trust_remote_code, tokenizers.get("prm")
+        )
+
+    @property
+    def served(self) -> bool:
+        """Whether any model is behind a server: then the asynchronous controller drives them."""
+        return any(hasattr(m, "pool") for m in (self.draft, self.target, self.prm))
 
     def decoder(self, method: str = "rsd", **overrides) -> StepwiseDecoder:
-        """The decoder of one method: `rsd`, `draft` (draft alone) or `target` (target alone)."""
+        """The decoder of one method: `rsd`, `draft` (draft alone) or `target` (target alone).
+
+        In-process models advance in batched rounds (`StepwiseDecoder`); served models advance each trajectory
+        as soon as its own step is done (`AsyncStepwiseDecoder`). Both give the same results.
+        """
         config = replace(self.config, **overrides) if overrides else self.config
+        decoder_class = StepwiseDecoder
+        if self.served:
+            from rsd.async_loop import AsyncStepwiseDecoder as decoder_class
         if method == "rsd":
-            return StepwiseDecoder(self.draft, config, self.prm, self.target, self.policy, proposer_role="draft")
+            return decoder_class(self.draft, config, self.prm, self.target, self.policy, proposer_role="draft")
         if method in ("draft", "target"):
-            return StepwiseDecoder(getattr(self, method), config, proposer_role=method)
+            return decoder_class(getattr(self, method), config, proposer_role=method)
         raise RSDError(f"unknown method {method!r}; use rsd, draft or target.")
 
     def prompt(self, question: str, template: str = DEFAULT_TEMPLATE) -> str:

@@ -14,14 +14,17 @@ from rsd.policies import DEFAULT_DELTA, POLICY_NAMES
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("models")
-    group.add_argument("--draft", required=required, help="draft model: hub id or local checkpoint folder")
-    group.add_argument("--target", required=required, help="target model: hub id or local checkpoint folder")
-    group.add_argument("--prm", required=required, help="process reward model: hub id or local folder")
+    where = "hub id, local checkpoint folder, or http://HOST:PORT/v1 server URLs (comma-separated replicas)"
+    group.add_argument("--draft", required=required, help=f"draft model: {where}")
+    group.add_argument("--target", required=required, help=f"target model: {where}")
+    group.add_argument("--prm", required=required, help=f"process reward model: {where}")
     group.add_argument(
         "--prm-format",
         default=None,
         help="skywork, qwen-prm, math-shepherd, rlhflow or token-classification (default: from the config)",
     )
+    for role in ("draft", "target", "prm"):
+        group.add_argument(f"--{role}-tokenizer", default=None, help=f"local tokenizer for a served {role} model")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     group.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     group.add_argument(
@@ -77,6 +80,11 @@ def build_rsd(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        tokenizers={
+            "draft": args.draft_tokenizer,
+            "target": args.target_tokenizer,
+            "prm": args.prm_tokenizer,
+        },
     )
 
 
