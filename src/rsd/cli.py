@@ -30,6 +30,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     group.add_argument(
         "--trust-remote-code", action="store_true", help="allow code from model repositories (off by default)"
     )
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 for the built-in tiny world)",
+    )
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +70,19 @@ def run_config(args: argparse.Namespace):
     )
 
 
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise RSDError(f"--threads {threads}: give at least 1.")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def build_rsd(args: argparse.Namespace):
     from rsd.api import RSD
 
+    set_threads(args.threads)
     return RSD(
         draft=args.draft,
         target=args.target,

@@ -63,6 +63,10 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
     given = [args.draft, args.target, args.prm]
     if not any(given):
         args.draft, args.target, args.prm = (default_tinyworld_model(r) for r in ("draft", "target", "prm"))
+        if args.threads is None:
+            # Models of 1-10M parameters gain nothing from intra-op threads, and lose several-fold when another
+            # process holds a core (threads wait on each other at every small matmul).
+            args.threads = 1
     elif not all(given):
         raise RSDError("pass all of --draft, --target and --prm, or none of them to run the built-in tiny world.")
 
@@ -104,7 +108,7 @@ def load_eval_problems(args: argparse.Namespace, tokenizer, template: str) -> li
 
 def resolved_config(args: argparse.Namespace, methods: list[str]) -> dict:
     """Everything that decides the records (saved in config.json; a resume must match it)."""
-    skip = {"func", "command", "out", "json", "no_progress", "grade_workers"}
+    skip = {"func", "command", "out", "json", "no_progress", "grade_workers", "threads"}
     config = {k: v for k, v in vars(args).items() if k not in skip}
     config["methods"] = methods
     return config
