@@ -134,3 +134,24 @@ def test_bad_input_gives_one_clear_line(models, args, message):
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_pair_that_cannot_work_together_is_refused(models, tmp_path):
+    """A target whose embedding table is smaller than the shared tokenizer would crash on draft tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(models["draft"])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer) - 20, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=64, intermediate_size=64, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    small = tmp_path / "small-target"
+    Qwen2ForCausalLM(config).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    result = rsd(
+        "generate", "--draft", str(models["draft"]), "--target", str(small), "--prm", str(models["qwen-prm"]),
+        "--question", QUESTION, "--device", "cpu", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot work together" in result.stderr and "Traceback" not in result.stderr

@@ -391,6 +391,38 @@ def test_rsd_through_servers_matches_the_in_process_run(checkpoints, servers):
                 assert [s.reward for s in b.steps] == pytest.approx([s.reward for s in a.steps], abs=1e-4)
 
 
+def cli_json(args: list[str]) -> dict:
+    """`rsd ARGS --json` through the same `main` as the console script."""
+    import contextlib
+    import io
+
+    from rsd.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*args, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+@vllm
+def test_cli_generate_through_servers_matches_the_in_process_cli(checkpoints, servers):
+    draft = HFStepGenerator(str(checkpoints["draft"]), device="cpu", dtype="float32")
+    delimiter = delimiter_the_model_writes(draft, [draft.encode(q) for q in QUESTIONS[:4]])
+    common = [
+        "generate", "--prm", str(checkpoints["skywork"]), "--question", QUESTIONS[0], "--template", "none",
+        "--delimiter", delimiter, "--max-new-tokens", "40", "--step-max-tokens", "8", "--delta", "0.5",
+        "--device", "cpu", "--dtype", "float32",
+    ]  # fmt: skip
+    served = cli_json([
+        *common, "--draft", servers["draft"].url, "--target", servers["target"].url,
+        "--draft-tokenizer", str(checkpoints["draft"]), "--target-tokenizer", str(checkpoints["target"]),
+    ])  # fmt: skip
+    local = cli_json([*common, "--draft", str(checkpoints["draft"]), "--target", str(checkpoints["target"])])
+    assert served["text"] == local["text"]
+    assert [(s["source"], s["kept"]) for s in served["steps"]] == [(s["source"], s["kept"]) for s in local["steps"]]
+    assert [s["reward"] for s in served["steps"]] == pytest.approx([s["reward"] for s in local["steps"]], abs=1e-4)
+
+
 @vllm
 def test_a_server_stopped_mid_run_is_retried_then_one_clear_error(checkpoints, servers, caplog):
     """Runs last: it stops the Skywork PRM server."""

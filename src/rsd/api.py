@@ -74,15 +74,19 @@ def load_reward_model(
 
 
 def check_pair(draft: StepGenerator, target: StepGenerator) -> None:
-    """Refuse a draft/target pair whose shared token ids would mean different things to the two models."""
-    same_vocab = draft.vocabulary_fingerprint() == target.vocabulary_fingerprint()
-    draft_size, target_size = getattr(draft, "vocab_size", None), getattr(target, "vocab_size", None)
-    if same_vocab and draft_size and target_size and draft_size > target_size:
-        raise RSDError(
-            f"the draft and target share a tokenizer but the draft's vocabulary ({draft_size}) is larger than "
-            f"the target's embedding table ({target_size}): draft tokens would crash the target; pick a draft "
-            "of the target's model family."
-        )
+    """Refuse a draft/target pair that shares token ids some model cannot read (it would crash mid-run)."""
+    if draft.vocabulary_fingerprint() != target.vocabulary_fingerprint():
+        return  # different tokenizers: the trajectory travels between them as text
+    tokenizer = getattr(draft, "tokenizer", None)
+    sizes = {role: getattr(gen, "vocab_size", None) for role, gen in (("draft", draft), ("target", target))}
+    if tokenizer is None or None in sizes.values():
+        return
+    for role, size in sizes.items():
+        if len(tokenizer) > size:
+            raise RSDError(
+                f"the draft and target cannot work together: their shared tokenizer has {len(tokenizer)} tokens "
+                f"but the {role}'s embedding table only {size} rows; pick a draft and target of one model family."
+            )
 
 
 class RSD:

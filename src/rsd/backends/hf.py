@@ -108,6 +108,11 @@ class HFStepGenerator:
 
     # -- the StepGenerator interface ------------------------------------------------------------------------
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding table: the token ids this model can read."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
