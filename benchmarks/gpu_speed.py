@@ -46,6 +46,7 @@ import torch
 
 from rsd.backends.hf import HFStepGenerator
 from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, Trajectory, TrajectoryStats
+from rsd.hf_loading import CUDNN_ATTENTION_ENV
 from rsd.loop import Prompted, RunConfig, StepwiseDecoder
 from rsd.policies import Threshold
 from rsd.rewards.formats import QwenPRMInput
@@ -109,7 +110,10 @@ class BenchConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     profile: bool = True  # per-forward wall time against GPU kernel time and a CUDA-graph replay
-    sdpa: str = "default"  # "no-cudnn": take cuDNN out of SDPA's backends for the whole run (an A/B switch)
+    # The backend keeps SDPA off cuDNN (rsd.hf_loading.attention_without_cudnn). "no-cudnn" also takes cuDNN out
+    # for the lean loops here; "ab" adds the method `rsd_cudnn`: RSD with cuDNN allowed, side by side in every
+    # round, which is how the backend's choice was measured.
+    sdpa: str = "default"
     tiny: bool = False
 
     @property
@@ -501,6 +505,12 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         "draft_alone": lambda steps: greedy_decode(models.draft.model, prompts, steps * config.step_tokens),
         "prm_alone": lambda steps: prm_scoring(models.prm, chunks[:steps]),
     }
+    if config.sdpa == "ab":
+        methods["rsd_cudnn"] = lambda steps: with_cudnn_attention(
+            lambda: run_decoder(
+                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
+            )
+        )
     if rewrite_rows < batch:  # else it is target-only's work, already timed
         methods["target_rewrite_rows"] = lambda steps: greedy_decode(
             models.target.model, prompts[:rewrite_rows], steps * config.step_tokens
@@ -509,7 +519,7 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         timed(device, lambda work=work: work(min(config.warmup_steps, config.steps)))
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    runs: dict[str, list[DecodeRun]] = {"rsd": [], "lockstep": []}
+    runs: dict[str, list[DecodeRun]] = {"rsd": [], "lockstep": [], "rsd_cudnn": []}
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
         if round_index > 0 and config.deadline_s and time.perf_counter() - started > config.deadline_s:
@@ -526,6 +536,19 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
             seconds[name].append(elapsed)
         log(f"batch {batch}: round {round_index + 1} " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
     return summarize_batch(config, batch, delta, seconds, runs, peaks)
+
+
+def with_cudnn_attention(work: Callable[[], Any]) -> Any:
+    """Run `work` with the backend leaving SDPA's choice alone, cuDNN attention included."""
+    previous = os.environ.get(CUDNN_ATTENTION_ENV)
+    os.environ[CUDNN_ATTENTION_ENV] = "1"
+    try:
+        return work()
+    finally:
+        if previous is None:
+            del os.environ[CUDNN_ATTENTION_ENV]
+        else:
+            os.environ[CUDNN_ATTENTION_ENV] = previous
 
 
 def fresh(problems: list[Prompted], steps: int) -> list[Prompted]:
@@ -579,6 +602,19 @@ def summarize_batch(
         "rsd_over_lockstep": t["lockstep"] / t["rsd"],
         "peak_memory_gib": peaks,
         "rounds": len(seconds["rsd"]),
+        **cudnn_figures(t, runs.get("rsd_cudnn", [])),
+    }
+
+
+def cudnn_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
+    """With --sdpa ab: RSD with cuDNN attention allowed, and how much faster RSD runs without it."""
+    if not runs:
+        return {}
+    return {
+        "rsd_cudnn_s": t["rsd_cudnn"],
+        "rsd_cudnn_split_s": {role: median([r.split[role] for r in runs]) for role in runs[0].split},
+        "rsd_cudnn_speedup": t["target_only"] / t["rsd_cudnn"],
+        "rsd_over_rsd_cudnn": t["rsd_cudnn"] / t["rsd"],
     }
 
 
@@ -732,7 +768,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     parser.add_argument("--warmup-steps", type=int, help="steps per problem of each warm-up run (default 8)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-forward profile")
     parser.add_argument(
-        "--sdpa", choices=("default", "no-cudnn"), help="no-cudnn: keep SDPA off cuDNN (its per-shape plans)"
+        "--sdpa",
+        choices=("default", "no-cudnn", "ab"),
+        help="no-cudnn: keep the lean loops off cuDNN too; ab: also time RSD with cuDNN allowed, side by side",
     )
     parser.add_argument("--out", type=Path, help="folder for gpu_speed.json")
     args = parser.parse_args(argv)
@@ -787,6 +825,12 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
     print(f"\n{report['environment'].get('gpu', config.device)}; medians of up to {config.repeats} rounds")
     print(report["table"])
     print(goal_lines(report["results"]))
+    for r in report["results"]:
+        if "rsd_cudnn_s" in r:
+            print(
+                f"batch {r['batch']}: RSD with cuDNN attention allowed {r['rsd_cudnn_s']:.2f} s; RSD as shipped "
+                f"(without) is {r['rsd_over_rsd_cudnn']:.2f}x faster"
+            )
     return report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -106,3 +107,12 @@ def test_profile_runs_on_the_cpu_and_says_why_there_is_no_graph():
     assert row["wall_ms"] > 0 and row["kernel_ms"] == 0.0
     assert "graph_error" in row and "graph_ms" not in row
     assert torch.get_num_threads() >= 1
+
+
+def test_sdpa_ab_times_rsd_both_ways_side_by_side():
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "2", "--sdpa", "ab"])
+    (result,) = report["results"]
+    assert result["rsd_cudnn_s"] > 0
+    assert result["rsd_over_rsd_cudnn"] == pytest.approx(result["rsd_cudnn_s"] / result["seconds_median"]["rsd"])
+    assert set(result["rsd_cudnn_split_s"]) == {"draft", "prm", "target", "controller"}
+    assert gpu_speed.CUDNN_ATTENTION_ENV not in os.environ  # the switch is put back

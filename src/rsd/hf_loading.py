@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,25 @@ def load_tokenizer(name: str, role: str, trust_remote_code: bool = False):
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+CUDNN_ATTENTION_ENV = "RSD_CUDNN_ATTENTION"
+
+
+@contextlib.contextmanager
+def attention_without_cudnn(device: str | Any) -> Iterator[None]:
+    """Keep SDPA off cuDNN's attention on CUDA; elsewhere, change nothing.
+
+    Our forwards carry 2-D masks with holes (rows of one call hold caches of different lengths), and with a mask
+    torch >= 2.11 on Hopper prefers cuDNN attention, which builds an execution plan for every new (batch, length)
+    shape: every decode step is a new length. Measured on an H200 at batch 16 (docs/benchmarks.md), RSD took
+    29.0 s this way against 50.4 s with cuDNN allowed. Flash attention takes no mask, so masked calls go to the
+    memory-efficient kernel. RSD_CUDNN_ATTENTION=1 leaves SDPA's own choice alone (the benchmark's A/B).
+    """
+    if not str(device).startswith("cuda") or os.environ.get(CUDNN_ATTENTION_ENV) == "1":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

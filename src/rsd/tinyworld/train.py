@@ -14,7 +14,12 @@ Stages:
 3. the PRM (`Qwen2ForProcessRewardModel` layout): its body first learns the reference solutions as a language
    model in the PRM's input format, then body and head learn step labels from sampled and greedy rollouts of
    the draft and the target on fresh training problems, each step labelled by `task.check_step`. A step that
-   builds on an earlier wrong value is labelled wrong (its operand is not the true value);
+   builds on an earlier wrong value is labelled wrong (its operand is not the true value). Reference solutions
+   cut after one slipped addition or subtraction (a result off by a carry or a digit, or an operand copied
+   wrong) join those rollouts: the draft's rare slips there are what RSD lets through when the PRM has only
+   seen the draft's own mistakes, which sit in the products. Products are not slipped: checking any product
+   needs the whole multiplication table, which a PRM of this size does not hold (tried: it then rejected 6% of
+   correct steps and the target wrote 24% of them);
 4. checks on held-out test problems: greedy accuracy of both generators, the PRM's AUROC on the draft's greedy
    steps, and a greedy RSD loop at delta 0.7 with the target's step share and its FLOPs against target-only.
 
@@ -32,6 +37,8 @@ import hashlib
 import inspect
 import json
 import math
+import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +50,7 @@ from torch import nn
 
 from rsd.core import ModelCost
 from rsd.tinyworld.task import (
+    OPERATORS,
     SYSTEM_PROMPT,
     Problem,
     chat_prompt,
@@ -84,7 +92,7 @@ class TrainConfig:
     vocab_size: int = 640  # BPE stops earlier, once every word of the task is one token
     draft: Shape = Shape(hidden=192, layers=2, heads=3, kv_heads=1, intermediate=512)
     target: Shape = Shape(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024)
-    prm: Shape = Shape(hidden=192, layers=4, heads=3, kv_heads=1, intermediate=512)
+    prm: Shape = Shape(hidden=192, layers=4, heads=3, kv_heads=1, intermediate=384)
     # The draft's weakness: it learns only from problems whose starting product is one of this share of the
     # factor pairs, so it knows part of the multiplication table and guesses the rest. Its errors then sit in
     # the product step; the other steps it learns as well as the target does.
@@ -92,18 +100,19 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     target_steps: int = 2200
-    draft_steps: int = 2000
+    draft_steps: int = 3000  # more passes over its half of the data: fewer carry slips in additions
     eval_every: int = 1000  # logs the generators' validation accuracy while they train
     prm_lm_steps: int = 1500
-    prm_steps: int = 1800
+    prm_steps: int = 3000
     prm_lr: float = 5e-4
     prm_lm_weight: float = 0.3  # auxiliary LM loss on reference solutions, so the body keeps its arithmetic
-    # Wrong-step labels weigh more: a wrong step the PRM lets through costs accuracy, a right one it rejects
-    # only costs a target step.
-    prm_wrong_weight: float = 2.0
+    # Weight of wrong-step labels in the PRM loss. 1 keeps its probabilities calibrated; 2 (tried with the slipped
+    # references) made it reject 4% of correct steps, which cost FLOPs and bought no accuracy.
+    prm_wrong_weight: float = 1.0
     rollout_draft_greedy: int = 8_000  # fresh training problems the draft solves greedily for PRM labels
     rollout_draft_sampled: int = 16_000  # ... that the draft solves by sampling at temperature 1
     rollout_target_sampled: int = 8_000  # ... that the target solves by sampling at temperature 1
+    slipped_references: int = 16_000  # reference solutions of fresh problems cut after one slipped step
     val_problems: int = 256  # training-split problems unseen in training, for the logs
     eval_problems: int = 1000  # held-out test problems for the final checks
     eval_seed: int = 0  # the test problems are load_tinyworld("test", eval_problems, eval_seed)
@@ -131,6 +140,7 @@ class TrainConfig:
             rollout_draft_greedy=32,
             rollout_draft_sampled=32,
             rollout_target_sampled=32,
+            slipped_references=64,
             val_problems=16,
             eval_problems=24,
             max_new_tokens=120,
@@ -603,6 +613,54 @@ def rollouts(model, problems, vocab, cfg, device, temperature, seed) -> list[Lab
     return result
 
 
+RESULT = re.compile(r"(=\s*)(\d+)")
+
+
+def slipped_value(value: int, rng: random.Random) -> int:
+    """A wrong number of the kinds small models write: off by a power of ten (a dropped or extra carry), one
+    digit replaced, or two neighbouring digits swapped."""
+    digits = str(value)
+    kind = rng.random()
+    if kind < 0.5 or len(digits) == 1:
+        slipped = value + rng.choice((-1, 1)) * 10 ** rng.randrange(len(digits))
+    elif kind < 0.8:
+        i = rng.randrange(len(digits))
+        choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0")]
+        slipped = int(digits[:i] + rng.choice(choices) + digits[i + 1 :])
+    else:
+        i = rng.randrange(len(digits) - 1)
+        slipped = int(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :])
+    return slipped if slipped >= 0 and slipped != value else value + 1
+
+
+def slipped_step(problem: Problem, index: int, rng: random.Random) -> str:
+    """Reference step `index` (an addition or subtraction) with its result slipped or, in a third of the cases,
+    its first operand copied wrong and then computed correctly from the wrong copy."""
+    step, operation = problem.solution_steps[index], problem.operations[index]
+    if rng.random() < 1 / 3:
+        left = slipped_value(operation.left, rng)
+        result = OPERATORS[operation.op](left, operation.right)
+        if result >= 0:
+            equation = f"{operation.left} {operation.op} {operation.right} = {operation.result}"
+            return step.replace(equation, f"{left} {operation.op} {operation.right} = {result}")
+    return RESULT.sub(lambda m: m.group(1) + str(slipped_value(operation.result, rng)), step, count=1)
+
+
+def slipped_references(problems: Sequence[Problem], seed: int) -> list[LabelledTrajectory]:
+    """Each problem's reference solution up to one slipped addition or subtraction, which ends it."""
+    rng = random.Random(seed)
+    result = []
+    for problem in problems:
+        if len(problem.operations) < 2:
+            continue
+        index = rng.randrange(1, len(problem.operations))  # operation 0 is the starting product
+        steps = [*problem.solution_steps[:index], slipped_step(problem, index, rng)]
+        labels = label_steps(problem, steps)
+        assert labels == [True] * index + [False], f"a slipped step must be the only wrong one: {steps}"
+        result.append(LabelledTrajectory(problem, steps, labels))
+    return result
+
+
 @dataclass
 class PRMData:
     ids: torch.Tensor  # [N, T]
@@ -917,18 +975,21 @@ def run(cfg: TrainConfig, out: Path, device: str) -> dict:
     train_lm(prm_lm, prm_lm_data, cfg.prm_lm_steps, cfg, device, log, "prm-lm")
 
     rollout_count = cfg.rollout_draft_greedy + cfg.rollout_draft_sampled + cfg.rollout_target_sampled
-    fresh = training_problems(rollout_count, cfg.seed, stream=2, workers=cfg.workers)
+    fresh = training_problems(rollout_count + cfg.slipped_references, cfg.seed, stream=2, workers=cfg.workers)
     a, b = cfg.rollout_draft_greedy, cfg.rollout_draft_greedy + cfg.rollout_draft_sampled
     trajectories = (
         rollouts(draft, fresh[:a], vocab, cfg, device, 0.0, cfg.seed)
         + rollouts(draft, fresh[a:b], vocab, cfg, device, 1.0, cfg.seed)
-        + rollouts(target, fresh[b:], vocab, cfg, device, 1.0, cfg.seed)
+        + rollouts(target, fresh[b:rollout_count], vocab, cfg, device, 1.0, cfg.seed)
     )
     labels = [x for t in trajectories for x in t.labels]
     log(
         f"rollouts: {len(trajectories)} trajectories, {len(labels)} steps, {1 - sum(labels) / len(labels):.3f} "
         f"wrong ({time.time() - clock:.0f} s)"
     )
+    slipped = slipped_references(fresh[rollout_count:], cfg.seed)
+    trajectories += slipped
+    log(f"slipped references: {len(slipped)} trajectories, each ending at its one wrong step")
 
     prm = ProcessRewardModel(qwen2_config(cfg.prm, vocab)).to(device)
     prm.model.load_state_dict(prm_lm.model.state_dict())
