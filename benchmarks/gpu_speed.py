@@ -6,14 +6,16 @@ tokens (random text never writes the delimiter, so the step cap ends every step)
 threshold is calibrated so that 70% of draft steps are kept.
 
 Printed per batch size, in one run:
-- target-only: a lean greedy loop on the target with a KV cache (DynamicCache), same tokens, same batch;
+- target-only: the target alone through the same backend (`HFStepGenerator`, one call writing every token with its
+  KV cache, CUDA graphs on a GPU), same tokens, same batch; and, for reference, transformers' own forward in a
+  lean greedy loop on a `DynamicCache` (`target_only_hf`);
 - RSD: `StepwiseDecoder` with `HFStepGenerator` draft/target and the in-process PRM, its time split between
   draft, PRM, target and the controller (everything between model calls);
 - lock-step RSD: the same decoder whose three models forget every cache after each call, so each step re-reads
   the whole trajectory (the paper script's scheme, on the same backend);
 - the bound on RSD's speed-up, target-only / (draft + PRM + 0.3 x target), each term timed alone on the same work
-  (the draft and the PRM through lean loops like the target's), and a bandwidth-aware variant whose target term is
-  the target alone on the rows RSD actually gives it (see `target_rewrite_term`);
+  (the draft through the backend like the target, the PRM in a lean loop), and a bandwidth-aware variant whose
+  target term is the target alone on the rows RSD actually gives it (see `target_rewrite_term`);
 - peak GPU memory of each method.
 Timings: synchronised host clocks, a warm-up of every method first, medians over `--repeats` rounds.
 
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 
 from rsd.backends.hf import HFStepGenerator
+from rsd.backends.static_decode import DECODE_MODES
 from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, Trajectory, TrajectoryStats
 from rsd.hf_loading import CUDNN_ATTENTION_ENV
 from rsd.loop import Prompted, RunConfig, StepwiseDecoder
@@ -114,6 +117,9 @@ class BenchConfig:
     # for the lean loops here; "ab" adds the method `rsd_cudnn`: RSD with cuDNN allowed, side by side in every
     # round, which is how the backend's choice was measured.
     sdpa: str = "default"
+    # How the backend decodes (rsd.backends.static_decode): auto (CUDA graphs on a GPU), eager, static, graphs; "ab"
+    # runs auto and adds RSD and target-only through transformers' eager forward, side by side in every round.
+    decode: str = "auto"
     tiny: bool = False
 
     @property
@@ -251,6 +257,14 @@ class Models:
     target: HFStepGenerator
     prm: HFRewardModel
 
+    def eager(self) -> Models:
+        """The same models and caches-to-be, decoding through transformers' own forward."""
+        draft, target = (
+            HFStepGenerator.from_model(g.model, self.tokenizer, name=g.name, role=g.role, decode="eager")
+            for g in (self.draft, self.target)
+        )
+        return Models(self.tokenizer, draft, target, self.prm)
+
 
 def build_models(config: BenchConfig) -> Models:
     shapes = TINY_SHAPES if config.tiny else REAL_SHAPES
@@ -259,10 +273,11 @@ def build_models(config: BenchConfig) -> Models:
     draft = build_lm(shapes["draft"], tokenizer, config.device, dtype, config.seed)
     target = build_lm(shapes["target"], tokenizer, config.device, dtype, config.seed + 1)
     prm = build_prm(shapes["prm"], tokenizer, config.device, dtype, config.seed + 2, max(config.batches))
+    decode = "auto" if config.decode == "ab" else config.decode
     return Models(
         tokenizer,
-        HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft"),
-        HFStepGenerator.from_model(target, tokenizer, name="random-qwen2.5-math-7b", role="target"),
+        HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft", decode=decode),
+        HFStepGenerator.from_model(target, tokenizer, name="random-qwen2.5-math-7b", role="target", decode=decode),
         prm,
     )
 
@@ -330,6 +345,17 @@ def greedy_decode(model: Any, prompt_ids: torch.Tensor, new_tokens: int) -> torc
         token = model(input_ids=token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     return torch.cat(tokens, dim=1)
+
+
+def backend_decode(generator: HFStepGenerator, prompts: list[list[int]], new_tokens: int) -> list[StepOutput]:
+    """One model alone through the backend: one call per batch writing `new_tokens` per row (no delimiter), the
+    way RSD's own calls run, caches released after."""
+    run = next(RUN_IDS)
+    requests = [StepRequest(f"alone-{run}-{i}", ids, new_tokens) for i, ids in enumerate(prompts)]
+    try:
+        return generator.generate_steps(requests, StepParams(delimiter=""))
+    finally:
+        generator.release([request.key for request in requests])
 
 
 @torch.inference_mode()
@@ -492,19 +518,28 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
     log(f"batch {batch}: delta {delta:.6f} keeps {config.keep_share:.0%} of {scored} calibration rewards")
 
     prompts = prompt_tensor(models, problems, device)
+    prompt_ids = prompts.tolist()
     rewrite_rows = max(1, math.ceil((1.0 - config.keep_share) * batch))
     chunks = prm_chunks(models, problems, config, config.seed)
+    tokens = lambda steps: steps * config.step_tokens  # noqa: E731
     methods: dict[str, Callable[[int], Any]] = {
-        "target_only": lambda steps: greedy_decode(models.target.model, prompts, steps * config.step_tokens),
+        "target_only": lambda steps: backend_decode(models.target, prompt_ids, tokens(steps)),
+        "target_only_hf": lambda steps: greedy_decode(models.target.model, prompts, tokens(steps)),
         "rsd": lambda steps: run_decoder(
             rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
         ),
         "lockstep": lambda steps: run_decoder(
             rsd_decoder(models, run_config(config, batch, steps), delta, lockstep=True), fresh(problems, steps), device
         ),
-        "draft_alone": lambda steps: greedy_decode(models.draft.model, prompts, steps * config.step_tokens),
+        "draft_alone": lambda steps: backend_decode(models.draft, prompt_ids, tokens(steps)),
         "prm_alone": lambda steps: prm_scoring(models.prm, chunks[:steps]),
     }
+    if config.decode == "ab":
+        eager = models.eager()
+        methods["target_only_eager"] = lambda steps: backend_decode(eager.target, prompt_ids, tokens(steps))
+        methods["rsd_eager"] = lambda steps: run_decoder(
+            rsd_decoder(eager, run_config(config, batch, steps), delta), fresh(problems, steps), device
+        )
     if config.sdpa == "ab":
         methods["rsd_cudnn"] = lambda steps: with_cudnn_attention(
             lambda: run_decoder(
@@ -512,14 +547,14 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
             )
         )
     if rewrite_rows < batch:  # else it is target-only's work, already timed
-        methods["target_rewrite_rows"] = lambda steps: greedy_decode(
-            models.target.model, prompts[:rewrite_rows], steps * config.step_tokens
+        methods["target_rewrite_rows"] = lambda steps: backend_decode(
+            models.target, prompt_ids[:rewrite_rows], tokens(steps)
         )
     for work in methods.values():  # warm-up: kernels chosen, allocator grown, handles made
         timed(device, lambda work=work: work(min(config.warmup_steps, config.steps)))
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    runs: dict[str, list[DecodeRun]] = {"rsd": [], "lockstep": [], "rsd_cudnn": []}
+    runs: dict[str, list[DecodeRun]] = {"rsd": [], "lockstep": [], "rsd_cudnn": [], "rsd_eager": []}
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
         if round_index > 0 and config.deadline_s and time.perf_counter() - started > config.deadline_s:
@@ -602,7 +637,9 @@ def summarize_batch(
         "rsd_over_lockstep": t["lockstep"] / t["rsd"],
         "peak_memory_gib": peaks,
         "rounds": len(seconds["rsd"]),
+        "target_only_hf_over_backend": t["target_only_hf"] / t["target_only"],
         **cudnn_figures(t, runs.get("rsd_cudnn", [])),
+        **eager_figures(t, runs.get("rsd_eager", [])),
     }
 
 
@@ -615,6 +652,20 @@ def cudnn_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
         "rsd_cudnn_split_s": {role: median([r.split[role] for r in runs]) for role in runs[0].split},
         "rsd_cudnn_speedup": t["target_only"] / t["rsd_cudnn"],
         "rsd_over_rsd_cudnn": t["rsd_cudnn"] / t["rsd"],
+    }
+
+
+def eager_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
+    """With --decode ab: RSD and target-only through transformers' eager forward, and what the backend's
+    decode path gains over it."""
+    if not runs:
+        return {}
+    return {
+        "rsd_eager_s": t["rsd_eager"],
+        "rsd_eager_split_s": {role: median([r.split[role] for r in runs]) for role in runs[0].split},
+        "rsd_eager_speedup": t["target_only_eager"] / t["rsd_eager"],
+        "rsd_over_rsd_eager": t["rsd_eager"] / t["rsd"],
+        "target_only_over_eager": t["target_only_eager"] / t["target_only"],
     }
 
 
@@ -722,6 +773,7 @@ def environment(config: BenchConfig) -> dict:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "device": config.device,
+        "decode": config.decode,
     }
     if config.device.startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
@@ -772,12 +824,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         choices=("default", "no-cudnn", "ab"),
         help="no-cudnn: keep the lean loops off cuDNN too; ab: also time RSD with cuDNN allowed, side by side",
     )
+    parser.add_argument(
+        "--decode",
+        choices=(*DECODE_MODES, "ab"),
+        help="the backend's decode path (default auto: CUDA graphs on a GPU); ab: auto, plus RSD and target-only "
+        "through transformers' eager forward, side by side",
+    )
     parser.add_argument("--out", type=Path, help="folder for gpu_speed.json")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.batches:
         overrides["batches"] = tuple(args.batches)
-    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa"):
+    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_profile:
@@ -826,6 +884,17 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
     print(report["table"])
     print(goal_lines(report["results"]))
     for r in report["results"]:
+        t = r["seconds_median"]
+        print(
+            f"batch {r['batch']}: target-only {t['target_only']:.2f} s through the backend, "
+            f"{t['target_only_hf']:.2f} s in transformers' lean loop ({r['target_only_hf_over_backend']:.2f}x)"
+        )
+        if "rsd_eager_s" in r:
+            print(
+                f"batch {r['batch']}: eager decode: RSD {r['rsd_eager_s']:.2f} s, target-only "
+                f"{t['target_only_eager']:.2f} s; the decode path makes RSD {r['rsd_over_rsd_eager']:.2f}x and "
+                f"target-only {r['target_only_over_eager']:.2f}x faster"
+            )
         if "rsd_cudnn_s" in r:
             print(
                 f"batch {r['batch']}: RSD with cuDNN attention allowed {r['rsd_cudnn_s']:.2f} s; RSD as shipped "

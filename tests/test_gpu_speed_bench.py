@@ -16,6 +16,7 @@ import gpu_speed  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
 from rsd.core import TrajectoryStats  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def test_tiny_run_reports_every_method_and_figure(report):
         # Every RSD run wrote every token: no trajectory ended early at an EOS the random models might write.
         assert result["tokens_per_run"] == tokens
         assert result["rsd_tokens_checked"] == [tokens] * result["rounds"] and result["rounds"] == 2
-        methods = {"target_only", "rsd", "lockstep", "draft_alone", "prm_alone"}
+        methods = {"target_only", "target_only_hf", "rsd", "lockstep", "draft_alone", "prm_alone"}
         if result["batch"] > 1:  # one row: the rejected rows are target-only's row, not timed twice
             methods.add("target_rewrite_rows")
         assert set(result["seconds_median"]) == methods
@@ -59,6 +60,7 @@ def test_tiny_run_reports_every_method_and_figure(report):
         assert all(result["rsd_split_s"][role] > 0 for role in ("draft", "prm"))
         assert 0.0 < result["rsd_kept_share"] <= 1.0
         assert result["bound"] > 0 and result["bandwidth_bound"] > 0
+        assert result["target_only_hf_over_backend"] > 0
         assert result["speedup"] == pytest.approx(
             result["seconds_median"]["target_only"] / result["seconds_median"]["rsd"]
         )
@@ -116,3 +118,32 @@ def test_sdpa_ab_times_rsd_both_ways_side_by_side():
     assert result["rsd_over_rsd_cudnn"] == pytest.approx(result["rsd_cudnn_s"] / result["seconds_median"]["rsd"])
     assert set(result["rsd_cudnn_split_s"]) == {"draft", "prm", "target", "controller"}
     assert gpu_speed.CUDNN_ATTENTION_ENV not in os.environ  # the switch is put back
+
+
+def test_decode_ab_times_the_eager_path_side_by_side(monkeypatch):
+    # "auto" on the CPU is transformers' forward; the variable sends it through the static buffers instead, so the
+    # A/B compares two different paths here too.
+    monkeypatch.setenv(DECODE_ENV, "static")
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "2", "--decode", "ab"])
+    (result,) = report["results"]
+    t = result["seconds_median"]
+    assert {"rsd_eager", "target_only_eager"} <= set(t)
+    assert result["rsd_over_rsd_eager"] == pytest.approx(t["rsd_eager"] / t["rsd"])
+    assert result["target_only_over_eager"] == pytest.approx(t["target_only_eager"] / t["target_only"])
+    assert set(result["rsd_eager_split_s"]) == {"draft", "prm", "target", "controller"}
+    assert report["environment"]["decode"] == "ab"
+
+
+def test_every_method_writes_the_same_tokens_on_either_decode_path(monkeypatch):
+    config = gpu_speed.tiny_config()
+    models = gpu_speed.build_models(config)
+    problems = gpu_speed.make_problems(models.tokenizer, 3, config.prompt_tokens, seed=2, tag="same")
+    prompts = gpu_speed.prompt_tensor(models, problems, "cpu")
+    monkeypatch.setenv(DECODE_ENV, "static")
+    static = gpu_speed.build_models(config)
+    assert static.target.decode_mode == "static" and models.target.decode_mode == "eager"
+    lean = gpu_speed.greedy_decode(models.target.model, prompts, 10).tolist()
+    for generator in (models.target, static.target):
+        outputs = gpu_speed.backend_decode(generator, prompts.tolist(), 10)
+        assert [o.token_ids for o in outputs] == lean
+        assert not generator._caches  # released after the call

@@ -1,6 +1,8 @@
 """The transformers step generator against a plain reference: full forwards without a cache, argmax each token.
 
-Runs on the CPU in float32; RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
+Every test runs once per decode path (transformers' own forward, and the static KV buffers of
+`rsd.backends.static_decode`; with CUDA, also their CUDA graphs). Runs on the CPU in float32;
+RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
 """
 
 from __future__ import annotations
@@ -18,13 +20,22 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
 from rsd.core import RSDError, StepGenerator, StepOutput, StepParams, StepRequest, StopReason  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
+DECODE_PATHS = ["eager", "static"] + (["graphs"] if DEVICE.startswith("cuda") else [])
 ATTENTION_SHARPNESS = 8.0
 GREEDY = StepParams()
 hf_logging.disable_progress_bar()
 PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles per hour for", "Step 1:"]
+
+
+@pytest.fixture(autouse=True, params=DECODE_PATHS)
+def decode_path(request, monkeypatch) -> str:
+    """Every generator a test builds takes this decode path ("auto" reads the variable)."""
+    monkeypatch.setenv(DECODE_ENV, request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +105,10 @@ def assert_matches_reference(generator, prompt: list[int], outputs: list[StepOut
         prefix += tokens
 
 
-def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer):
+def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, decode_path):
     gen = load_generator(model_dir)
     assert isinstance(gen, StepGenerator)
+    assert gen.decode_mode == decode_path
     assert gen.role == "draft" and gen.name == str(model_dir)
     assert tokenizer.eos_token_id in gen.eos_token_ids
     total = sum(p.numel() for p in gen.model.parameters())

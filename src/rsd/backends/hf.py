@@ -27,6 +27,7 @@ from rsd.backends.kv import (
     select_rows,
     stack_row_caches,
 )
+from rsd.backends.static_decode import StaticDecoder, resolve_decode_mode
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -81,21 +82,28 @@ class HFStepGenerator:
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        decode: str = "auto",
     ) -> None:
+        """`decode` picks how tokens after a call's prefill run (`rsd.backends.static_decode`): "graphs" (CUDA
+        graphs over static KV buffers), "static" (the same buffers, no graphs), "eager" (transformers' forward
+        and `DynamicCache`), or "auto": graphs on CUDA for the Llama/Qwen layouts, eager otherwise."""
         source = check_model_source(model, role)
         device = resolve_device(device)
         tokenizer = load_tokenizer(source, role, trust_remote_code)
         lm = load_causal_lm(source, role, resolve_dtype(dtype, device), device, trust_remote_code)
-        self._attach(lm, tokenizer, name=model, role=role)
+        self._attach(lm, tokenizer, name=model, role=role, decode=decode)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, name: str | None = None, role: str = "draft") -> HFStepGenerator:
+    def from_model(
+        cls, model: Any, tokenizer: Any, name: str | None = None, role: str = "draft", decode: str = "auto"
+    ) -> HFStepGenerator:
         """Wrap an already loaded model and tokenizer (the model stays on its device and dtype)."""
         self = cls.__new__(cls)
-        self._attach(model, tokenizer, name=name or model.config.name_or_path or type(model).__name__, role=role)
+        name = name or model.config.name_or_path or type(model).__name__
+        self._attach(model, tokenizer, name=name, role=role, decode=decode)
         return self
 
-    def _attach(self, model: Any, tokenizer: Any, name: str, role: str) -> None:
+    def _attach(self, model: Any, tokenizer: Any, name: str, role: str, decode: str) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -112,6 +120,8 @@ class HFStepGenerator:
         self._logits_to_keep = "logits_to_keep" in forward_args
         self._caches: dict[Hashable, RowCache] = {}
         self._fingerprint: tuple[int, str] | None = None
+        self.decode_mode = resolve_decode_mode(decode, model, self.device)
+        self._static = StaticDecoder(model, self.decode_mode == "graphs") if self.decode_mode != "eager" else None
 
     # -- the StepGenerator interface ------------------------------------------------------------------------
 
@@ -147,7 +157,10 @@ class HFStepGenerator:
         if rows:
             with torch.inference_mode(), attention_without_cudnn(self.device):
                 batch, logits = self._prefill(rows)
-                self._decode(batch, logits, params, outputs)
+                if self._static is None:
+                    self._decode(batch, logits, params, outputs)
+                else:
+                    self._decode_static(batch, logits, params, outputs)
         return outputs  # type: ignore[return-value]
 
     # -- one call --------------------------------------------------------------------------------------------
@@ -187,6 +200,38 @@ class HFStepGenerator:
             if done:
                 batch = self._without(batch, done)
             logits = self._feed_last_tokens(batch)
+
+    def _decode_static(
+        self, batch: _Batch, logits: torch.Tensor, params: StepParams, outputs: list[StepOutput | None]
+    ) -> None:
+        """`_decode` over the static KV buffers: rows stay at their slot, finished ones are left to run idle
+        until few enough remain for a smaller row bucket."""
+        static = self._static
+        assert static is not None
+        rows = batch.rows
+        new_tokens = max(row.request.max_tokens for row in rows) - 1  # the last token is sampled, never fed
+        static.load(batch.cache, batch.mask, [len(row.request.prefix_ids) for row in rows], new_tokens)
+        batch.cache = None  # the arena holds the keys and values now
+        slots = list(range(len(rows)))
+        while True:
+            tokens = self._next_tokens(logits, rows, params)
+            live = []
+            for row, slot, token in zip(rows, slots, tokens, strict=True):
+                row.tokens.append(token)
+                row.stop = self._stop_reason(row, params)
+                if row.stop is None:
+                    live.append((row, slot, token))
+                else:
+                    ids = list(row.request.prefix_ids) + row.tokens[:-1]
+                    self._caches[row.request.key] = static.row_cache(slot, ids)
+                    outputs[row.index] = self._output(row)
+            if not live:
+                return
+            rows = [row for row, _, _ in live]
+            slots = static.keep([slot for _, slot, _ in live])
+            for row in rows:
+                row.context_sum += row.length
+            logits = static.step(slots, [token for _, _, token in live])
 
     def _feed_last_tokens(self, batch: _Batch) -> torch.Tensor:
         input_ids = torch.tensor([[row.tokens[-1]] for row in batch.rows])
@@ -253,6 +298,9 @@ class HFStepGenerator:
         ids = list(row.request.prefix_ids) + row.tokens[:-1]
         columns = batch.mask[b].nonzero().squeeze(-1)
         self._caches[row.request.key] = extract_row_cache(batch.cache, b, columns, ids)
+        return self._output(row)
+
+    def _output(self, row: _Row) -> StepOutput:
         return StepOutput(
             token_ids=row.tokens,
             text=self._decode_text(row.tokens),

@@ -1,0 +1,280 @@
+"""Decode forwards of Llama-family models over preallocated KV buffers, replayed as CUDA graphs on GPUs.
+
+An eager transformers forward is about 1,600 PyTorch operations; on a GPU host that is 16-30 ms of Python and
+kernel launches for 3-13 ms of GPU work (docs/benchmarks.md), so decoding one token at a time is bound by the
+host, not the GPU. This module runs the decode forward of the transformers backend with static shapes instead,
+so that it can be captured once per (rows, width) bucket as a CUDA graph and replayed with one launch:
+
+- one KV arena per generator: per layer, keys and values of [rows, kv_heads, width, head_dim], rows rounded up to
+  a power of two and width to `WIDTH_BUCKET` columns. A call's prefill (still an eager transformers forward)
+  fills it; each decoded token writes one column, the same column for every row (rows are right-aligned);
+- the write column, positions, input ids and the padding mask live in device buffers, so a replay needs no host
+  data, and the only host round trip per token is reading the sampled ids (which the stop checks need anyway);
+- grouped-query attention without copying keys: the query heads that share a key head are folded into the query
+  length (one decode token per row), so the keys and values are read once per key head.
+
+Supported: Llama, Mistral, Qwen2/2.5 and Qwen3 layouts with full attention and a rotary embedding that does not
+depend on the context length (default, linear, llama3, yarn). Anything else decodes through transformers' own
+forward (`decode="eager"`), which is also the default on the CPU, where there are no graphs to gain.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rsd.backends.kv import RowCache
+from rsd.core import RSDError
+
+DECODE_MODES = ("auto", "eager", "static", "graphs")
+DECODE_ENV = "RSD_DECODE"  # overrides what "auto" picks: eager, static or graphs
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+WIDTH_BUCKET = 256  # cache columns are allocated, and graphs captured, in multiples of this
+MAX_GRAPHS = 24  # captured graphs kept per generator (least recently used dropped first)
+
+
+def static_decode_problem(model: Any) -> str | None:
+    """Why `model` cannot decode over static buffers, or None when it can."""
+    config = model.config.get_text_config()
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    body = getattr(model, "model", None)
+    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if body is None or not all(hasattr(body, part) for part in parts) or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} does not have the usual decoder layout (model.layers, model.norm, lm_head)"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(kind != "full_attention" for kind in layer_types):
+            return "it has sliding-window attention layers"
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "it has sliding-window attention"
+    rope_type = str(getattr(body.rotary_emb, "rope_type", "default"))
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return f"its rotary embedding ({rope_type}) changes with the context length"
+    return None
+
+
+def resolve_decode_mode(mode: str, model: Any, device: str) -> str:
+    """The decode path a generator takes: "auto" is CUDA graphs on CUDA for a supported model, else eager."""
+    if mode not in DECODE_MODES:
+        raise RSDError(f"decode={mode!r} is not one of {', '.join(DECODE_MODES)}.")
+    if mode == "auto":
+        forced = os.environ.get(DECODE_ENV, "")
+        if forced:
+            if forced not in DECODE_MODES[1:]:
+                raise RSDError(f"{DECODE_ENV}={forced!r} is not one of eager, static, graphs; unset it or fix it.")
+            mode = forced
+        else:
+            cuda = device.startswith("cuda")
+            return "graphs" if cuda and static_decode_problem(model) is None else "eager"
+    if mode == "eager":
+        return mode
+    problem = static_decode_problem(model)
+    if problem is not None:
+        raise RSDError(f"decode={mode!r} cannot run {type(model).__name__}: {problem}; use decode='eager'.")
+    if mode == "graphs" and not device.startswith("cuda"):
+        raise RSDError(f"decode='graphs' needs a CUDA device, not {device}; use decode='static' or 'eager'.")
+    return mode
+
+
+def bucket_rows(rows: int) -> int:
+    """The next power of two: a batch that loses rows reuses a few graphs instead of one per size."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def bucket_width(columns: int) -> int:
+    return -(-columns // WIDTH_BUCKET) * WIDTH_BUCKET
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StaticDecoder:
+    """The KV arena of one model and its decode forward; one batch at a time.
+
+    `load` takes a prefilled batch (a transformers `DynamicCache` and its 0/1 mask), `step` decodes one token for
+    every row, `keep` drops finished rows, `row_cache` copies one row's real columns out.
+    """
+
+    def __init__(self, model: Any, use_graphs: bool) -> None:
+        config = model.config.get_text_config()
+        self.model = model
+        self.body = model.model
+        self.use_graphs = use_graphs
+        self.layers = int(config.num_hidden_layers)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        embedding = model.get_input_embeddings().weight
+        self.device, self.dtype = embedding.device, embedding.dtype
+        self.capacity = (0, 0)  # (rows, width) of the arena
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+        self.ids = torch.zeros((0, 1), dtype=torch.long, device=self.device)
+        self.positions = torch.zeros((0, 1), dtype=torch.long, device=self.device)
+        self.column = torch.zeros((1,), dtype=torch.long, device=self.device)  # the column the next token writes
+        self.rows = 0  # rows of the current batch (a bucket)
+        self.width = 0  # columns of the current batch (a bucket)
+        self.next_column = 0  # host copy of `column`
+        self._graphs: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor]] = OrderedDict()
+
+    # -- a batch ----------------------------------------------------------------------------------------------
+
+    def load(self, cache: Any, mask: torch.Tensor, positions: Sequence[int], new_tokens: int) -> None:
+        """Take over a prefilled batch: `cache` and `mask` cover its columns so far, `positions` is each row's
+        position of the first token to feed, `new_tokens` how many tokens the longest row may still feed."""
+        rows, used = mask.shape
+        self.rows, self.width = bucket_rows(rows), bucket_width(used + max(1, new_tokens))
+        self._reserve(self.rows, self.width)
+        for layer, (keys, values) in enumerate(cache_layers(cache)):
+            self.keys[layer][:rows, :, :used].copy_(keys)
+            self.values[layer][:rows, :, :used].copy_(values)
+        self.mask[: self.rows].zero_()
+        self.mask[:rows, :used].copy_(mask.bool())
+        self.positions[: self.rows].zero_()
+        self.positions[:rows, 0].copy_(torch.tensor(list(positions), dtype=torch.long))
+        self.ids[: self.rows].zero_()
+        self.column.fill_(used)
+        self.next_column = used
+
+    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed `tokens` to the rows at `slots` (other rows run on whatever they hold and are ignored); returns
+        the next-token logits (float32) of those rows, in order."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        self.ids[index, 0] = torch.tensor(list(tokens), dtype=torch.long).to(self.device)
+        logits = self._run()
+        self.positions[: self.rows] += 1
+        self.column += 1
+        self.next_column += 1
+        return logits.index_select(0, index)
+
+    def keep(self, slots: Sequence[int]) -> list[int]:
+        """Move the rows at `slots` to the front when that lets a smaller row bucket run; their new slots."""
+        rows = bucket_rows(len(slots))
+        if rows >= self.rows:
+            return list(slots)
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        columns = self.next_column
+        for tensors in (self.keys, self.values):
+            for tensor in tensors:
+                tensor[: len(slots), :, :columns] = tensor[:, :, :columns].index_select(0, index)
+        self.mask[: len(slots), :columns] = self.mask[:, :columns].index_select(0, index)
+        self.positions[: len(slots)] = self.positions.index_select(0, index)
+        self.rows = rows
+        return list(range(len(slots)))
+
+    def row_cache(self, slot: int, ids: list[int]) -> RowCache:
+        """The real columns of one row, copied out (so the arena can take the next batch)."""
+        columns = self.mask[slot, : self.next_column].nonzero().squeeze(-1)
+        if len(columns) != len(ids):
+            raise AssertionError(f"static cache bookkeeping: {len(columns)} cached columns for {len(ids)} tokens")
+        layers = [
+            (keys[slot : slot + 1, :, columns], values[slot : slot + 1, :, columns])
+            for keys, values in zip(self.keys, self.values, strict=True)
+        ]
+        return RowCache(ids, layers)
+
+    # -- buffers and graphs -------------------------------------------------------------------------------------
+
+    def _reserve(self, rows: int, width: int) -> None:
+        if rows <= self.capacity[0] and width <= self.capacity[1]:
+            return
+        rows, width = max(rows, self.capacity[0]), max(width, self.capacity[1])
+        self._graphs.clear()  # they read the old buffers
+        self.keys, self.values = [], []  # freed before the larger ones are made
+        shape = (rows, self.kv_heads, width, self.head_dim)
+        make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.keys = [make() for _ in range(self.layers)]
+        self.values = [make() for _ in range(self.layers)]
+        self.mask = torch.zeros((rows, width), dtype=torch.bool, device=self.device)
+        self.ids = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+        self.positions = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+        self.capacity = (rows, width)
+
+    def _run(self) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._forward(self.rows, self.width)
+        key = (self.rows, self.width)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(*key)
+            self._graphs[key] = entry
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, logits = entry
+        graph.replay()
+        return logits
+
+    def _capture(self, rows: int, width: int) -> tuple[Any, torch.Tensor]:
+        # A forward is idempotent for given buffers (it rewrites the same column with the same keys), so the
+        # warm-up run that capturing needs can use the live batch.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(rows, width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._forward(rows, width)
+        return graph, logits
+
+    def _forward(self, rows: int, width: int) -> torch.Tensor:
+        """One decode token for `rows` rows over `width` cache columns; the next-token logits in float32."""
+        mask = self.mask[:rows, :width]
+        mask.index_fill_(1, self.column, True)
+        bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+        bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)[:, None, None, :]
+        hidden = self.body.embed_tokens(self.ids[:rows])
+        cos, sin = self.body.rotary_emb(hidden, self.positions[:rows])
+        rotary = (cos[:, None], sin[:, None])  # [rows, 1, 1, head_dim]: broadcast over heads
+        for index, layer in enumerate(self.body.layers):
+            attention = self._attention(layer.self_attn, layer.input_layernorm(hidden), rotary, bias, index, width)
+            hidden = hidden + attention
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(self.body.norm(hidden))[:, -1].float()
+
+    def _attention(
+        self,
+        attn: Any,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        bias: torch.Tensor,
+        layer: int,
+        width: int,
+    ) -> torch.Tensor:
+        rows = x.shape[0]
+        query = attn.q_proj(x).view(rows, 1, self.heads, self.head_dim)
+        key = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim)
+        value = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cos, sin = rotary
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
+        keys = self.keys[layer][:rows, :, :width]
+        values = self.values[layer][:rows, :, :width]
+        keys.index_copy_(2, self.column, key)
+        values.index_copy_(2, self.column, value)
+        # Query head h reads key head h // groups: the heads of a group become the rows of one attention call.
+        grouped = query.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scale)
+        return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
+
+
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers `DynamicCache`, across the versions this package supports."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))

@@ -1,0 +1,209 @@
+"""The static-buffer decode path (`rsd.backends.static_decode`) against transformers' own forward.
+
+Each supported layout (Qwen2, Llama, Qwen3; grouped-query attention) decodes the same tokens with the same caches
+through both paths, across calls that reuse, roll back and outgrow the buffers, and while rows leave the batch.
+On CUDA (RSD_TEST_DEVICE=cuda) the CUDA-graph replay is checked the same way; float32 throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tiny import make_tokenizer  # noqa: E402
+
+from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.backends.static_decode import (  # noqa: E402
+    DECODE_ENV,
+    WIDTH_BUCKET,
+    bucket_rows,
+    resolve_decode_mode,
+    static_decode_problem,
+)
+from rsd.core import RSDError, StepParams, StepRequest  # noqa: E402
+
+DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
+FAST_PATHS = ["static"] + (["graphs"] if DEVICE.startswith("cuda") else [])
+PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles per hour for", "Step 1:", "So"]
+GREEDY = StepParams(delimiter="\n\n")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def build(kind: str, tokenizer, **overrides):
+    """A random model of one layout: 4 query heads over 2 key heads, sharpened so positions and masks matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
+    config_class, model_class = classes[kind]
+    fields = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**fields, **overrides})).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model.to(DEVICE)
+
+
+def trajectories(gen: HFStepGenerator, caps: list[int], steps: int, params: StepParams = GREEDY) -> list:
+    """Several calls over rows of different caps (rows leave the batch at different tokens), then a rollback."""
+    prefixes = {f"row{i}": gen.encode(text) for i, text in enumerate(PROMPTS)}
+    seen = []
+    for step in range(steps):
+        requests = [StepRequest(key, prefixes[key], cap + step) for key, cap in zip(prefixes, caps, strict=True)]
+        for request, out in zip(requests, gen.generate_steps(requests, params), strict=True):
+            prefixes[request.key] += out.token_ids
+            seen.append((request.key, out.token_ids, out.stop, out.prefill_tokens, out.context_sum))
+    # Every row drops its last three tokens (a rejected proposal) and writes one long step.
+    requests = [StepRequest(key, ids[:-3], 24) for key, ids in prefixes.items()]
+    for request, out in zip(requests, gen.generate_steps(requests, params), strict=True):
+        seen.append((request.key, out.token_ids, out.stop, out.prefill_tokens, out.context_sum))
+    return seen
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_fast_paths_decode_what_transformers_decodes(kind, path, tokenizer):
+    model = build(kind, tokenizer)
+    assert static_decode_problem(model) is None
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    fast = HFStepGenerator.from_model(model, tokenizer, decode=path)
+    caps = [2, 3, 9, 4, 12]
+    assert trajectories(fast, caps, steps=4) == trajectories(eager, caps, steps=4)
+    # Five rows start in a bucket of 8; when four have finished, the last one moves to a bucket of 1.
+    requests = [StepRequest(f"c{i}", fast.encode(text), 2 if i else 10) for i, text in enumerate(PROMPTS)]
+    no_delimiter = StepParams(delimiter="")
+    got, want = fast.generate_steps(requests, no_delimiter), eager.generate_steps(requests, no_delimiter)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert bucket_rows(5) == 8 and fast._static.rows == 1
+    sampling = StepParams(delimiter="\n\n", temperature=1.0, top_p=0.9, seed=7)
+    assert trajectories(fast, caps, 2, sampling) == trajectories(eager, caps, 2, sampling)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_buffers_grow_when_a_call_needs_more_columns(path, tokenizer):
+    model = build("qwen2", tokenizer)
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    fast = HFStepGenerator.from_model(model, tokenizer, decode=path)
+    no_delimiter = StepParams(delimiter="")
+    prompt = fast.encode(PROMPTS[2])
+    short = [StepRequest("a", prompt, 8), StepRequest("b", prompt[:4], 8)]
+    assert [o.token_ids for o in fast.generate_steps(short, no_delimiter)] == [
+        o.token_ids for o in eager.generate_steps(short, no_delimiter)
+    ]
+    assert fast._static.capacity == (2, WIDTH_BUCKET)
+    # The same trajectories go on past one bucket of columns: the buffers are made again, wider.
+    first = fast.generate_steps(short, no_delimiter)
+    longer = [
+        StepRequest(r.key, list(r.prefix_ids) + o.token_ids, WIDTH_BUCKET + 40)
+        for r, o in zip(short, first, strict=True)
+    ]
+    eager.generate_steps(short, no_delimiter)
+    got = fast.generate_steps(longer, no_delimiter)
+    want = eager.generate_steps(longer, no_delimiter)
+    assert [(o.token_ids, o.prefill_tokens, o.context_sum) for o in got] == [
+        (o.token_ids, o.prefill_tokens, o.context_sum) for o in want
+    ]
+    assert fast._static.capacity == (2, 2 * WIDTH_BUCKET)
+
+
+def test_logits_match_transformers_within_float_error(tokenizer):
+    model = build("qwen2", tokenizer)
+    gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    prompt = gen.encode(PROMPTS[0])
+    out = gen.generate_steps([StepRequest("a", prompt, 6)], StepParams(delimiter=""))[0]
+    ids = torch.tensor([prompt + out.token_ids[:-1]], device=DEVICE)
+    with torch.inference_mode():
+        reference = model(input_ids=ids).logits[0, len(prompt) - 1 :].float()
+    # Decode the same tokens again through the static buffers and compare every step's logits.
+    static = gen._static
+    cache = gen._caches["a"]
+    assert len(cache.ids) == len(prompt) + len(out.token_ids) - 1
+    gen.release(["a"])
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        prefill = DynamicCache()
+        first = model(input_ids=ids[:, : len(prompt)], cache=prefill, use_cache=True).logits[0, -1].float()
+        static.load(prefill, torch.ones((1, len(prompt)), dtype=torch.long), [len(prompt)], len(out.token_ids))
+        logits = [first] + [static.step([0], [token])[0] for token in out.token_ids[:-1]]
+    assert torch.allclose(torch.stack(logits), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
+def test_graphs_are_captured_once_per_shape(tokenizer):
+    model = build("qwen2", tokenizer)
+    gen = HFStepGenerator.from_model(model, tokenizer, decode="graphs")
+    prompt = gen.encode(PROMPTS[2])
+    requests = [StepRequest(f"k{i}", prompt, 10) for i in range(3)]
+    gen.generate_steps(requests, StepParams(delimiter=""))
+    graphs = dict(gen._static._graphs)
+    gen.release([r.key for r in requests])
+    gen.generate_steps(requests, StepParams(delimiter=""))
+    assert list(gen._static._graphs) == list(graphs)
+    assert all(gen._static._graphs[key] is graphs[key] for key in graphs)
+
+
+def test_unsupported_models_say_why_and_auto_falls_back(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    sliding = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            sliding_window=16,
+        )
+    )
+    assert "sliding-window" in static_decode_problem(sliding)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
+    assert "'gpt2' is not one of" in static_decode_problem(gpt2)
+    with pytest.raises(RSDError, match="decode='static' cannot run MistralForCausalLM: .*sliding-window.*'eager'"):
+        resolve_decode_mode("static", sliding, "cpu")
+    assert resolve_decode_mode("auto", sliding, "cuda") == "eager"
+    assert resolve_decode_mode("auto", gpt2, "cuda") == "eager"
+
+
+def test_auto_keeps_the_cpu_on_transformers_and_checks_its_inputs(tokenizer, monkeypatch):
+    model = build("qwen2", tokenizer).cpu()
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    assert resolve_decode_mode("auto", model, "cpu") == "eager"
+    assert resolve_decode_mode("auto", model, "cuda:0") == "graphs"
+    with pytest.raises(RSDError, match="decode='graphs' needs a CUDA device, not cpu"):
+        resolve_decode_mode("graphs", model, "cpu")
+    with pytest.raises(RSDError, match="decode='fast' is not one of auto, eager, static, graphs"):
+        resolve_decode_mode("fast", model, "cpu")
+    monkeypatch.setenv(DECODE_ENV, "static")
+    assert resolve_decode_mode("auto", model, "cpu") == "static"
+    monkeypatch.setenv(DECODE_ENV, "quick")
+    with pytest.raises(RSDError, match="RSD_DECODE='quick' is not one of eager, static, graphs"):
+        resolve_decode_mode("auto", model, "cpu")
