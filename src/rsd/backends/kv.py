@@ -1,15 +1,18 @@
 """Per-trajectory KV caches for the transformers backend: keep, trim, stack into one batch, split back.
 
-Between calls each trajectory owns its keys and values as plain tensors of batch size 1. A call stacks the rows
-it serves into one `DynamicCache`, right-aligned (padding columns on the left, masked out), so that one batched
-forward can append the new tails and decoded tokens of every row at the same columns. When a row finishes, its
-real columns are copied back out. Both moves cost one copy of the rows' caches: linear, and simple.
+Between calls each trajectory owns its keys and values as one tensor, every layer stacked: [layers, 2 (keys,
+values), kv_heads, tokens, head_dim]. A call stacks the rows it serves into one `DynamicCache`, right-aligned
+(padding columns on the left, masked out), so that one batched forward can append the new tails and decoded tokens
+of every row at the same columns. When a row finishes, its real columns are copied back out. Both moves cost one
+copy of the rows' caches, in a number of tensor operations that grows with rows plus layers, not rows times layers
+(at 64 rows and 28 layers, per-layer copies were thousands of launches per call).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -20,11 +23,11 @@ class RowCache:
     """The keys and values one trajectory holds between calls."""
 
     ids: list[int]  # the tokens whose keys and values are held, in order
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values): [1, kv_heads, len(ids), dim]
+    kv: torch.Tensor  # [layers, 2, kv_heads, len(ids), head_dim]: keys ([:, 0]) and values ([:, 1]) of every layer
 
     def trimmed(self, length: int) -> RowCache:
         """The first `length` tokens: how a discarded proposal (or anything past a divergence) is dropped."""
-        return RowCache(self.ids[:length], [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers])
+        return RowCache(self.ids[:length], self.kv[:, :, :, :length])
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -35,32 +38,54 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def stack_kv(rows: Sequence[torch.Tensor | None], width: int) -> torch.Tensor | None:
+    """[layers, 2, rows, kv_heads, width, head_dim]: row i's tokens fill its last columns, zeros before them."""
+    present = [kv for kv in rows if kv is not None and kv.shape[3] > 0]
+    if width == 0 or not present:
+        return None
+    layers, _, heads, _, dim = present[0].shape
+    batch = present[0].new_zeros((layers, 2, len(rows), heads, width, dim))
+    for b, kv in enumerate(rows):
+        if kv is not None and kv.shape[3] > 0:
+            batch[:, :, b, :, width - kv.shape[3] :] = kv
+    return batch
+
+
+def dynamic_cache(batch: torch.Tensor | None) -> DynamicCache:
+    """A `DynamicCache` over a stacked batch (empty for None)."""
+    cache = DynamicCache()
+    if batch is not None:
+        for layer in range(batch.shape[0]):
+            cache.update(batch[layer, 0], batch[layer, 1], layer)
+    return cache
+
+
 def stack_row_caches(rows: Sequence[RowCache | None], width: int) -> DynamicCache:
     """One batch cache of `width` columns; row i's tokens fill its last columns, the rest is masked padding."""
-    cache = DynamicCache()
-    present = [row for row in rows if row is not None and row.ids]
-    if width == 0 or not present:
-        return cache
-    for layer, (k0, v0) in enumerate(present[0].layers):
-        keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
-        values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
-        for b, row in enumerate(rows):
-            if row is not None and row.ids:
-                k, v = row.layers[layer]
-                keys[b, :, width - k.shape[2] :] = k[0]
-                values[b, :, width - v.shape[2] :] = v[0]
-        cache.update(keys, values, layer)
-    return cache
+    return dynamic_cache(stack_kv([row.kv if row is not None else None for row in rows], width))
+
+
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers `DynamicCache`, across the versions this package supports."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def stacked_layers(cache: Any) -> torch.Tensor:
+    """The whole batch cache as one tensor [layers, 2, rows, kv_heads, columns, head_dim] (one copy), so that each
+    row comes out of it in one operation."""
+    return torch.stack([torch.stack(pair) for pair in cache_layers(cache)])
 
 
 def extract_row_cache(cache: DynamicCache, row: int, columns: torch.Tensor, ids: list[int]) -> RowCache:
     """Row `row`'s real `columns` of a batch cache (indexing copies, so the batch tensors can be freed)."""
     if len(columns) != len(ids):
         raise AssertionError(f"cache bookkeeping: {len(columns)} cached columns for {len(ids)} tokens")
-    layers = [
-        (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns]) for layer in cache.layers
-    ]
-    return RowCache(ids, layers)
+    kv = torch.stack(
+        [torch.stack((keys[row, :, columns], values[row, :, columns])) for keys, values in cache_layers(cache)]
+    )
+    return RowCache(ids, kv)
 
 
 def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:

@@ -5,8 +5,8 @@ kernel launches for 3-13 ms of GPU work (docs/benchmarks.md), so decoding one to
 host, not the GPU. This module runs the decode forward of the transformers backend with static shapes instead,
 so that it can be captured once per (rows, width) bucket as a CUDA graph and replayed with one launch:
 
-- one KV arena per generator: per layer, keys and values of [rows, kv_heads, width, head_dim], rows rounded up to
-  a power of two and width to `WIDTH_BUCKET` columns. A call's prefill (still an eager transformers forward)
+- one KV arena per generator, [layers, 2 (keys, values), rows, kv_heads, width, head_dim], rows rounded up to a
+  power of two and width to `WIDTH_BUCKET` columns. A call's prefill (still an eager transformers forward)
   fills it; each decoded token writes one column, the same column for every row (rows are right-aligned);
 - the write column, positions, input ids and the padding mask live in device buffers, so a replay needs no host
   data, and the only host round trip per token is reading the sampled ids (which the stop checks need anyway);
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rsd.backends.kv import RowCache
+from rsd.backends.kv import RowCache, cache_layers
 from rsd.core import RSDError
 
 DECODE_MODES = ("auto", "eager", "static", "graphs")
@@ -116,8 +116,7 @@ class StaticDecoder:
         embedding = model.get_input_embeddings().weight
         self.device, self.dtype = embedding.device, embedding.dtype
         self.capacity = (0, 0)  # (rows, width) of the arena
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.kv = torch.zeros((0,), dtype=self.dtype, device=self.device)  # the arena, made by `_reserve`
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
         self.ids = torch.zeros((0, 1), dtype=torch.long, device=self.device)
         self.positions = torch.zeros((0, 1), dtype=torch.long, device=self.device)
@@ -136,8 +135,8 @@ class StaticDecoder:
         self.rows, self.width = bucket_rows(rows), bucket_width(used + max(1, new_tokens))
         self._reserve(self.rows, self.width)
         for layer, (keys, values) in enumerate(cache_layers(cache)):
-            self.keys[layer][:rows, :, :used].copy_(keys)
-            self.values[layer][:rows, :, :used].copy_(values)
+            self.kv[layer, 0, :rows, :, :used].copy_(keys)
+            self.kv[layer, 1, :rows, :, :used].copy_(values)
         self.mask[: self.rows].zero_()
         self.mask[:rows, :used].copy_(mask.bool())
         self.positions[: self.rows].zero_()
@@ -164,9 +163,7 @@ class StaticDecoder:
             return list(slots)
         index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         columns = self.next_column
-        for tensors in (self.keys, self.values):
-            for tensor in tensors:
-                tensor[: len(slots), :, :columns] = tensor[:, :, :columns].index_select(0, index)
+        self.kv[:, :, : len(slots), :, :columns] = self.kv[:, :, :, :, :columns].index_select(2, index)
         self.mask[: len(slots), :columns] = self.mask[:, :columns].index_select(0, index)
         self.positions[: len(slots)] = self.positions.index_select(0, index)
         self.rows = rows
@@ -177,11 +174,7 @@ class StaticDecoder:
         columns = self.mask[slot, : self.next_column].nonzero().squeeze(-1)
         if len(columns) != len(ids):
             raise AssertionError(f"static cache bookkeeping: {len(columns)} cached columns for {len(ids)} tokens")
-        layers = [
-            (keys[slot : slot + 1, :, columns], values[slot : slot + 1, :, columns])
-            for keys, values in zip(self.keys, self.values, strict=True)
-        ]
-        return RowCache(ids, layers)
+        return RowCache(ids, self.kv[:, :, slot].index_select(3, columns))
 
     # -- buffers and graphs -------------------------------------------------------------------------------------
 
@@ -190,11 +183,9 @@ class StaticDecoder:
             return
         rows, width = max(rows, self.capacity[0]), max(width, self.capacity[1])
         self._graphs.clear()  # they read the old buffers
-        self.keys, self.values = [], []  # freed before the larger ones are made
-        shape = (rows, self.kv_heads, width, self.head_dim)
-        make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        self.keys = [make() for _ in range(self.layers)]
-        self.values = [make() for _ in range(self.layers)]
+        self.kv = torch.zeros((0,), dtype=self.dtype, device=self.device)  # freed before the larger one is made
+        shape = (self.layers, 2, rows, self.kv_heads, width, self.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.mask = torch.zeros((rows, width), dtype=torch.bool, device=self.device)
         self.ids = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
@@ -262,8 +253,8 @@ class StaticDecoder:
         cos, sin = rotary
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
-        keys = self.keys[layer][:rows, :, :width]
-        values = self.values[layer][:rows, :, :width]
+        keys = self.kv[layer, 0, :rows, :, :width]
+        values = self.kv[layer, 1, :rows, :, :width]
         keys.index_copy_(2, self.column, key)
         values.index_copy_(2, self.column, value)
         # Query head h reads key head h // groups: the heads of a group become the rows of one attention call.
@@ -271,10 +262,3 @@ class StaticDecoder:
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scale)
         return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
-
-
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers `DynamicCache`, across the versions this package supports."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))

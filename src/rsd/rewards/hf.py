@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rsd.backends.kv import common_prefix_length
+from rsd.backends.kv import common_prefix_length, dynamic_cache, stack_kv, stacked_layers
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -42,13 +42,12 @@ from rsd.rewards.formats import (
 )
 
 Head = Callable[[Tensor], Tensor]  # hidden states [n, hidden] -> rewards [n], float32 in [0, 1]
-KV = list[tuple[Tensor, Tensor]]  # per layer: keys and values [1, kv_heads, tokens, head_dim]
 
 
 @dataclass
 class CachedPrefix:
     ids: list[int]
-    kv: KV
+    kv: Tensor  # [layers, 2 (keys, values), kv_heads, len(ids), head_dim]
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Row:
 
     key: Hashable
     ids: list[int]
-    past: KV  # already cut to `past_len` tokens
+    past: Tensor | None  # the cached keys and values, already cut to `past_len` tokens
     past_len: int
 
     @property
@@ -131,11 +130,10 @@ class HFRewardModel:
         self.check_length(len(ids))
         cached = self.prefixes.get(key)
         if cached is None:
-            return Row(key, ids, [], 0)
+            return Row(key, ids, None, 0)
         # Keep at least the last token to run: its hidden state gives the reward and is not cached.
         keep = min(common_prefix_length(cached.ids, ids), len(ids) - 1)
-        past = [(k[:, :, :keep], v[:, :, :keep]) for k, v in cached.kv] if keep else []
-        return Row(key, ids, past, keep)
+        return Row(key, ids, cached.kv[:, :, :, :keep] if keep else None, keep)
 
     def check_length(self, length: int) -> None:
         if self.max_positions and length > self.max_positions and not self.warned_long_input:
@@ -163,13 +161,12 @@ class HFRewardModel:
         last = torch.tensor([len(r.tail) - 1 for r in rows], device=self.device)
         hidden = out.last_hidden_state[torch.arange(len(rows), device=self.device), last]
         rewards = self.head(hidden).float().tolist()
-        layers = cache_layers(cache)  # updated in place by the forward pass
+        batch_kv = stacked_layers(cache)  # updated in place by the forward pass; one copy, one slice per row
         results = []
         for i, (row, reward) in enumerate(zip(rows, rewards, strict=True)):
             start, end = past_width - row.past_len, past_width + len(row.tail)
             # Clone, so the row's cache owns its memory instead of pinning the whole padded batch.
-            kv = [(k[i : i + 1, :, start:end].clone(), v[i : i + 1, :, start:end].clone()) for k, v in layers]
-            self.prefixes[row.key] = CachedPrefix(row.ids, kv)
+            self.prefixes[row.key] = CachedPrefix(row.ids, batch_kv[:, :, i, :, start:end].clone())
             tokens = len(row.tail)
             # Token j of the tail attends to past_len + j + 1 positions (itself included).
             context_sum = tokens * row.past_len + tokens * (tokens + 1) // 2
@@ -192,28 +189,7 @@ class HFRewardModel:
     def batch_cache(self, rows: list[Row], past_width: int) -> Any:
         """One DynamicCache for the batch, each row's prefix right-aligned to `past_width`. Keys were rotated at
         their true positions when cached, so moving them to other slots changes nothing."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        if past_width == 0:
-            return cache
-        donor = next(r for r in rows if r.past_len)
-        for layer, (k0, v0) in enumerate(donor.past):
-            keys = k0.new_zeros((len(rows), k0.shape[1], past_width, k0.shape[3]))
-            values = v0.new_zeros((len(rows), v0.shape[1], past_width, v0.shape[3]))
-            for i, row in enumerate(rows):
-                if row.past_len:
-                    keys[i, :, past_width - row.past_len :] = row.past[layer][0][0]
-                    values[i, :, past_width - row.past_len :] = row.past[layer][1][0]
-            cache.update(keys, values, layer)
-        return cache
-
-
-def cache_layers(cache: Any) -> KV:
-    """(keys, values) per layer of a DynamicCache, across transformers versions."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+        return dynamic_cache(stack_kv([row.past for row in rows], past_width))
 
 
 # ---- heads ----------------------------------------------------------------------------------------------------
