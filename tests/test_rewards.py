@@ -301,3 +301,41 @@ def test_callable_reward_refuses_what_is_not_a_reward(value):
     reward = CallableReward(lambda q, s: value, name="rule")
     with pytest.raises(RSDError, match="reward function rule"):
         reward.score_steps([RewardRequest("a", "q", ["s"])])
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer that marks only the first word of an input (Metaspace, prepend "first")."""
+    from tiny import CORPUS, QWEN_CHAT_TEMPLATE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.train_from_iterator(CORPUS * 5, trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", eos_token="<|endoftext|>", additional_special_tokens=specials[2:]
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_qwen_prm_input_tokenizes_each_step_once_and_equals_the_whole_text(kind):
+    from tiny import make_tokenizer
+
+    from rsd.rewards.formats import QwenPRMInput
+
+    tokenizer = make_tokenizer() if kind == "byte-level" else metaspace_tokenizer()
+    builder = QwenPRMInput(tokenizer)
+    # Byte-level BPE tokenizes the text after a special token on its own; Metaspace "first" does not, so that
+    # tokenizer must take the whole-text path.
+    assert builder.incremental == (kind == "byte-level")
+    steps = ["Step 1: 3 + 4 = 7.", " so x = 7\n\n", "\n\nThen  12 - 5 = 7.", "7", " The answer is 7."]
+    for question in (QUESTION, " What is 12 - 5?\n"):
+        for n in range(1, len(steps) + 1):
+            whole = tokenizer.encode(builder.render(question, steps[:n]), add_special_tokens=False)
+            assert builder.build_ids(question, steps[:n]) == whole
+    if builder.incremental:  # each text was tokenized once: a head per question, and the later steps (shared)
+        assert len(builder.heads) == 2 and len(builder.encode_piece.memo) == 2 + len(steps) - 1

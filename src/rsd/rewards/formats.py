@@ -156,24 +156,59 @@ class SkyworkInput:
 class QwenPRMInput:
     """Qwen2.5-Math-PRM: its chat template with the fixed system prompt, the question as the user turn and the
     assistant turn `"<extra_0>".join(steps) + "<extra_0>"`; rewards sit at the `<extra_0>` tokens. The input stops
-    at the last `<extra_0>`: the turn's `<|im_end|>` cannot change a causal score."""
+    at the last `<extra_0>`: the turn's `<|im_end|>` cannot change a causal score.
+
+    A trajectory sends all its steps at every call. Tokenizers split special tokens out before anything else, so
+    the text after each `<extra_0>` tokenizes on its own: the head (template, question, first step) and each later
+    step are tokenized once and remembered. A tokenizer for which that split does not hold (checked once, on
+    probes) gets the whole text tokenized at every call instead."""
 
     def __init__(self, tokenizer: Any):
         if not getattr(tokenizer, "chat_template", None):
             raise RSDError("the Qwen PRM tokenizer has no chat template; check the checkpoint or --prm-format.")
         self.tokenizer = tokenizer
         self.tag_id = special_token_id(tokenizer, QWEN_PRM_STEP_TAG, "qwen-prm")
+        self.encode_piece = PieceEncoder(tokenizer)
+        self.heads: dict[tuple[str, str], str] = {}  # (question, first step) -> the rendered text up to its tag
+        self.incremental = splits_at_special_token(tokenizer, QWEN_PRM_STEP_TAG, self.tag_id)
 
     def build_ids(self, question: str, steps: Sequence[str]) -> list[int]:
         require_steps(steps)
+        if not self.incremental:
+            return encode(self.tokenizer, self.render(question, steps))
+        ids = list(self.encode_piece(self.head(question, steps[0])))
+        for step in steps[1:]:
+            ids.extend(self.encode_piece(step))
+            ids.append(self.tag_id)
+        return ids
+
+    def render(self, question: str, steps: Sequence[str]) -> str:
         messages = [
             {"role": "system", "content": QWEN_PRM_SYSTEM_PROMPT},
             {"role": "user", "content": question},
             {"role": "assistant", "content": QWEN_PRM_STEP_TAG.join(steps) + QWEN_PRM_STEP_TAG},
         ]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        text = text[: text.rfind(QWEN_PRM_STEP_TAG) + len(QWEN_PRM_STEP_TAG)]
-        return encode(self.tokenizer, text)
+        return text[: text.rfind(QWEN_PRM_STEP_TAG) + len(QWEN_PRM_STEP_TAG)]
+
+    def head(self, question: str, first_step: str) -> str:
+        key = (question, first_step)
+        text = self.heads.pop(key, None) or self.render(question, [first_step])
+        if len(self.heads) >= self.encode_piece.size:
+            del self.heads[next(iter(self.heads))]
+        self.heads[key] = text
+        return text
+
+
+def splits_at_special_token(tokenizer: Any, token: str, token_id: int) -> bool:
+    """Whether text after `token` tokenizes as if on its own (a SentencePiece tokenizer that marks only the first
+    word of an input, for one, does not)."""
+    probes = ["Step 2: x = 3", " so y = 4", "\n\nThen 5", "  12"]
+    head = f"Q: 1 + 1?\nStep 1{token}"
+    head_ids = encode(tokenizer, head)
+    return head_ids[-1:] == [token_id] and all(
+        encode(tokenizer, head + probe + token) == head_ids + encode(tokenizer, probe) + [token_id] for probe in probes
+    )
 
 
 class MathShepherdInput:
