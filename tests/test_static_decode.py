@@ -207,3 +207,18 @@ def test_auto_keeps_the_cpu_on_transformers_and_checks_its_inputs(tokenizer, mon
     monkeypatch.setenv(DECODE_ENV, "quick")
     with pytest.raises(RSDError, match="RSD_DECODE='quick' is not one of eager, static, graphs"):
         resolve_decode_mode("auto", model, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where capturing a CUDA graph fails")
+def test_a_failed_capture_warns_once_and_decodes_without_graphs(tokenizer):
+    from rsd.backends.static_decode import StaticDecoder
+
+    model = build("qwen2", tokenizer).cpu()
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    fast = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    fast._static = StaticDecoder(model, use_graphs=True)  # as on a GPU; capturing fails here, with no CUDA
+    requests = [StepRequest(f"f{i}", fast.encode(text), 6) for i, text in enumerate(PROMPTS[:3])]
+    with pytest.warns(UserWarning, match="CUDA graph capture failed .* decodes without graphs"):
+        got = fast.generate_steps(requests, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in eager.generate_steps(requests, GREEDY)]
+    assert fast._static.use_graphs is False

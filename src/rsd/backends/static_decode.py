@@ -21,6 +21,7 @@ forward (`decode="eager"`), which is also the default on the CPU, where there ar
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -197,7 +198,17 @@ class StaticDecoder:
         key = (self.rows, self.width)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(*key)
+            try:
+                entry = self._capture(*key)
+            except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
+                warnings.warn(
+                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); this model decodes without graphs "
+                    "from now on (decode='static').",
+                    stacklevel=2,
+                )
+                self.use_graphs = False
+                self._graphs.clear()
+                return self._forward(self.rows, self.width)
             self._graphs[key] = entry
             while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
@@ -209,14 +220,15 @@ class StaticDecoder:
     def _capture(self, rows: int, width: int) -> tuple[Any, torch.Tensor]:
         # A forward is idempotent for given buffers (it rewrites the same column with the same keys), so the
         # warm-up run that capturing needs can use the live batch.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(rows, width)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._forward(rows, width)
+        with torch.cuda.device(self.device):  # a model on cuda:1 captures there, whatever the current device
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(rows, width)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(rows, width)
         return graph, logits
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
