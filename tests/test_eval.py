@@ -83,6 +83,7 @@ def test_every_method_runs_in_one_table(setup):
     assert by_name["draft"]["flops"]["target"] == 0 and by_name["draft"]["target_step_share"] == 0
     assert by_name["rsd"]["flops"]["prm"] > 0
     assert by_name["best-of-n"]["flops"]["prm"] > 0  # the PRM ranked the samples
+    assert by_name["best-of-n"]["wall_time_by_model_s"]["prm"] > 0  # and its time counts in the method's
     assert by_name["majority"]["flops"]["prm"] == 0
     assert 0.0 <= by_name["sd"]["speculative"]["token_acceptance_rate"] <= 1.0
     for name in ("records.jsonl", "summary.json", "report.md", "config.json"):
@@ -153,3 +154,17 @@ def test_sweep_writes_a_table_and_a_plot(setup):
     assert by_label["rsd[threshold,delta=1.01]"]["target_step_share"] == 1.0
     png = out / "tradeoff.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_sweep_plot_labels_drop_shared_parts_and_crowded_points():
+    from rsd.eval.report import legible_labels, short_labels
+
+    sweep = [
+        {"method": f"rsd[threshold,delta={d}]", "accuracy": a, "flops_vs_target": f}
+        for d, a, f in [(0.1, 0.98, 0.470), (0.3, 0.98, 0.475), (0.7, 0.99, 0.58), (0.95, 0.995, 0.96)]
+    ]
+    assert short_labels(sweep) == ["delta=0.1", "delta=0.3", "delta=0.7", "delta=0.95"]
+    assert short_labels([{"method": "rsd", "label": "sigmoid,alpha=10"}]) == ["sigmoid,alpha=10"]
+    points = [(s["flops_vs_target"], s["accuracy"]) for s in sweep] + [(1.0, 1.0), (0.1, 0.55)]
+    drawn = [text for _, text in legible_labels(sweep, "flops_vs_target", points)]
+    assert drawn == ["delta=0.1", "delta=0.7", "delta=0.95"]  # 0.3 sits on top of 0.1: marker only

@@ -280,6 +280,9 @@ def format_prms(tmp_path_factory):
         fmt: start_vllm_server(folders[fmt], log_dir=root, extra_args=["--enable-prompt-tokens-details", *args])
         for fmt, args in FORMAT_SERVE_ARGS.items()
     }
+    # The same token-classification PRM on /pooling with ALL pooling: the route of older clients (route="all").
+    every_token = ["--pooler-config", json.dumps({"task": "token_classify"})]
+    started["all"] = start_vllm_server(folders["token-classification"], log_dir=root, extra_args=every_token)
     with serving(started) as servers:
         yield folders, servers
 
@@ -308,6 +311,19 @@ class TestServedPRMFormats:
         before, after = (len(served.builder.build_ids(question, s)) for s in (steps[:-1], steps))
         assert reused >= (before // BLOCK_SIZE - 1) * BLOCK_SIZE > 0  # every full block of the last input but one
         assert after - second.prefill_tokens == (reused if served.route == "next-token" else 0)
+
+    def test_the_all_pooling_route_gives_the_same_rewards_and_reruns_every_token(self, format_prms):
+        folders, servers = format_prms
+        served = ServedRewardModel(servers["all"].url, route="all")
+        assert (served.prm_format, served.route) == ("token-classification", "all")
+        assert_served_rewards_match(served, load_prm(str(folders["token-classification"]), device="cpu"))
+        question, steps = QUESTIONS[2], [f"Step {k}: {k} * 2 = {2 * k}." for k in range(1, 5)]
+        [first] = served.score_steps([RewardRequest("all", question, steps[:-1])])
+        [second] = served.score_steps([RewardRequest("all", question, steps)])
+        # No prefix cache on this route: each call computes its whole input, which is why rsd defaults to /classify.
+        assert second.prefill_tokens == len(served.builder.build_ids(question, steps)) > first.prefill_tokens
+        with pytest.raises(RSDError, match="route 'all': only 'all', and only for skywork or token-classification"):
+            ServedRewardModel(servers["math-shepherd"].url, route="all")
 
     def test_a_prm_server_of_another_kind_fails_at_start_with_its_serve_line(self, format_prms):
         folders, servers = format_prms

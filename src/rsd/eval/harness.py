@@ -17,6 +17,7 @@ Every method has the same signature, `method(ctx, spec, problems, emit)`, and si
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,11 +192,13 @@ def score_all_steps(ctx: EvalContext, samples: list[Trajectory], stats: Trajecto
     keys = [f"score|{t.key}" for t in samples]
     for k in range(1, max((len(s) for s in steps), default=0) + 1):
         rows = [j for j, s in enumerate(steps) if len(s) >= k]
+        start = time.perf_counter()
         outputs = prm.score_steps([RewardRequest(keys[j], samples[j].question, steps[j][:k]) for j in rows])
+        seconds = (time.perf_counter() - start) / len(rows)  # one batched call: each row its share
         for j, out in zip(rows, outputs, strict=True):
             rewards[j].append(out.reward)
             flops = prm.cost.flops(out.prefill_tokens, out.context_sum)
-            stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, 0.0, 1))
+            stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 1))
             stats.prm_tokens += out.prefill_tokens
     prm.release(keys)
     return rewards

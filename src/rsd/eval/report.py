@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,14 +121,9 @@ def plot_tradeoff(summaries: Sequence[dict], path: str | Path, title: str = "") 
         sweep = [s for s in summaries if s["method"] not in ("target", "draft") and s.get(key) is not None]
         if sweep:
             ax.plot([s[key] for s in sweep], [s["accuracy"] for s in sweep], "o-", color="tab:blue", label="RSD")
-            for s in sweep:
-                ax.annotate(
-                    s.get("label", s["method"]),
-                    (s[key], s["accuracy"]),
-                    fontsize=7,
-                    textcoords="offset points",
-                    xytext=(3, 3),
-                )
+            points = [(s[key], s["accuracy"]) for s in summaries if s.get(key) is not None]
+            for (x, y), text in legible_labels(sweep, key, points):
+                ax.annotate(text, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         for name, marker, color in (("target", "*", "tab:red"), ("draft", "s", "tab:green")):
             ref = next((s for s in summaries if s["method"] == name and s.get(key) is not None), None)
             if ref:
@@ -143,3 +139,28 @@ def plot_tradeoff(summaries: Sequence[dict], path: str | Path, title: str = "") 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def short_labels(summaries: Sequence[dict]) -> list[str]:
+    """Each point's label without the parts every point shares ("threshold,delta=0.7" -> "delta=0.7")."""
+    names = [s.get("label") or s["method"].removeprefix("rsd[").removesuffix("]") for s in summaries]
+    parts = [name.split(",") for name in names]
+    shared = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
+    return [",".join(part for part in p if part not in shared) or ",".join(p) for p in parts]
+
+
+def legible_labels(
+    sweep: Sequence[dict], key: str, points: Sequence[tuple[float, float]], spacing: float = 0.06
+) -> list[tuple[tuple[float, float], str]]:
+    """The labels to draw: a point closer than `spacing` (a share of the axes' span) to one already labelled
+    keeps its marker but not its text, so a dense sweep stays readable."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    drawn: list[tuple[float, float]] = []
+    chosen = []
+    for s, text in sorted(zip(sweep, short_labels(sweep), strict=True), key=lambda pair: pair[0][key]):
+        x, y = s[key], s["accuracy"]
+        if all(math.hypot((x - a) / span_x, (y - b) / span_y) >= spacing for a, b in drawn):
+            drawn.append((x, y))
+            chosen.append(((x, y), text))
+    return chosen
