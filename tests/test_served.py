@@ -260,6 +260,25 @@ class TestTinyWorldThroughServers:
                 if decisions(a) == decisions(b):
                     assert [s.reward for s in b.steps] == pytest.approx([s.reward for s in a.steps], abs=1e-4)
 
+    def test_rsd_eval_through_servers_scores_what_the_in_process_eval_scores(self, tinyworld, tmp_path):
+        """`rsd eval` with server URLs for all three models: the same answers, decisions and token counts as
+        `rsd eval` on the same checkpoints in process (only the PRM's computed tokens differ: vLLM serves STEP
+        pooling without its prefix cache)."""
+        models, servers = tinyworld
+        common = ["eval", "--num-problems", "16", "--methods", "rsd,target", "--no-progress", "--grade-workers", "1"]
+        local_models = [f"--{role}={models[role]}" for role in TINYWORLD_ROLES]
+        served_models = [f"--{role}={servers[role].url}" for role in TINYWORLD_ROLES]
+        local = cli_json([*common, *local_models, "--threads", "1", "--out", str(tmp_path / "local")])
+        served = cli_json([*common, *served_models, "--out", str(tmp_path / "served")])
+
+        def comparable(summary: dict) -> list[dict]:
+            keep = ("method", "n", "correct", "acceptance_rate", "target_step_share", "steps")
+            return [{k: m[k] for k in keep} | {"tokens": m["tokens"] | {"prm": None}} for m in summary["methods"]]
+
+        assert comparable(served) == comparable(local)
+        rsd = next(m for m in served["methods"] if m["method"] == "rsd")
+        assert 0 < rsd["acceptance_rate"] < 1 and rsd["tokens"]["prm"] > 0
+
 
 BLOCK_SIZE = 32  # start_vllm_server's: the prefix cache holds whole blocks of this many tokens
 # Tiny random PRMs in the layouts that no other served test covers, each on its serve line from docs/serving.md.
