@@ -596,6 +596,11 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def median_split(runs: Sequence[DecodeRun]) -> dict[str, float]:
+    """Per role, the median over runs of its seconds."""
+    return {role: median([run.split[role] for run in runs]) for role in runs[0].split}
+
+
 def summarize_batch(
     config: BenchConfig,
     batch: int,
@@ -607,7 +612,7 @@ def summarize_batch(
     t = {name: median(values) for name, values in seconds.items()}
     tokens = batch * config.new_tokens
     rsd_runs, lock_runs = runs["rsd"], runs["lockstep"]
-    split = {role: median([r.split[role] for r in rsd_runs]) for role in rsd_runs[0].split}
+    split = median_split(rsd_runs)
     rewrite = target_rewrite_term(config, batch, lambda rows: t.get("target_rewrite_rows", t["target_only"]))
     bound = t["target_only"] / (t["draft_alone"] + t["prm_alone"] + (1.0 - config.keep_share) * t["target_only"])
     bandwidth_bound = t["target_only"] / (t["draft_alone"] + t["prm_alone"] + rewrite)
@@ -623,7 +628,7 @@ def summarize_batch(
         "tokens_per_s": {name: tokens / t[name] for name in ("target_only", "rsd", "lockstep")},
         "rsd_split_s": split,
         "rsd_split_share": {role: value / t["rsd"] for role, value in split.items()},
-        "lockstep_split_s": {role: median([r.split[role] for r in lock_runs]) for role in lock_runs[0].split},
+        "lockstep_split_s": median_split(lock_runs),
         "rsd_split_per_round_s": [r.split for r in rsd_runs],
         "lockstep_split_per_round_s": [r.split for r in lock_runs],
         "rsd_kept_share": kept,
@@ -649,7 +654,7 @@ def cudnn_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
         return {}
     return {
         "rsd_cudnn_s": t["rsd_cudnn"],
-        "rsd_cudnn_split_s": {role: median([r.split[role] for r in runs]) for role in runs[0].split},
+        "rsd_cudnn_split_s": median_split(runs),
         "rsd_cudnn_speedup": t["target_only"] / t["rsd_cudnn"],
         "rsd_over_rsd_cudnn": t["rsd_cudnn"] / t["rsd"],
     }
@@ -662,7 +667,7 @@ def eager_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
         return {}
     return {
         "rsd_eager_s": t["rsd_eager"],
-        "rsd_eager_split_s": {role: median([r.split[role] for r in runs]) for role in runs[0].split},
+        "rsd_eager_split_s": median_split(runs),
         "rsd_eager_speedup": t["target_only_eager"] / t["rsd_eager"],
         "rsd_over_rsd_eager": t["rsd_eager"] / t["rsd"],
         "target_only_over_eager": t["target_only_eager"] / t["target_only"],

@@ -222,8 +222,7 @@ class HFStepGenerator:
                 if row.stop is None:
                     live.append((row, slot, token))
                 else:
-                    ids = list(row.request.prefix_ids) + row.tokens[:-1]
-                    self._caches[row.request.key] = static.row_cache(slot, ids)
+                    self._caches[row.request.key] = static.row_cache(slot, cached_ids(row))
                     outputs[row.index] = self._output(row)
             if not live:
                 return
@@ -294,10 +293,8 @@ class HFStepGenerator:
 
     def _finish(self, batch: _Batch, b: int) -> StepOutput:
         row = batch.rows[b]
-        # The last token was sampled, not run: the next step's prefix starts its tail with it.
-        ids = list(row.request.prefix_ids) + row.tokens[:-1]
         columns = batch.mask[b].nonzero().squeeze(-1)
-        self._caches[row.request.key] = extract_row_cache(batch.cache, b, columns, ids)
+        self._caches[row.request.key] = extract_row_cache(batch.cache, b, columns, cached_ids(row))
         return self._output(row)
 
     def _output(self, row: _Row) -> StepOutput:
@@ -336,6 +333,12 @@ class HFStepGenerator:
                 f"request {row.request.key!r}: token id {bad[0]} is outside the {self.role} model's vocabulary "
                 f"({self._vocab_rows} rows); the prefix was tokenized for another model."
             )
+
+
+def cached_ids(row: _Row) -> list[int]:
+    """The ids whose keys and values a finished row holds. The last token was sampled, not run: the next step's
+    prefix starts its tail with it."""
+    return list(row.request.prefix_ids) + row.tokens[:-1]
 
 
 # -- loading and model facts ---------------------------------------------------------------------------------
