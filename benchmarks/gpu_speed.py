@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from rsd.backends.hf import HFStepGenerator
-from rsd.backends.static_decode import DECODE_MODES
+from rsd.backends.static_decode import DECODE_MODES, StaticDecoder, bucket_width
 from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, Trajectory, TrajectoryStats
 from rsd.hf_loading import CUDNN_ATTENTION_ENV
 from rsd.loop import Prompted, RunConfig, StepwiseDecoder
@@ -65,6 +65,7 @@ QWEN_CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
+ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
 
 
@@ -120,6 +121,12 @@ class BenchConfig:
     # How the backend decodes (rsd.backends.static_decode): auto (CUDA graphs on a GPU), eager, static, graphs; "ab"
     # runs auto and adds RSD and target-only through transformers' eager forward, side by side in every round.
     decode: str = "auto"
+    # Prefill forwards (rsd.backends.packing): "split" by tail length as shipped, "one" forward per call whatever
+    # the tails, "ab": split, plus RSD with one forward per call (`rsd_one_prefill`), side by side in every round.
+    prefill: str = "split"
+    # "ab" adds a table of one decode token's CUDA-graph replay time per model, with the static forward's fused
+    # RMSNorm and rotation against transformers' own modules, at the batch sizes run (`replay_ms`).
+    kernels: str = "fused"
     tiny: bool = False
 
     @property
@@ -274,12 +281,16 @@ def build_models(config: BenchConfig) -> Models:
     target = build_lm(shapes["target"], tokenizer, config.device, dtype, config.seed + 1)
     prm = build_prm(shapes["prm"], tokenizer, config.device, dtype, config.seed + 2, max(config.batches))
     decode = "auto" if config.decode == "ab" else config.decode
-    return Models(
+    models = Models(
         tokenizer,
         HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft", decode=decode),
         HFStepGenerator.from_model(target, tokenizer, name="random-qwen2.5-math-7b", role="target", decode=decode),
         prm,
     )
+    if config.prefill == "one":
+        for holder in (models.draft, models.target, models.prm):
+            holder.prefill_forward_tokens = ONE_FORWARD
+    return models
 
 
 def random_text(rng: random.Random, words: int, tokens: int) -> str:
@@ -540,6 +551,13 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         methods["rsd_eager"] = lambda steps: run_decoder(
             rsd_decoder(eager, run_config(config, batch, steps), delta), fresh(problems, steps), device
         )
+    if config.prefill == "ab":
+        methods["rsd_one_prefill"] = lambda steps: with_one_prefill_forward(
+            models,
+            lambda: run_decoder(
+                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
+            ),
+        )
     if config.sdpa == "ab":
         methods["rsd_cudnn"] = lambda steps: with_cudnn_attention(
             lambda: run_decoder(
@@ -554,7 +572,13 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         timed(device, lambda work=work: work(min(config.warmup_steps, config.steps)))
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    runs: dict[str, list[DecodeRun]] = {"rsd": [], "lockstep": [], "rsd_cudnn": [], "rsd_eager": []}
+    runs: dict[str, list[DecodeRun]] = {
+        "rsd": [],
+        "lockstep": [],
+        "rsd_cudnn": [],
+        "rsd_eager": [],
+        "rsd_one_prefill": [],
+    }
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
         if round_index > 0 and config.deadline_s and time.perf_counter() - started > config.deadline_s:
@@ -571,6 +595,19 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
             seconds[name].append(elapsed)
         log(f"batch {batch}: round {round_index + 1} " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
     return summarize_batch(config, batch, delta, seconds, runs, peaks)
+
+
+def with_one_prefill_forward(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with every model prefilling each call's rows in one padded forward (no split by length)."""
+    holders = (models.draft, models.target, models.prm)
+    prices = [holder.prefill_forward_tokens for holder in holders]
+    for holder in holders:
+        holder.prefill_forward_tokens = ONE_FORWARD
+    try:
+        return work()
+    finally:
+        for holder, price in zip(holders, prices, strict=True):
+            holder.prefill_forward_tokens = price
 
 
 def with_cudnn_attention(work: Callable[[], Any]) -> Any:
@@ -645,6 +682,18 @@ def summarize_batch(
         "target_only_hf_over_backend": t["target_only_hf"] / t["target_only"],
         **cudnn_figures(t, runs.get("rsd_cudnn", [])),
         **eager_figures(t, runs.get("rsd_eager", [])),
+        **one_prefill_figures(t, runs.get("rsd_one_prefill", [])),
+    }
+
+
+def one_prefill_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
+    """With --prefill ab: RSD prefilling each call in one padded forward, and what the split by length gains."""
+    if not runs:
+        return {}
+    return {
+        "rsd_one_prefill_s": t["rsd_one_prefill"],
+        "rsd_one_prefill_split_s": median_split(runs),
+        "rsd_over_rsd_one_prefill": t["rsd_one_prefill"] / t["rsd"],
     }
 
 
@@ -753,6 +802,56 @@ def graph_replay_ms(model: Any, batch: int, context: int, device: str, vocab: in
     return 1e3 * seconds / replays
 
 
+# -- one decode token of the static forward: fused kernels against transformers' modules ----------------------------
+
+
+@torch.inference_mode()
+def replay_seconds(model: Any, rows: int, width: int, fused: bool, device: str, replays: int, rounds: int) -> float:
+    """Median over `rounds` of one decode token's time through a fresh static decoder (a CUDA graph replay on a
+    GPU), the arena half full."""
+    static = StaticDecoder(model, use_graphs=device.startswith("cuda"))
+    static.fused_kernels = fused
+    static._reserve(rows, width)
+    static.rows, static.width = rows, width
+    static.mask[:rows, : width // 2] = True
+    static.column.fill_(width // 2)
+    static.next_column = width // 2
+    static._run()  # captures the graph on a GPU
+    times = []
+    for _ in range(rounds):
+        elapsed, _ = timed(device, lambda: [static._run() for _ in range(replays)])
+        times.append(elapsed / replays)
+    return median(times)
+
+
+def replay_table(models: Models, config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    """Per model and batch size (1, 16, 64 and those run): one decode token with transformers' RMSNorm and rotation,
+    and with the fused ones."""
+    width = bucket_width(config.prompt_tokens + config.new_tokens)
+    replays, rounds = (50, 5) if config.device.startswith("cuda") else (2, 1)
+    table = []
+    sizes = set(config.batches) if config.tiny else {1, *GOAL_BATCHES, *config.batches}
+    for name, gen in (("draft", models.draft), ("target", models.target)):
+        for rows in sorted(sizes):
+            modules, fused = (
+                replay_seconds(gen.model, rows, width, flag, config.device, replays, rounds) for flag in (False, True)
+            )
+            row = {"model": name, "rows": rows, "width": width, "modules_ms": modules * 1e3, "fused_ms": fused * 1e3}
+            row["speedup"] = modules / fused
+            if config.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the two decoders' arenas
+            log(f"replay {name} rows {rows}: {row}")
+            table.append(row)
+    return table
+
+
+def replay_lines(table: list[dict]) -> str:
+    lines = ["model | rows | modules ms/token | fused ms/token | speed-up", "---|---:|---:|---:|---:"]
+    for r in table:
+        lines.append(f"{r['model']} | {r['rows']} | {r['modules_ms']:.2f} | {r['fused_ms']:.2f} | {r['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
 def profile_models(models: Models, config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     context = config.prompt_tokens + config.new_tokens // 2  # the average context of a decode step
     rows = []
@@ -835,12 +934,24 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         help="the backend's decode path (default auto: CUDA graphs on a GPU); ab: auto, plus RSD and target-only "
         "through transformers' eager forward, side by side",
     )
+    parser.add_argument(
+        "--prefill",
+        choices=("split", "one", "ab"),
+        help="split (default): prefill forwards split by tail length; one: one forward per call; ab: split, plus RSD "
+        "with one forward per call, side by side",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=("fused", "ab"),
+        help="ab: also time one decode token per model with the fused RMSNorm and rotation and with transformers' "
+        "modules",
+    )
     parser.add_argument("--out", type=Path, help="folder for gpu_speed.json")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.batches:
         overrides["batches"] = tuple(args.batches)
-    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode"):
+    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "kernels"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_profile:
@@ -877,6 +988,8 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
     report: dict[str, Any] = {"config": asdict(config), "environment": environment(config), "results": []}
     if config.profile:
         report["profile"] = profile_models(models, config, log)
+    if config.kernels == "ab":
+        report["replay_ms"] = replay_table(models, config, log)
     for batch in config.batches:
         report["results"].append(measure_batch(models, config, batch, started, log))
         if out_dir is not None:  # after every batch size, so a cut-off run keeps what it measured
@@ -888,6 +1001,8 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
     print(f"\n{report['environment'].get('gpu', config.device)}; medians of up to {config.repeats} rounds")
     print(report["table"])
     print(goal_lines(report["results"]))
+    if "replay_ms" in report:
+        print(replay_lines(report["replay_ms"]))
     for r in report["results"]:
         t = r["seconds_median"]
         print(
@@ -899,6 +1014,11 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
                 f"batch {r['batch']}: eager decode: RSD {r['rsd_eager_s']:.2f} s, target-only "
                 f"{t['target_only_eager']:.2f} s; the decode path makes RSD {r['rsd_over_rsd_eager']:.2f}x and "
                 f"target-only {r['target_only_over_eager']:.2f}x faster"
+            )
+        if "rsd_one_prefill_s" in r:
+            print(
+                f"batch {r['batch']}: RSD with one prefill forward per call {r['rsd_one_prefill_s']:.2f} s; split by "
+                f"length (as shipped) is {r['rsd_over_rsd_one_prefill']:.2f}x faster"
             )
         if "rsd_cudnn_s" in r:
             print(

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import gpu_speed  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
 from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
 from rsd.core import TrajectoryStats  # noqa: E402
 
@@ -147,3 +149,44 @@ def test_every_method_writes_the_same_tokens_on_either_decode_path(monkeypatch):
         outputs = gpu_speed.backend_decode(generator, prompts.tolist(), 10)
         assert [o.token_ids for o in outputs] == lean
         assert not generator._caches  # released after the call
+
+
+def test_prefill_ab_times_rsd_with_one_forward_per_call_side_by_side(monkeypatch):
+    # Tiny CPU models never split on their own (a forward costs more than their padding); a price of one token
+    # splits at every tail length, so the A/B compares two different prefills here too.
+    monkeypatch.setenv(FORWARD_TOKENS_ENV, "1")
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--prefill", "ab"])
+    (result,) = report["results"]
+    t = result["seconds_median"]
+    assert result["rsd_over_rsd_one_prefill"] == pytest.approx(t["rsd_one_prefill"] / t["rsd"])
+    assert set(result["rsd_one_prefill_split_s"]) == {"draft", "prm", "target", "controller"}
+    assert report["config"]["prefill"] == "ab"
+
+
+def test_prefill_one_never_splits_and_split_writes_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(FORWARD_TOKENS_ENV, "1")
+    config = gpu_speed.tiny_config()
+    split = gpu_speed.build_models(config)
+    one = gpu_speed.build_models(gpu_speed.tiny_config(prefill="one"))
+    assert split.target.prefill_forward_tokens == 1 and one.target.prefill_forward_tokens == gpu_speed.ONE_FORWARD
+    problems = gpu_speed.make_problems(split.tokenizer, 3, config.prompt_tokens, seed=4, tag="split")
+    run_config = gpu_speed.run_config(config, 3, config.steps)
+
+    def run(models, delta):
+        decoder = gpu_speed.rsd_decoder(models, run_config, delta=delta)
+        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), "cpu")
+
+    delta = statistics.median(run(split, 0.0).rewards)  # some steps kept, some rewritten
+    runs = [run(models, delta) for models in (split, one)]
+    assert runs[0].tokens == runs[1].tokens and runs[0].kept == runs[1].kept
+    # Every step's reward is the same, so every step's text is: the split changes which rows share a forward only.
+    assert runs[0].rewards == pytest.approx(runs[1].rewards, abs=1e-5) and 0 < runs[0].kept < runs[0].proposed
+
+
+def test_kernels_ab_times_one_decode_token_both_ways():
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "2", "--kernels", "ab"])
+    table = report["replay_ms"]
+    assert {(r["model"], r["rows"]) for r in table} == {("draft", 2), ("target", 2)}
+    for row in table:
+        assert row["modules_ms"] > 0 and row["fused_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["modules_ms"] / row["fused_ms"])

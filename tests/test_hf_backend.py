@@ -1,7 +1,8 @@
 """The transformers step generator against a plain reference: full forwards without a cache, argmax each token.
 
 Every test runs once per decode path (transformers' own forward, and the static KV buffers of
-`rsd.backends.static_decode`; with CUDA, also their CUDA graphs). Runs on the CPU in float32;
+`rsd.backends.static_decode`; with CUDA, also their CUDA graphs) and per prefill split (one forward per call, and
+one per tail length, `rsd.backends.packing`). Runs on the CPU in float32;
 RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
 """
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
 from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
 from rsd.core import RSDError, StepGenerator, StepOutput, StepParams, StepRequest, StopReason  # noqa: E402
 
@@ -35,6 +37,13 @@ PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles p
 def decode_path(request, monkeypatch) -> str:
     """Every generator a test builds takes this decode path ("auto" reads the variable)."""
     monkeypatch.setenv(DECODE_ENV, request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=["one-forward", "split-by-length"])
+def prefill_split(request, monkeypatch) -> str:
+    """One prefill forward per call whatever the tails (a price no padding reaches), or one per tail length."""
+    monkeypatch.setenv(FORWARD_TOKENS_ENV, "1000000000" if request.param == "one-forward" else "1")
     return request.param
 
 
@@ -134,8 +143,9 @@ def test_one_row_fed_back_matches_uncached_greedy(model_dir):
     assert len(prefixes["a"]) - len(prompt) >= 12  # several steps were really generated
 
 
-def test_batch_of_different_lengths_matches_uncached_greedy(model_dir):
+def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, prefill_split):
     gen = load_generator(model_dir)
+    forwards = count_prefill_forwards(gen)
     prompts = {f"row{i}": gen.encode(text) for i, text in enumerate(PROMPTS[:3])}
     assert len({len(ids) for ids in prompts.values()}) == 3
     # Different caps: rows finish at different decode steps of the same call.
@@ -149,6 +159,25 @@ def test_batch_of_different_lengths_matches_uncached_greedy(model_dir):
     for i, key in enumerate(prompts):
         assert_matches_reference(gen, prompts[key], outputs[key] + [mixed[i]], cap=caps[key])
     assert_matches_reference(gen, late["late"], [mixed[-1]], cap=6)
+    # The last call's tails: one token for each cached row, the whole prompt for the late one.
+    assert forwards[-1] == (2 if prefill_split == "split-by-length" else 1)
+
+
+def count_prefill_forwards(gen: HFStepGenerator) -> list[int]:
+    """Prefill forwards per call, as the generator runs them (the count is appended at each call)."""
+    counts: list[int] = []
+    run_group, generate = gen._prefill_group, gen.generate_steps
+
+    def counted_group(*args):
+        counts[-1] += 1
+        return run_group(*args)
+
+    def counted_generate(*args):
+        counts.append(0)
+        return generate(*args)
+
+    gen._prefill_group, gen.generate_steps = counted_group, counted_generate
+    return counts
 
 
 def test_rollback_equals_a_fresh_generator(model_dir):

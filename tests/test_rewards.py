@@ -189,10 +189,16 @@ def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(che
     assert score(STEPS[:1]).prefill_tokens == first.prefill_tokens
 
 
+@pytest.mark.parametrize("split", ["one-forward", "split-by-length"])
 @pytest.mark.parametrize("fmt", PRM_FORMATS)
-def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt):
+def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt, split):
     path, reference = checkpoints[fmt], REFERENCES[fmt]
     prm = load(path)
+    # The price of one more forward, in tokens: none is worth it, or any saved padding is.
+    prm.prefill_forward_tokens = 10**9 if split == "one-forward" else 1
+    forwards: list[int] = []
+    run = prm.run
+    prm.run = lambda rows: forwards.append(len(rows)) or run(rows)
     prm.score_steps([RewardRequest("b", QUESTION, STEPS[:1]), RewardRequest("c", QUESTION, STEPS[:1] + [REJECTED])])
     requests = [
         RewardRequest("a", QUESTION, STEPS),  # nothing cached
@@ -200,9 +206,11 @@ def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoint
         RewardRequest("b2", QUESTION, STEPS[:1]),
         RewardRequest("c", QUESTION, STEPS),  # rolls back the rejected step, adds two
     ]
+    forwards.clear()
     outputs = prm.score_steps(requests)
     expected = [reference(path, r.question, list(r.steps))[1][-1] for r in requests]
     assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
+    assert len(forwards) == (1 if split == "one-forward" else len({o.prefill_tokens for o in outputs}))
     # The caches the padded batch left behind, one per key, carry on correctly.
     follow_up = [RewardRequest("a", QUESTION, STEPS + ["Thus 7."]), RewardRequest("b2", QUESTION, STEPS[:2])]
     outputs = prm.score_steps(follow_up)

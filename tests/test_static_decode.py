@@ -133,9 +133,12 @@ def test_buffers_grow_when_a_call_needs_more_columns(path, tokenizer):
     assert fast._static.capacity == (2, 2 * WIDTH_BUCKET)
 
 
-def test_logits_match_transformers_within_float_error(tokenizer):
-    model = build("qwen2", tokenizer)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "transformers-modules"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_logits_match_transformers_within_float_error(tokenizer, kind, fused):
+    model = build(kind, tokenizer)
     gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    gen._static.fused_kernels = fused
     prompt = gen.encode(PROMPTS[0])
     out = gen.generate_steps([StepRequest("a", prompt, 6)], StepParams(delimiter=""))[0]
     ids = torch.tensor([prompt + out.token_ids[:-1]], device=DEVICE)
@@ -154,6 +157,30 @@ def test_logits_match_transformers_within_float_error(tokenizer):
         static.load(prefill, torch.ones((1, len(prompt)), dtype=torch.long), [len(prompt)], len(out.token_ids))
         logits = [first] + [static.step([0], [token])[0] for token in out.token_ids[:-1]]
     assert torch.allclose(torch.stack(logits), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_rotation_equal_the_modules(tokenizer, dtype):
+    from rsd.backends.static_decode import rms_norm, rotate, rotate_half, signed_sin
+
+    model = build("qwen3", tokenizer).to(dtype)
+    layer = model.model.layers[0]
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, 64, device=DEVICE, dtype=dtype) * 4
+    with torch.inference_mode():
+        layer.input_layernorm.weight.uniform_(0.5, 2.0)
+        norms = [layer.input_layernorm, layer.self_attn.q_norm, model.model.norm]
+        heads = torch.randn(3, 4, 1, 16, device=DEVICE, dtype=dtype)
+        cos, sin = model.model.rotary_emb(x, torch.tensor([[5], [900], [77]], device=DEVICE))
+        cos, sin = cos[:, None], sin[:, None]
+        rotated = rotate(heads, cos, signed_sin(sin))
+        expected = heads * cos + rotate_half(heads) * sin
+        inputs = [x[..., : norm.weight.shape[0]] for norm in norms]
+        normed = [(rms_norm(norm, y), norm(y)) for norm, y in zip(norms, inputs, strict=True)]
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # bfloat16: one rounding less than transformers' order
+    assert torch.allclose(rotated.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    for fused, reference in normed:
+        assert torch.allclose(fused.float(), reference.float(), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")

@@ -1,9 +1,10 @@
 """Step generation with an in-process transformers model, reusing each trajectory's KV cache across steps.
 
-One `generate_steps` call is one batch: every request's new tail runs in one padded forward (explicit 2-D mask
-with holes, explicit positions), then all rows decode one token per forward until each ends at the delimiter,
-an EOS token or its token cap. Per trajectory key the generator keeps the ids whose keys and values it holds;
-a request reuses the longest common prefix and drops the rest, which is how a rejected proposal is rolled back.
+One `generate_steps` call is one batch: every request's new tail runs in a padded forward (explicit 2-D mask
+with holes, explicit positions; rows of very different tail lengths go in separate forwards, `packing.py`), then
+all rows decode one token per forward until each ends at the delimiter, an EOS token or its token cap. Per
+trajectory key the generator keeps the ids whose keys and values it holds; a request reuses the longest common
+prefix and drops the rest, which is how a rejected proposal is rolled back.
 
 Supported: decoder-only models with full attention over a `DynamicCache` (Qwen2/2.5/3, Llama, Mistral without a
 sliding window, ...). Sliding-window layers count their window in cache columns, padding holes included, so
@@ -23,10 +24,13 @@ import torch
 from rsd.backends.kv import (
     RowCache,
     common_prefix_length,
+    dynamic_cache,
     extract_row_cache,
     select_rows,
     stack_row_caches,
+    stacked_layers,
 )
+from rsd.backends.packing import forward_cost_tokens, group_by_length
 from rsd.backends.static_decode import StaticDecoder, resolve_decode_mode
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
@@ -120,6 +124,8 @@ class HFStepGenerator:
         self._logits_to_keep = "logits_to_keep" in forward_args
         self._caches: dict[Hashable, RowCache] = {}
         self._fingerprint: tuple[int, str] | None = None
+        # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
+        self.prefill_forward_tokens = forward_cost_tokens(self.cost.parameters, self.device)
         self.decode_mode = resolve_decode_mode(decode, model, self.device)
         self._static = StaticDecoder(model, self.decode_mode == "graphs") if self.decode_mode != "eager" else None
 
@@ -166,8 +172,17 @@ class HFStepGenerator:
     # -- one call --------------------------------------------------------------------------------------------
 
     def _prefill(self, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
-        """Run every row's uncached tail in one forward; returns the batch and the next-token logits."""
+        """Run every row's uncached tail, in one forward per group of similar tail lengths (`packing`); returns
+        one batch over all rows and their next-token logits."""
         cached = [self._take_cache(row) for row in rows]
+        groups = group_by_length([len(row.tail) for row in rows], self.prefill_forward_tokens)
+        if len(groups) == 1:
+            return self._prefill_group(rows, cached)
+        parts = [self._prefill_group([rows[i] for i in group], [cached[i] for i in group]) for group in groups]
+        return merge_batches([batch for batch, _ in parts]), torch.cat([logits for _, logits in parts])
+
+    def _prefill_group(self, rows: list[_Row], cached: list[RowCache | None]) -> tuple[_Batch, torch.Tensor]:
+        """One padded forward: cached prefixes right-aligned to the longest, tails left-padded to the longest."""
         width = max(row.reused for row in rows)
         tail_width = max(len(row.tail) for row in rows)
         input_ids = torch.full((len(rows), tail_width), self._pad_id, dtype=torch.long)
@@ -333,6 +348,24 @@ class HFStepGenerator:
                 f"request {row.request.key!r}: token id {bad[0]} is outside the {self.role} model's vocabulary "
                 f"({self._vocab_rows} rows); the prefix was tokenized for another model."
             )
+
+
+def merge_batches(parts: list[_Batch]) -> _Batch:
+    """The rows of several prefilled batches as one, each part right-aligned to the widest (every row's real
+    columns end at the last column, so decoding appends at the same column for all)."""
+    columns = max(part.mask.shape[1] for part in parts)
+    rows = [row for part in parts for row in part.rows]
+    stacked = [stacked_layers(part.cache) for part in parts]
+    layers, _, _, heads, _, dim = stacked[0].shape
+    kv = stacked[0].new_zeros((layers, 2, len(rows), heads, columns, dim))
+    mask = parts[0].mask.new_zeros((len(rows), columns))
+    start = 0
+    for part, part_kv in zip(parts, stacked, strict=True):
+        end, width = start + len(part.rows), part.mask.shape[1]
+        kv[:, :, start:end, :, columns - width :] = part_kv
+        mask[start:end, columns - width :] = part.mask
+        start = end
+    return _Batch(rows, dynamic_cache(kv), mask)
 
 
 def cached_ids(row: _Row) -> list[int]:

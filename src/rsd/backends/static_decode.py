@@ -93,11 +93,6 @@ def bucket_width(columns: int) -> int:
     return -(-columns // WIDTH_BUCKET) * WIDTH_BUCKET
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class StaticDecoder:
     """The KV arena of one model and its decode forward; one batch at a time.
 
@@ -110,6 +105,8 @@ class StaticDecoder:
         self.model = model
         self.body = model.model
         self.use_graphs = use_graphs
+        # Fused RMSNorm and a shorter rotation (below); False runs transformers' own modules (for an A/B).
+        self.fused_kernels = True
         self.layers = int(config.num_hidden_layers)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
@@ -239,12 +236,19 @@ class StaticDecoder:
         bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)[:, None, None, :]
         hidden = self.body.embed_tokens(self.ids[:rows])
         cos, sin = self.body.rotary_emb(hidden, self.positions[:rows])
+        sin = signed_sin(sin) if self.fused_kernels else sin
         rotary = (cos[:, None], sin[:, None])  # [rows, 1, 1, head_dim]: broadcast over heads
         for index, layer in enumerate(self.body.layers):
-            attention = self._attention(layer.self_attn, layer.input_layernorm(hidden), rotary, bias, index, width)
-            hidden = hidden + attention
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(self.body.norm(hidden))[:, -1].float()
+            normed = self._norm(layer.input_layernorm, hidden)
+            hidden = hidden + self._attention(layer.self_attn, normed, rotary, bias, index, width)
+            hidden = hidden + layer.mlp(self._norm(layer.post_attention_layernorm, hidden))
+        return self.model.lm_head(self._norm(self.body.norm, hidden))[:, -1].float()
+
+    def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(norm, x) if self.fused_kernels else norm(x)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotate(x, cos, sin) if self.fused_kernels else x * cos + rotate_half(x) * sin
 
     def _attention(
         self,
@@ -260,11 +264,9 @@ class StaticDecoder:
         key = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim)
         value = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
-            query, key = attn.q_norm(query), attn.k_norm(key)
+            query, key = self._norm(attn.q_norm, query), self._norm(attn.k_norm, key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        cos, sin = rotary
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
+        query, key = self._rotate(query, *rotary), self._rotate(key, *rotary)
         keys = self.kv[layer, 0, :rows, :, :width]
         values = self.kv[layer, 1, :rows, :, :width]
         keys.index_copy_(2, self.column, key)
@@ -274,3 +276,36 @@ class StaticDecoder:
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scale)
         return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
+
+
+# -- fewer kernels per layer ------------------------------------------------------------------------------------
+# A decode forward of a 1.5B model at 16 rows is about a thousand small kernels, and their count, not the bytes
+# they move, sets its time (docs/benchmarks.md). transformers' RMSNorm is eight kernels and its rotation five per
+# tensor; these are one and three, with the same arithmetic up to the last bit of rounding.
+
+
+def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for the Llama-family RMSNorm as one fused kernel (where torch has one); other norms as they are."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if type(norm).__name__ not in FUSABLE_NORMS or weight is None or eps is None:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(half) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding, x * cos + rotate_half(x) * sin, in three kernels instead of five."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rsd.backends.kv import common_prefix_length, dynamic_cache, stack_kv, stacked_layers
+from rsd.backends.packing import forward_cost_tokens, group_by_length
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -67,8 +68,9 @@ class Row:
 class HFRewardModel:
     """A causal PRM scoring the last step of each request on top of a per-key KV cache.
 
-    Requests of one call run as one padded batch (up to `max_batch_size` rows): cached prefixes are left-padded to
-    a common length, tails right-padded, with an explicit attention mask and position ids.
+    Requests of one call run in padded batches of similar tail lengths (up to `max_batch_size` rows each): cached
+    prefixes are left-padded to a common length, tails right-padded, with an explicit attention mask and position
+    ids.
     """
 
     def __init__(
@@ -91,6 +93,8 @@ class HFRewardModel:
         self.device = next(body.parameters()).device
         self.max_positions = getattr(body.config, "max_position_embeddings", None)
         self.prefixes: dict[Hashable, CachedPrefix] = {}
+        # Tokens of compute one more forward is worth (rsd.backends.packing); settable.
+        self.prefill_forward_tokens = forward_cost_tokens(cost.parameters, str(self.device))
         # transformers 5.2x renamed `past_key_values` to `cache`; older versions know only the former.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
         self.warned_long_input = False
@@ -98,33 +102,37 @@ class HFRewardModel:
     def score_steps(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
         ids = [self.builder.build_ids(r.question, list(r.steps)) for r in requests]
         outputs: list[RewardOutput | None] = [None] * len(requests)
-        for batch in self.batches([r.key for r in requests]):
-            rows = [self.row(requests[i].key, ids[i]) for i in batch]
-            for i, out in zip(batch, self.run(rows), strict=True):
-                outputs[i] = out
+        for wave in self.waves([r.key for r in requests]):
+            rows = [self.row(requests[i].key, ids[i]) for i in wave]
+            # Rows of similar tail lengths share a forward (rsd.backends.packing), at most max_batch_size each.
+            tails = [len(row.tail) for row in rows]
+            for group in group_by_length(tails, self.prefill_forward_tokens, self.max_batch_size):
+                for j, out in zip(group, self.run([rows[j] for j in group]), strict=True):
+                    outputs[wave[j]] = out
         return outputs  # type: ignore[return-value]
 
     def release(self, keys: Sequence[Hashable]) -> None:
         for key in keys:
             self.prefixes.pop(key, None)
 
-    def batches(self, keys: list[Hashable]) -> list[list[int]]:
-        """Request indices in batches of distinct keys (a repeated key waits for the next batch, so it sees the
-        cache its predecessor left)."""
+    @staticmethod
+    def waves(keys: list[Hashable]) -> list[list[int]]:
+        """Request indices in waves of distinct keys (a repeated key waits for the next wave, so it sees the cache
+        its predecessor left)."""
         pending = list(range(len(keys)))
-        batches = []
+        waves = []
         while pending:
             seen: set[Hashable] = set()
-            batch, later = [], []
+            wave, later = [], []
             for i in pending:
-                if keys[i] in seen or len(batch) == self.max_batch_size:
+                if keys[i] in seen:
                     later.append(i)
                 else:
                     seen.add(keys[i])
-                    batch.append(i)
-            batches.append(batch)
+                    wave.append(i)
+            waves.append(wave)
             pending = later
-        return batches
+        return waves
 
     def row(self, key: Hashable, ids: list[int]) -> Row:
         self.check_length(len(ids))
