@@ -1,0 +1,223 @@
+"""How fast could any schedule of RSD's model calls be, given what each call costs on the card?
+
+`gpu_speed.py` measures RSD against the bound target-only / (draft + PRM + 0.3 x target). That bound charges the
+target 30% of its time because it rewrites 30% of the steps. On one GPU at batches 16 and 64 a decode forward
+reads all the weights whatever the rows, so a target call costs about the same for 5 rows as for 64; and RSD's
+steps depend on each other (a row's next draft step starts from the step the target rewrote). This script takes
+the per-call costs a `gpu_speed.py` run measured and replays RSD's calls under several schedules, with the same
+random rejections (each draft step rejected with probability 1 - keep_share, independently):
+
+- lockstep-rounds: what `StepwiseDecoder` does: every round, one draft call for all unfinished rows, one PRM call,
+  one target call for the rejected rows;
+- defer-target(q): the target waits until at least a share q of the unfinished rows is rejected (or nothing else
+  can run), so that its calls carry more rows; rows waiting for it skip draft rounds;
+- overlap(s): each model its own worker that takes every row waiting for it as one call as soon as it is free,
+  draft and target running at the same time on the GPU, each slowed by s while the other runs (s = 1: perfect
+  overlap, which one GPU cannot do; the `overlap-experiment` branch's design).
+
+A call's time grows linearly with its rows, along the line through the two points measured for the target: alone
+on all rows (`target_only`) and on the rejected share of them (`target_rewrite_rows`). The draft and the PRM were
+timed on all rows; their row-independent share is taken to be the target's. Prefills after a rejection are left
+out (free), so every makespan here is a lower bound on what that schedule would measure.
+
+    python benchmarks/schedule_bound.py benchmarks/results/2026-11-28-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DRAWS = 200  # random rejection patterns per batch size
+DEFER_SHARES = (0.25, 0.5)
+OVERLAP_SLOWDOWNS = (1.0, 1.3)
+
+
+@dataclass(frozen=True)
+class CallCosts:
+    """Seconds of one step's call (all its tokens) on the whole batch, and the share of it that does not depend on
+    the rows (the weights read once per token); the rest grows in proportion to the rows."""
+
+    draft_full: float
+    prm_full: float
+    target_full: float
+    fixed_share: float
+    batch: int
+
+    def scale(self, full: float, rows: int) -> float:
+        return full * (self.fixed_share + (1.0 - self.fixed_share) * rows / self.batch)
+
+    def draft(self, rows: int) -> float:
+        return self.scale(self.draft_full, rows)
+
+    def prm(self, rows: int) -> float:
+        return self.scale(self.prm_full, rows)
+
+    def target(self, rows: int) -> float:
+        return self.scale(self.target_full, rows)
+
+
+def fixed_share(full: float, few: float, batch: int, few_rows: int) -> float:
+    """The row-independent share of `full`, from a straight line through (few_rows, few) and (batch, full)."""
+    if few_rows >= batch:
+        return 1.0
+    per_row = (full - few) / (batch - few_rows)
+    return min(1.0, max(0.0, (full - per_row * batch) / full))
+
+
+Rejections = list[list[bool]]  # [row][step]: whether that draft step is rejected
+
+
+def draw_rejections(batch: int, steps: int, reject: float, seed: int) -> Rejections:
+    rng = random.Random(seed)
+    return [[rng.random() < reject for _ in range(steps)] for _ in range(batch)]
+
+
+def lockstep_rounds(costs: CallCosts, rejected: Rejections) -> float:
+    batch, steps = len(rejected), len(rejected[0])
+    seconds = 0.0
+    for step in range(steps):
+        seconds += costs.draft(batch) + costs.prm(batch)
+        rewrites = sum(row[step] for row in rejected)
+        if rewrites:
+            seconds += costs.target(rewrites)
+    return seconds
+
+
+def defer_target(costs: CallCosts, rejected: Rejections, share: float) -> float:
+    batch, steps = len(rejected), len(rejected[0])
+    done = [0] * batch  # steps finished per row
+    waiting: list[int] = []
+    seconds = 0.0
+    while any(d < steps for d in done):
+        ready = [r for r in range(batch) if done[r] < steps and r not in waiting]
+        if ready:
+            seconds += costs.draft(len(ready)) + costs.prm(len(ready))
+            for r in ready:
+                if rejected[r][done[r]]:
+                    waiting.append(r)
+                else:
+                    done[r] += 1
+        unfinished = sum(d < steps for d in done)
+        still_ready = unfinished - len(waiting)
+        if waiting and (len(waiting) >= share * unfinished or still_ready == 0):
+            seconds += costs.target(len(waiting))
+            for r in waiting:
+                done[r] += 1
+            waiting = []
+    return seconds
+
+
+def overlap(costs: CallCosts, rejected: Rejections, slowdown: float) -> float:
+    """Event simulation: a free worker takes every row waiting for it; a call started while the other model is
+    busy runs `slowdown` times slower."""
+    batch, steps = len(rejected), len(rejected[0])
+    done = [0] * batch
+    queues: dict[str, set[int]] = {"draft": set(range(batch)), "target": set()}
+    busy: dict[str, tuple[float, set[int]] | None] = {"draft": None, "target": None}
+    now = 0.0
+    while True:
+        for model, other in (("draft", "target"), ("target", "draft")):
+            if busy[model] is None and queues[model]:
+                rows, queues[model] = queues[model], set()
+                cost = costs.draft(len(rows)) + costs.prm(len(rows)) if model == "draft" else costs.target(len(rows))
+                busy[model] = (now + cost * (slowdown if busy[other] else 1.0), rows)
+        running = [(entry[0], model) for model, entry in busy.items() if entry is not None]
+        if not running:
+            return now
+        now, model = min(running)
+        _, rows = busy[model]  # type: ignore[misc]
+        busy[model] = None
+        for r in rows:
+            if model == "draft" and rejected[r][done[r]]:
+                queues["target"].add(r)
+                continue
+            done[r] += 1
+            if done[r] < steps:
+                queues["draft"].add(r)
+
+
+def schedules() -> dict[str, Callable[[CallCosts, Rejections], float]]:
+    table: dict[str, Callable[[CallCosts, Rejections], float]] = {"lockstep-rounds": lockstep_rounds}
+    for share in DEFER_SHARES:
+        table[f"defer-target({share:g})"] = lambda c, r, share=share: defer_target(c, r, share)
+    for slowdown in OVERLAP_SLOWDOWNS:
+        table[f"overlap({slowdown:g})"] = lambda c, r, slowdown=slowdown: overlap(c, r, slowdown)
+    return table
+
+
+def costs_from_result(result: dict, steps: int, keep_share: float) -> CallCosts:
+    t = result["seconds_median"]
+    batch = result["batch"]
+    few_rows = max(1, math.ceil((1.0 - keep_share) * batch))  # as gpu_speed.py times `target_rewrite_rows`
+    few = t.get("target_rewrite_rows", t["target_only"])
+    return CallCosts(
+        draft_full=t["draft_alone"] / steps,
+        prm_full=t["prm_alone"] / steps,
+        target_full=t["target_only"] / steps,
+        fixed_share=fixed_share(t["target_only"], few, batch, few_rows),
+        batch=batch,
+    )
+
+
+def analyse(report: dict, draws: int = DRAWS) -> list[dict]:
+    steps, keep = report["config"]["steps"], report["config"]["keep_share"]
+    rows = []
+    for result in sorted(report["results"], key=lambda r: r["batch"]):
+        costs = costs_from_result(result, steps, keep)
+        t = result["seconds_median"]
+        bound_time = t["draft_alone"] + t["prm_alone"] + (1.0 - keep) * t["target_only"]
+        patterns = [draw_rejections(result["batch"], steps, 1.0 - keep, seed) for seed in range(draws)]
+        row = {
+            "batch": result["batch"],
+            "target_only_s": t["target_only"],
+            "bound_s": bound_time,
+            "bound": t["target_only"] / bound_time,
+            "fixed_share": costs.fixed_share,
+            "measured_rsd_s": t.get("rsd"),
+            "schedules": {},
+        }
+        for name, schedule in schedules().items():
+            seconds = statistics.median(schedule(costs, pattern) for pattern in patterns)
+            speedup = t["target_only"] / seconds
+            row["schedules"][name] = {"seconds": seconds, "speedup": speedup, "of_bound": speedup / row["bound"]}
+        rows.append(row)
+    return rows
+
+
+def lines(rows: Sequence[dict]) -> str:
+    names = list(rows[0]["schedules"])
+    out = [
+        "batch | row-independent share | bound | " + " | ".join(f"{n} s (of bound)" for n in names) + " | RSD measured",
+        "---:|---:|---:|" + "---:|" * len(names) + "---:",
+    ]
+    for r in rows:
+        cells = [f"{s['seconds']:.2f} ({s['of_bound']:.0%})" for s in r["schedules"].values()]
+        measured = f"{r['measured_rsd_s']:.2f}" if r["measured_rsd_s"] is not None else "-"
+        out.append(
+            f"{r['batch']} | {r['fixed_share']:.0%} | {r['bound']:.2f}x | " + " | ".join(cells) + f" | {measured}"
+        )
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a gpu_speed.json (gpu_speed.py --out, or benchmarks/results/)")
+    parser.add_argument("--draws", type=int, default=DRAWS, help="random rejection patterns per batch size")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        sys.exit(f"{args.results}: no such file; pass a gpu_speed.json, e.g. one in benchmarks/results/")
+    rows = analyse(json.loads(args.results.read_text()), args.draws)
+    print(lines(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The schedule replay behind docs/benchmarks.md's claim that no schedule reaches the issue's bound on one GPU:
+it does reach the bound when calls cost in proportion to their rows, and falls short when they do not."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import pytest  # noqa: E402
+import schedule_bound  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def report(target_on_rejected_rows: float) -> dict:
+    """A gpu_speed.json of one batch of 16 whose target takes `target_on_rejected_rows` s on its 5 rejected rows."""
+    seconds = {
+        "target_only": 4.0,
+        "draft_alone": 2.0,
+        "prm_alone": 0.2,
+        "target_rewrite_rows": target_on_rejected_rows,
+        "rsd": 7.0,
+    }
+    return {"config": {"steps": 8, "keep_share": 0.7}, "results": [{"batch": 16, "seconds_median": seconds}]}
+
+
+def test_calls_that_cost_in_proportion_to_their_rows_reach_the_bound():
+    (row,) = schedule_bound.analyse(report(4.0 * 5 / 16), draws=100)
+    assert row["fixed_share"] == pytest.approx(0.0, abs=1e-9)
+    assert row["schedules"]["lockstep-rounds"]["of_bound"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_calls_that_cost_the_same_for_any_rows_fall_far_short():
+    (row,) = schedule_bound.analyse(report(4.0), draws=100)
+    assert row["fixed_share"] == 1.0
+    # Nearly every round has a rejection among 16 rows, so the target runs every round: draft + PRM + target.
+    assert row["schedules"]["lockstep-rounds"]["seconds"] == pytest.approx(6.2, abs=0.1)
+    assert all(s["of_bound"] < 0.75 for s in row["schedules"].values())
+
+
+def test_overlap_with_no_slowdown_never_loses_to_its_slowed_self():
+    rejected = schedule_bound.draw_rejections(16, 8, 0.3, seed=3)
+    costs = schedule_bound.costs_from_result(report(3.0)["results"][0], steps=8, keep_share=0.7)
+    assert schedule_bound.overlap(costs, rejected, 1.0) <= schedule_bound.overlap(costs, rejected, 1.3)
+    # Every row needs its 8 draft calls and its rewrites one after another: no schedule beats the slowest row.
+    slowest = max(8 * (costs.draft(1) + costs.prm(1)) + sum(r) * costs.target(1) for r in rejected)
+    assert schedule_bound.overlap(costs, rejected, 1.0) >= slowest - 1e-9
+
+
+def test_the_command_reads_a_results_file_and_refuses_a_missing_one(tmp_path, capsys):
+    path = tmp_path / "gpu_speed.json"
+    path.write_text(json.dumps(report(3.0)))
+    rows = schedule_bound.main([str(path)])
+    assert "lockstep-rounds" in capsys.readouterr().out and rows[0]["batch"] == 16
+    with pytest.raises(SystemExit, match="no such file"):
+        schedule_bound.main([str(tmp_path / "missing.json")])
+
+
+@pytest.mark.skipif(not any(RESULTS.glob("*.json")), reason="no committed GPU results in benchmarks/results/")
+def test_committed_gpu_results_replay():
+    for path in sorted(RESULTS.glob("*.json")):
+        for row in schedule_bound.analyse(json.loads(path.read_text()), draws=20):
+            assert row["schedules"] and row["bound"] > 0
