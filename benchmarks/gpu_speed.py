@@ -655,7 +655,7 @@ def summarize_batch(
     bandwidth_bound = t["target_only"] / (t["draft_alone"] + t["prm_alone"] + rewrite)
     speedup = t["target_only"] / t["rsd"]
     kept = sum(r.kept for r in rsd_runs) / max(1, sum(r.proposed for r in rsd_runs))
-    return {
+    figures = {
         "batch": batch,
         "delta": delta,
         "tokens_per_run": tokens,
@@ -680,46 +680,25 @@ def summarize_batch(
         "peak_memory_gib": peaks,
         "rounds": len(seconds["rsd"]),
         "target_only_hf_over_backend": t["target_only_hf"] / t["target_only"],
-        **cudnn_figures(t, runs.get("rsd_cudnn", [])),
-        **eager_figures(t, runs.get("rsd_eager", [])),
-        **one_prefill_figures(t, runs.get("rsd_one_prefill", [])),
+        **variant_figures(t, runs["rsd_cudnn"], "rsd_cudnn"),
+        **variant_figures(t, runs["rsd_eager"], "rsd_eager"),
+        **variant_figures(t, runs["rsd_one_prefill"], "rsd_one_prefill"),
     }
+    if runs["rsd_eager"]:
+        figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
+    return figures
 
 
-def one_prefill_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
-    """With --prefill ab: RSD prefilling each call in one padded forward, and what the split by length gains."""
+def variant_figures(t: dict[str, float], runs: list[DecodeRun], name: str) -> dict:
+    """An RSD variant timed side by side in the same rounds (`rsd_cudnn` with --sdpa ab, `rsd_eager` with --decode
+    ab, `rsd_one_prefill` with --prefill ab): its time, split and speed-up, and how much faster RSD as shipped is."""
     if not runs:
         return {}
     return {
-        "rsd_one_prefill_s": t["rsd_one_prefill"],
-        "rsd_one_prefill_split_s": median_split(runs),
-        "rsd_over_rsd_one_prefill": t["rsd_one_prefill"] / t["rsd"],
-    }
-
-
-def cudnn_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
-    """With --sdpa ab: RSD with cuDNN attention allowed, and how much faster RSD runs without it."""
-    if not runs:
-        return {}
-    return {
-        "rsd_cudnn_s": t["rsd_cudnn"],
-        "rsd_cudnn_split_s": median_split(runs),
-        "rsd_cudnn_speedup": t["target_only"] / t["rsd_cudnn"],
-        "rsd_over_rsd_cudnn": t["rsd_cudnn"] / t["rsd"],
-    }
-
-
-def eager_figures(t: dict[str, float], runs: list[DecodeRun]) -> dict:
-    """With --decode ab: RSD and target-only through transformers' eager forward, and what the backend's
-    decode path gains over it."""
-    if not runs:
-        return {}
-    return {
-        "rsd_eager_s": t["rsd_eager"],
-        "rsd_eager_split_s": median_split(runs),
-        "rsd_eager_speedup": t["target_only_eager"] / t["rsd_eager"],
-        "rsd_over_rsd_eager": t["rsd_eager"] / t["rsd"],
-        "target_only_over_eager": t["target_only_eager"] / t["target_only"],
+        f"{name}_s": t[name],
+        f"{name}_split_s": median_split(runs),
+        f"{name}_speedup": t["target_only"] / t[name],
+        f"rsd_over_{name}": t[name] / t["rsd"],
     }
 
 
