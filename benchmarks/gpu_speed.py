@@ -65,6 +65,7 @@ QWEN_CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
+REPLAY_VARIANTS = ("modules", "fused", "compiled")  # --kernels ab: one decode token, each way
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
 
@@ -785,11 +786,15 @@ def graph_replay_ms(model: Any, batch: int, context: int, device: str, vocab: in
 
 
 @torch.inference_mode()
-def replay_seconds(model: Any, rows: int, width: int, fused: bool, device: str, replays: int, rounds: int) -> float:
+def replay_seconds(model: Any, rows: int, width: int, variant: str, device: str, replays: int, rounds: int) -> float:
     """Median over `rounds` of one decode token's time through a fresh static decoder (a CUDA graph replay on a
-    GPU), the arena half full."""
-    static = StaticDecoder(model, use_graphs=device.startswith("cuda"))
-    static.fused_kernels = fused
+    GPU), the arena half full. `variant`: "modules" (transformers' RMSNorm and rotation), "fused" (as shipped), or
+    "compiled" (fused, the layers through torch.compile: inductor on a GPU, its tracing alone on the CPU)."""
+    cuda = device.startswith("cuda")
+    static = StaticDecoder(model, use_graphs=cuda)
+    static.fused_kernels = variant != "modules"
+    if variant == "compiled":
+        static.compile_layers(backend="inductor" if cuda else "aot_eager")
     static._reserve(rows, width)
     static.rows, static.width = rows, width
     static.mask[:rows, : width // 2] = True
@@ -805,18 +810,19 @@ def replay_seconds(model: Any, rows: int, width: int, fused: bool, device: str, 
 
 def replay_table(models: Models, config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     """Per model and batch size (1, 16, 64 and those run): one decode token with transformers' RMSNorm and rotation,
-    and with the fused ones."""
+    with the fused ones, and with those compiled."""
     width = bucket_width(config.prompt_tokens + config.new_tokens)
     replays, rounds = (50, 5) if config.device.startswith("cuda") else (2, 1)
     table = []
     sizes = set(config.batches) if config.tiny else {1, *GOAL_BATCHES, *config.batches}
     for name, gen in (("draft", models.draft), ("target", models.target)):
         for rows in sorted(sizes):
-            modules, fused = (
-                replay_seconds(gen.model, rows, width, flag, config.device, replays, rounds) for flag in (False, True)
-            )
-            row = {"model": name, "rows": rows, "width": width, "modules_ms": modules * 1e3, "fused_ms": fused * 1e3}
-            row["speedup"] = modules / fused
+            row: dict[str, Any] = {"model": name, "rows": rows, "width": width}
+            for variant in REPLAY_VARIANTS:
+                seconds = replay_seconds(gen.model, rows, width, variant, config.device, replays, rounds)
+                row[f"{variant}_ms"] = seconds * 1e3
+            row["speedup"] = row["modules_ms"] / row["fused_ms"]
+            row["compiled_speedup"] = row["fused_ms"] / row["compiled_ms"]
             if config.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the two decoders' arenas
             log(f"replay {name} rows {rows}: {row}")
@@ -825,9 +831,15 @@ def replay_table(models: Models, config: BenchConfig, log: Callable[[str], None]
 
 
 def replay_lines(table: list[dict]) -> str:
-    lines = ["model | rows | modules ms/token | fused ms/token | speed-up", "---|---:|---:|---:|---:"]
+    lines = [
+        "model | rows | modules ms/token | fused ms/token | fused gain | compiled ms/token | compiled gain",
+        "---|---:|---:|---:|---:|---:|---:",
+    ]
     for r in table:
-        lines.append(f"{r['model']} | {r['rows']} | {r['modules_ms']:.2f} | {r['fused_ms']:.2f} | {r['speedup']:.2f}x")
+        lines.append(
+            f"{r['model']} | {r['rows']} | {r['modules_ms']:.2f} | {r['fused_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['compiled_ms']:.2f} | {r['compiled_speedup']:.2f}x"
+        )
     return "\n".join(lines)
 
 

@@ -188,5 +188,6 @@ def test_kernels_ab_times_one_decode_token_both_ways():
     table = report["replay_ms"]
     assert {(r["model"], r["rows"]) for r in table} == {("draft", 2), ("target", 2)}
     for row in table:
-        assert row["modules_ms"] > 0 and row["fused_ms"] > 0
+        assert row["modules_ms"] > 0 and row["fused_ms"] > 0 and row["compiled_ms"] > 0
         assert row["speedup"] == pytest.approx(row["modules_ms"] / row["fused_ms"])
+        assert row["compiled_speedup"] == pytest.approx(row["fused_ms"] / row["compiled_ms"])

@@ -183,6 +183,47 @@ def test_fused_norm_and_rotation_equal_the_modules(tokenizer, dtype):
         assert torch.allclose(fused.float(), reference.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_compiled_layers_decode_the_same_tokens_with_one_compile_for_all_layers(kind, path, tokenizer):
+    from torch._dynamo.testing import CompileCounter
+
+    model = build(kind, tokenizer, num_hidden_layers=4)
+    plain = HFStepGenerator.from_model(model, tokenizer, decode=path)
+    compiled = HFStepGenerator.from_model(model, tokenizer, decode=path)
+    # On a GPU the real compiler (Triton kernels under the graph capture); on the CPU a counting backend, which
+    # traces what inductor would compile without the minutes of C++ builds.
+    counter = CompileCounter()
+    compiled._static.compile_layers(backend="inductor" if DEVICE.startswith("cuda") else counter)
+    caps = [3, 5, 7, 4, 6]
+    assert trajectories(compiled, caps, steps=3) == trajectories(plain, caps, steps=3)
+    assert compiled._static.compiled  # no fallback happened
+    if not DEVICE.startswith("cuda"):
+        # Two functions, each traced for one row (sizes of 1 are specialised) and for any other count: the same
+        # code serves all 4 layers; compiling per layer would show 16.
+        assert 2 <= counter.frame_count <= 4
+    torch._dynamo.reset()
+
+
+def test_a_failed_compile_warns_and_decodes_without_it(tokenizer, monkeypatch):
+    from rsd.backends.static_decode import COMPILE_ENV
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    model = build("qwen2", tokenizer)
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    assert gen._static.compiled  # the variable turned it on
+    gen._static.compile_layers(backend=broken_backend)
+    plain = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    with pytest.warns(UserWarning, match="torch.compile of the decode layers failed.*no compiler here"):
+        got = trajectories(gen, [4, 6, 3, 5, 2], steps=2)
+    assert not gen._static.compiled
+    assert got == trajectories(plain, [4, 6, 3, 5, 2], steps=2)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
 def test_graphs_are_captured_once_per_shape(tokenizer):
     model = build("qwen2", tokenizer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from rsd.backends.kv import (
     stacked_layers,
 )
 from rsd.backends.packing import forward_cost_tokens, group_by_length
-from rsd.backends.static_decode import StaticDecoder, resolve_decode_mode
+from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -127,7 +128,10 @@ class HFStepGenerator:
         # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
         self.prefill_forward_tokens = forward_cost_tokens(self.cost.parameters, self.device)
         self.decode_mode = resolve_decode_mode(decode, model, self.device)
-        self._static = StaticDecoder(model, self.decode_mode == "graphs") if self.decode_mode != "eager" else None
+        self._static = None
+        if self.decode_mode != "eager":
+            compile_layers = os.environ.get(COMPILE_ENV, "") == "1"
+            self._static = StaticDecoder(model, self.decode_mode == "graphs", compile_layers=compile_layers)
 
     # -- the StepGenerator interface ------------------------------------------------------------------------
 

@@ -24,16 +24,18 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from rsd.backends.kv import RowCache, cache_layers
 from rsd.core import RSDError
+from rsd.hf_loading import first_line
 
 DECODE_MODES = ("auto", "eager", "static", "graphs")
 DECODE_ENV = "RSD_DECODE"  # overrides what "auto" picks: eager, static or graphs
+COMPILE_ENV = "RSD_COMPILE_DECODE"  # "1": torch.compile the static decode forward's layers (experimental)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 WIDTH_BUCKET = 256  # cache columns are allocated, and graphs captured, in multiples of this
 MAX_GRAPHS = 24  # captured graphs kept per generator (least recently used dropped first)
@@ -100,7 +102,7 @@ class StaticDecoder:
     every row, `keep` drops finished rows, `row_cache` copies one row's real columns out.
     """
 
-    def __init__(self, model: Any, use_graphs: bool) -> None:
+    def __init__(self, model: Any, use_graphs: bool, compile_layers: bool = False) -> None:
         config = model.config.get_text_config()
         self.model = model
         self.body = model.model
@@ -108,9 +110,15 @@ class StaticDecoder:
         # Fused RMSNorm and a shorter rotation (below); False runs transformers' own modules (for an A/B).
         self.fused_kernels = True
         self.layers = int(config.num_hidden_layers)
-        self.heads = int(config.num_attention_heads)
+        heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.shape = HeadShape(heads, self.kv_heads, self.head_dim)
+        # The per-layer code around the attention: plain functions, or their torch.compile'd versions.
+        self._layer_head: Any = layer_head
+        self._layer_tail: Any = layer_tail
+        self.compiled = False
+        self._compiled_shapes: set[tuple[int, int]] = set()
         embedding = model.get_input_embeddings().weight
         self.device, self.dtype = embedding.device, embedding.dtype
         self.capacity = (0, 0)  # (rows, width) of the arena
@@ -123,6 +131,33 @@ class StaticDecoder:
         self.width = 0  # columns of the current batch (a bucket)
         self.next_column = 0  # host copy of `column`
         self._graphs: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor]] = OrderedDict()
+        if compile_layers:
+            self.compile_layers()
+
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """Compile the code around each layer's attention with `torch.compile` (experimental). Every layer runs the
+        same compiled code, its weights being inputs, and the rows are a dynamic size, so a model compiles each
+        part once or twice. CUDA graphs then capture the compiled kernels. A compile that fails warns and leaves
+        the plain code."""
+        options = dict(backend=backend, dynamic=True, fullgraph=True)
+        self._layer_head = torch.compile(layer_head, **options)
+        self._layer_tail = torch.compile(layer_tail, **options)
+        self.compiled = True
+        self._compiled_shapes.clear()
+        self._graphs.clear()
+
+    def _uncompile(self, error: BaseException) -> None:
+        # torch wraps the compiler's own error (BackendCompilerFailed.inner_exception): say that one.
+        while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+            error = inner
+        warnings.warn(
+            f"torch.compile of the decode layers failed ({type(error).__name__}: {first_line(error)}); "
+            "decoding without it.",
+            stacklevel=3,
+        )
+        self._layer_head, self._layer_tail = layer_head, layer_tail
+        self.compiled = False
+        self._graphs.clear()
 
     # -- a batch ----------------------------------------------------------------------------------------------
 
@@ -190,6 +225,13 @@ class StaticDecoder:
         self.capacity = (rows, width)
 
     def _run(self) -> torch.Tensor:
+        if self.compiled and (self.rows, self.width) not in self._compiled_shapes:
+            # Compile (or check the compiled code) outside any graph capture, once per shape.
+            try:
+                self._forward(self.rows, self.width)
+                self._compiled_shapes.add((self.rows, self.width))
+            except Exception as exc:  # an unsupported operation, a missing compiler toolchain
+                self._uncompile(exc)
         if not self.use_graphs:
             return self._forward(self.rows, self.width)
         key = (self.rows, self.width)
@@ -239,43 +281,70 @@ class StaticDecoder:
         sin = signed_sin(sin) if self.fused_kernels else sin
         rotary = (cos[:, None], sin[:, None])  # [rows, 1, 1, head_dim]: broadcast over heads
         for index, layer in enumerate(self.body.layers):
-            normed = self._norm(layer.input_layernorm, hidden)
-            hidden = hidden + self._attention(layer.self_attn, normed, rotary, bias, index, width)
-            hidden = hidden + layer.mlp(self._norm(layer.post_attention_layernorm, hidden))
-        return self.model.lm_head(self._norm(self.body.norm, hidden))[:, -1].float()
+            query, key, value = self._layer_head(layer, hidden, *rotary, self.shape, self.fused_kernels)
+            attention = self._attend(index, query, key, value, bias, layer.self_attn, width)
+            hidden = self._layer_tail(layer, hidden, attention, self.fused_kernels)
+        return self.model.lm_head(norm_of(self.body.norm, hidden, self.fused_kernels))[:, -1].float()
 
-    def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(norm, x) if self.fused_kernels else norm(x)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return rotate(x, cos, sin) if self.fused_kernels else x * cos + rotate_half(x) * sin
-
-    def _attention(
+    def _attend(
         self,
-        attn: Any,
-        x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        bias: torch.Tensor,
         layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor,
+        attn: Any,
         width: int,
     ) -> torch.Tensor:
-        rows = x.shape[0]
-        query = attn.q_proj(x).view(rows, 1, self.heads, self.head_dim)
-        key = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim)
-        value = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
-            query, key = self._norm(attn.q_norm, query), self._norm(attn.k_norm, key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        query, key = self._rotate(query, *rotary), self._rotate(key, *rotary)
+        """Write the token's keys and values into the arena and attend over it (never compiled: it writes into
+        the arena in place)."""
+        rows = query.shape[0]
         keys = self.kv[layer, 0, :rows, :, :width]
         values = self.kv[layer, 1, :rows, :, :width]
         keys.index_copy_(2, self.column, key)
         values.index_copy_(2, self.column, value)
-        # Query head h reads key head h // groups: the heads of a group become the rows of one attention call.
-        grouped = query.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-        scale = getattr(attn, "scaling", self.head_dim**-0.5)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scale)
-        return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
+        scale = getattr(attn, "scaling", self.shape.head_dim**-0.5)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+
+
+class HeadShape(NamedTuple):
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def norm_of(norm: Any, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    return rms_norm(norm, x) if fused else norm(x)
+
+
+def layer_head(
+    layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: HeadShape, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to its attention: the query, its heads grouped by key head ([rows, kv_heads, groups,
+    head_dim]), and the token's key and value ([rows, kv_heads, 1, head_dim]), rotated."""
+    heads, kv_heads, head_dim = shape
+    attn = layer.self_attn
+    x = norm_of(layer.input_layernorm, hidden, fused)
+    rows = x.shape[0]
+    query = attn.q_proj(x).view(rows, 1, heads, head_dim)
+    key = attn.k_proj(x).view(rows, 1, kv_heads, head_dim)
+    value = attn.v_proj(x).view(rows, 1, kv_heads, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+        query, key = norm_of(attn.q_norm, query, fused), norm_of(attn.k_norm, key, fused)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if fused:
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+    else:
+        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+    # Query head h reads key head h // groups: the heads of a group become the rows of one attention call.
+    return query.reshape(rows, kv_heads, heads // kv_heads, head_dim), key, value
+
+
+def layer_tail(layer: Any, hidden: torch.Tensor, attention: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The rest of a decoder layer: the attention's output projection and the MLP, each added to the residual."""
+    rows = hidden.shape[0]
+    hidden = hidden + layer.self_attn.o_proj(attention.reshape(rows, 1, -1))
+    return hidden + layer.mlp(norm_of(layer.post_attention_layernorm, hidden, fused))
 
 
 # -- fewer kernels per layer ------------------------------------------------------------------------------------
