@@ -134,7 +134,7 @@ class StaticDecoder:
         if compile_layers:
             self.compile_layers()
 
-    def compile_layers(self, backend: str = "inductor") -> None:
+    def compile_layers(self, backend: Any = "inductor") -> None:
         """Compile the code around each layer's attention with `torch.compile` (experimental). Every layer runs the
         same compiled code, its weights being inputs, and the rows are a dynamic size, so a model compiles each
         part once or twice. CUDA graphs then capture the compiled kernels. A compile that fails warns and leaves
