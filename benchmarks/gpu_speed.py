@@ -48,6 +48,7 @@ import torch
 
 from rsd.backends.hf import HFStepGenerator
 from rsd.backends.static_decode import DECODE_MODES, StaticDecoder, bucket_width
+from rsd.calibration import delta_for_keep_share
 from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, Trajectory, TrajectoryStats
 from rsd.hf_loading import CUDNN_ATTENTION_ENV
 from rsd.loop import Prompted, RunConfig, StepwiseDecoder
@@ -145,22 +146,6 @@ def tiny_config(**overrides: Any) -> BenchConfig:
 
 
 # -- the threshold ------------------------------------------------------------------------------------------------
-
-
-def calibrate_delta(rewards: Sequence[float], target_share: float) -> float:
-    """The threshold delta that keeps `target_share` of these rewards under the binary rule 1[r >= delta].
-
-    The k-th largest reward, k = round(share x n): exactly k rewards reach it when they are distinct (ties keep a
-    little more). A share of 0 gives +inf, which keeps nothing.
-    """
-    if not 0.0 <= target_share <= 1.0:
-        raise ValueError(f"target_share must lie in [0, 1], got {target_share}")
-    if not rewards:
-        raise ValueError("calibrate_delta needs at least one observed reward")
-    keep = round(target_share * len(rewards))
-    if keep == 0:
-        return math.inf
-    return sorted(rewards, reverse=True)[keep - 1]
 
 
 # -- random models in the real layouts ----------------------------------------------------------------------------
@@ -507,7 +492,7 @@ def calibrate(models: Models, config: BenchConfig, problems: list[Prompted]) -> 
     """Score every draft step of a keep-all pass (delta 0 keeps every reward in [0, 1]); delta keeps 70% of them."""
     decoder = rsd_decoder(models, run_config(config, len(problems), config.steps), delta=0.0)
     rewards = run_decoder(decoder, problems, config.device).rewards
-    return calibrate_delta(rewards, config.keep_share), len(rewards)
+    return delta_for_keep_share(rewards, config.keep_share), len(rewards)
 
 
 def target_rewrite_term(config: BenchConfig, batch: int, time_on_rows: Callable[[int], float]) -> float:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from rsd.core import RewardModel, RSDError, StepGenerator, Trajectory
 from rsd.loop import Prompted, RunConfig, StepwiseDecoder
 from rsd.policies import Policy, make_policy
+
+if TYPE_CHECKING:
+    from rsd.calibration import Calibration
 
 DEFAULT_TEMPLATE = "qwen25-math-cot"
 
@@ -128,8 +132,9 @@ class RSD:
         """Whether any model is behind a server: then the asynchronous controller drives them."""
         return any(hasattr(m, "pool") for m in (self.draft, self.target, self.prm))
 
-    def decoder(self, method: str = "rsd", **overrides) -> StepwiseDecoder:
-        """The decoder of one method: `rsd`, `draft` (draft alone) or `target` (target alone).
+    def decoder(self, method: str = "rsd", policy: Policy | None = None, **overrides) -> StepwiseDecoder:
+        """The decoder of one method: `rsd`, `draft` (draft alone) or `target` (target alone). `policy` replaces
+        RSD's weighting function for this decoder; `overrides` replace fields of the run configuration.
 
         In-process models advance in batched rounds (`StepwiseDecoder`); served models advance each trajectory
         as soon as its own step is done (`AsyncStepwiseDecoder`). Both give the same results.
@@ -139,7 +144,8 @@ class RSD:
         if self.served:
             from rsd.async_loop import AsyncStepwiseDecoder as decoder_class
         if method == "rsd":
-            return decoder_class(self.draft, config, self.prm, self.target, self.policy, proposer_role="draft")
+            policy = policy or self.policy
+            return decoder_class(self.draft, config, self.prm, self.target, policy, proposer_role="draft")
         if method in ("draft", "target"):
             return decoder_class(getattr(self, method), config, proposer_role=method)
         raise RSDError(f"unknown method {method!r}; use rsd, draft or target.")
@@ -148,6 +154,23 @@ class RSD:
         from rsd.eval.prompts import build_prompt
 
         return build_prompt(template, question, self.draft.tokenizer)
+
+    def calibrate(
+        self,
+        questions: str | Sequence[str],
+        target_share: float = 0.3,
+        template: str = DEFAULT_TEMPLATE,
+        rounds: int = 3,
+    ) -> Calibration:
+        """The threshold delta that hands the target `target_share` of the steps on these questions: a keep-all
+        pass, then up to `rounds` RSD runs that correct it (`rsd.calibration`). Use it as
+        `RSD(..., delta=calibration.delta)`."""
+        from rsd.calibration import calibrate
+
+        if isinstance(questions, str):
+            questions = [questions]
+        problems = [Prompted(i, q, self.prompt(q, template)) for i, q in enumerate(questions)]
+        return calibrate(self, problems, target_share, rounds=rounds)
 
     def generate(
         self,

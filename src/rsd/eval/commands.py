@@ -245,6 +245,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rsd calibrate ----------------------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """The delta for a target share, from a keep-all pass over the problems (`rsd.calibration`)."""
+    from rsd.calibration import calibrate, check_target_share
+    from rsd.cli import build_rsd
+    from rsd.loop import Prompted
+
+    check_target_share(args.target_share)  # before minutes of loading models
+    fill_model_defaults(args)
+    rsd_models = build_rsd(args)
+    problems = load_eval_problems(args, rsd_models.draft.tokenizer, args.template)
+    prompted = [Prompted(p.id, p.question, p.prompt) for p in problems]
+    result = calibrate(rsd_models, prompted, args.target_share, rounds=args.rounds, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(
+        f"keep-all pass: {result.scored_steps} draft steps scored on {result.problems} problems; "
+        f"delta {result.keep_all_delta:.4f} would hand the target {args.target_share:.0%} of them"
+    )
+    print("  target share -> delta: " + ", ".join(f"{share:.0%}: {d:.4f}" for share, d in result.table.items()))
+    for i, r in enumerate(result.rounds, 1):
+        print(f"round {i}: RSD at delta {r.delta:.4f} gave the target {r.target_share:.1%} of {r.steps} steps")
+    achieved = "" if result.achieved_share is None else f" (the target wrote {result.achieved_share:.1%} of steps)"
+    print(f"delta {result.delta:.4f}{achieved}; {result.seconds:.1f} s")
+    print(f"use it: rsd eval --delta {result.delta:.4f} ... (the same models, problems and decoding options)")
+    return 0
+
+
 # -- rsd merge --------------------------------------------------------------------------------------------------
 def cmd_merge(args: argparse.Namespace) -> int:
     """Combine the run folders of shards into one: records concatenated, summary recomputed."""
@@ -289,6 +318,16 @@ def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_
     sw.add_argument("--deltas", default="0.3,0.5,0.6,0.7,0.8,0.9", help="thresholds to sweep")
     sw.add_argument("--policies", default="threshold", help="weighting functions to sweep, comma-separated")
     sw.set_defaults(func=cmd_sweep)
+
+    cal = sub.add_parser("calibrate", help="the threshold delta that hands the target a chosen share of the steps")
+    add_model_arguments(cal, required=False)
+    add_decoding_arguments(cal)
+    add_dataset_arguments(cal)
+    cal.add_argument("--target-share", type=float, default=0.3, help="share of steps the target should write (0.3)")
+    cal.add_argument("--rounds", type=int, default=3, help="RSD runs that correct the keep-all delta (3; 0: none)")
+    cal.add_argument("--tolerance", type=float, default=0.02, help="stop once the share is this close (0.02)")
+    cal.add_argument("--json", action="store_true", help="print one JSON object")
+    cal.set_defaults(func=cmd_calibrate)
 
     mg = sub.add_parser("merge", help="combine the run folders of --shard runs")
     mg.add_argument("runs", nargs="+", help="run folders of the shards")
