@@ -48,8 +48,8 @@ import torch
 
 from rsd.backends.hf import HFStepGenerator
 from rsd.backends.static_decode import DECODE_MODES, StaticDecoder, bucket_width
-from rsd.calibration import delta_for_keep_share
-from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, Trajectory, TrajectoryStats
+from rsd.calibration import delta_for_keep_share, step_rewards
+from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, TrajectoryStats
 from rsd.hf_loading import CUDNN_ATTENTION_ENV
 from rsd.loop import Prompted, RunConfig, StepwiseDecoder
 from rsd.policies import Threshold
@@ -465,10 +465,6 @@ def run_decoder(decoder: StepwiseDecoder, problems: list[Prompted], device: str)
         proposed=total.steps_kept + total.steps_rejected,
         rewards=step_rewards(trajectories),
     )
-
-
-def step_rewards(trajectories: list[Trajectory]) -> list[float]:
-    return [s.reward for t in trajectories for s in t.steps if s.reward is not None]
 
 
 def run_config(config: BenchConfig, batch: int, steps: int) -> RunConfig:

@@ -15,11 +15,12 @@ on these problems, so no fixed delta gives it. Two stages find it:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rsd.core import RSDError, Trajectory
+from rsd.core import RSDError, Trajectory, TrajectoryStats
 from rsd.loop import Prompted
 from rsd.policies import Threshold
 
@@ -96,10 +97,11 @@ def step_rewards(trajectories: Sequence[Trajectory]) -> list[float]:
 
 
 def target_step_share(trajectories: Sequence[Trajectory]) -> float:
-    """The share of all steps that the target wrote."""
-    steps = sum(len(traj.steps) for traj in trajectories)
-    by_target = sum(step.source == "target" for traj in trajectories for step in traj.steps)
-    return by_target / steps if steps else 0.0
+    """The share of all steps that the target wrote, over the trajectories' statistics together."""
+    total = TrajectoryStats()
+    for traj in trajectories:
+        total.add(traj.stats)
+    return total.target_step_share
 
 
 def calibrate(
@@ -107,8 +109,6 @@ def calibrate(
 ) -> Calibration:
     """The delta that hands the target `target_share` of the steps on `problems`: a keep-all pass, then up to
     `rounds` RSD runs, each setting delta from its own proposals' rewards, stopping within `tolerance`."""
-    import time
-
     check_target_share(target_share)
     if rounds < 0 or not 0.0 <= tolerance < 1.0:
         raise RSDError(f"rounds {rounds} and tolerance {tolerance}: give rounds >= 0 and a tolerance in [0, 1).")

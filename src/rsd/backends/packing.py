@@ -1,11 +1,12 @@
 """Which rows of a prefill run together: one padded forward per group of similar tail lengths.
 
-A batched prefill pads every row's tail to the longest one. In RSD the tails differ a lot: a rejected row hands
-the target every draft step it has not read yet (up to the whole trajectory), a row it wrote last round hands it
-one token. Padding all of them to the longest tail did 2.4x the needed prefill work in the target at batch 64
-(simulated over the benchmark's workload). Splitting the rows into a few forwards of similar lengths saves that
-compute, at the price of one more forward each: on a GPU, a transformers forward costs its Python and kernel
-launches however few tokens it runs; on a CPU, its per-call overhead.
+A batched prefill pads every row's tail to the longest one. In RSD the tails differ a lot: a rejected row hands the
+target every draft step it has not read yet (up to the whole trajectory), a row it wrote last round hands it one
+token. Padding all of them to the longest tail made the target's time inside RSD 6.25 s where the split takes
+4.85 s, at batch 64 on an H200 (`benchmarks/gpu_speed.py --prefill ab`, docs/benchmarks.md). Splitting the rows into
+a few forwards of similar lengths saves that compute, at the price of one more forward each: on a GPU, a
+transformers forward costs its Python and kernel launches however few tokens it runs; on a CPU, its per-call
+overhead.
 
 The split minimises padded tokens plus a per-forward price in tokens (`forward_cost_tokens`). Sorted by length,
 the best groups are contiguous runs, so a small dynamic programme finds them exactly.

@@ -111,9 +111,8 @@ class StaticDecoder:
         self.fused_kernels = True
         self.layers = int(config.num_hidden_layers)
         heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        self.shape = HeadShape(heads, self.kv_heads, self.head_dim)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.shape = HeadShape(heads, int(config.num_key_value_heads), head_dim)
         # The per-layer code around the attention: plain functions, or their torch.compile'd versions.
         self._layer_head: Any = layer_head
         self._layer_tail: Any = layer_tail
@@ -217,7 +216,7 @@ class StaticDecoder:
         rows, width = max(rows, self.capacity[0]), max(width, self.capacity[1])
         self._graphs.clear()  # they read the old buffers
         self.kv = torch.zeros((0,), dtype=self.dtype, device=self.device)  # freed before the larger one is made
-        shape = (self.layers, 2, rows, self.kv_heads, width, self.head_dim)
+        shape = (self.layers, 2, rows, self.shape.kv_heads, width, self.shape.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.mask = torch.zeros((rows, width), dtype=torch.bool, device=self.device)
         self.ids = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
