@@ -126,6 +126,9 @@ class BenchConfig:
     # Prefill forwards (rsd.backends.packing): "split" by tail length as shipped, "one" forward per call whatever
     # the tails, "ab": split, plus RSD with one forward per call (`rsd_one_prefill`), side by side in every round.
     prefill: str = "split"
+    # The kept steps ride along the target's decoding as cache-only requests (StepRequest.cache_only): "on" as
+    # shipped on GPUs, "off", or "ab": on, plus RSD without riding (`rsd_no_ride`), side by side in every round.
+    ride: str = "on"
     # "ab" adds a table of one decode token's CUDA-graph replay time per model, with the static forward's fused
     # RMSNorm and rotation against transformers' own modules, at the batch sizes run (`replay_ms`).
     kernels: str = "fused"
@@ -276,6 +279,7 @@ def build_models(config: BenchConfig) -> Models:
     if config.prefill == "one":
         for holder in (models.draft, models.target, models.prm):
             holder.prefill_forward_tokens = ONE_FORWARD
+    models.target.ride_along = config.ride != "off"
     return models
 
 
@@ -540,6 +544,13 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
                 rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
             ),
         )
+    if config.ride == "ab":
+        methods["rsd_no_ride"] = lambda steps: without_riding(
+            models,
+            lambda: run_decoder(
+                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
+            ),
+        )
     if config.sdpa == "ab":
         methods["rsd_cudnn"] = lambda steps: with_cudnn_attention(
             lambda: run_decoder(
@@ -560,6 +571,7 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         "rsd_cudnn": [],
         "rsd_eager": [],
         "rsd_one_prefill": [],
+        "rsd_no_ride": [],
     }
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
@@ -590,6 +602,15 @@ def with_one_prefill_forward(models: Models, work: Callable[[], Any]) -> Any:
     finally:
         for holder, price in zip(holders, prices, strict=True):
             holder.prefill_forward_tokens = price
+
+
+def without_riding(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with the target catching up on kept steps only when it next writes a step (a prefill then)."""
+    models.target.ride_along = False
+    try:
+        return work()
+    finally:
+        models.target.ride_along = True
 
 
 def with_cudnn_attention(work: Callable[[], Any]) -> Any:
@@ -665,6 +686,7 @@ def summarize_batch(
         **variant_figures(t, runs["rsd_cudnn"], "rsd_cudnn"),
         **variant_figures(t, runs["rsd_eager"], "rsd_eager"),
         **variant_figures(t, runs["rsd_one_prefill"], "rsd_one_prefill"),
+        **variant_figures(t, runs["rsd_no_ride"], "rsd_no_ride"),
     }
     if runs["rsd_eager"]:
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
@@ -673,7 +695,8 @@ def summarize_batch(
 
 def variant_figures(t: dict[str, float], runs: list[DecodeRun], name: str) -> dict:
     """An RSD variant timed side by side in the same rounds (`rsd_cudnn` with --sdpa ab, `rsd_eager` with --decode
-    ab, `rsd_one_prefill` with --prefill ab): its time, split and speed-up, and how much faster RSD as shipped is."""
+    ab, `rsd_one_prefill` with --prefill ab, `rsd_no_ride` with --ride ab): its time, split and speed-up, and how
+    much faster RSD as shipped is."""
     if not runs:
         return {}
     return {
@@ -913,6 +936,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         "with one forward per call, side by side",
     )
     parser.add_argument(
+        "--ride",
+        choices=("on", "off", "ab"),
+        help="on (default): the target caches kept steps while it decodes rejected ones; off: only when it next "
+        "writes a step; ab: on, plus RSD with it off, side by side",
+    )
+    parser.add_argument(
         "--kernels",
         choices=("fused", "ab"),
         help="ab: also time one decode token per model with the fused RMSNorm and rotation and with transformers' "
@@ -923,9 +952,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     overrides: dict[str, Any] = {}
     if args.batches:
         overrides["batches"] = tuple(args.batches)
-    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "kernels"):
+    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.kernels is not None:
+        overrides["kernels"] = args.kernels
     if args.no_profile:
         overrides["profile"] = False
     config = tiny_config(**overrides) if args.tiny else BenchConfig(**overrides)
@@ -991,6 +1022,12 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
             print(
                 f"batch {r['batch']}: RSD with one prefill forward per call {r['rsd_one_prefill_s']:.2f} s; split by "
                 f"length (as shipped) is {r['rsd_over_rsd_one_prefill']:.2f}x faster"
+            )
+        if "rsd_no_ride_s" in r:
+            print(
+                f"batch {r['batch']}: RSD without riding {r['rsd_no_ride_s']:.2f} s (target "
+                f"{r['rsd_no_ride_split_s']['target']:.2f} s); riding (as shipped) is {r['rsd_over_rsd_no_ride']:.2f}x "
+                f"faster (target {r['rsd_split_s']['target']:.2f} s)"
             )
         if "rsd_cudnn_s" in r:
             print(

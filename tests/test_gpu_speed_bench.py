@@ -166,6 +166,32 @@ def test_prefill_one_never_splits_and_split_writes_the_same_tokens(monkeypatch):
     assert runs[0].rewards == pytest.approx(runs[1].rewards, abs=1e-5) and 0 < runs[0].kept < runs[0].proposed
 
 
+def test_ride_ab_times_rsd_without_riding_side_by_side_and_both_write_the_same_tokens(monkeypatch):
+    # Riding needs the static decode path, which the CPU takes only when asked.
+    monkeypatch.setenv(DECODE_ENV, "static")
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--ride", "ab"])
+    (result,) = report["results"]
+    t = result["seconds_median"]
+    assert result["rsd_over_rsd_no_ride"] == pytest.approx(t["rsd_no_ride"] / t["rsd"])
+    assert set(result["rsd_no_ride_split_s"]) == {"draft", "prm", "target", "controller"}
+    assert report["config"]["ride"] == "ab"
+    config = gpu_speed.tiny_config()
+    models = gpu_speed.build_models(config)
+    assert models.target.rides_along
+    problems = gpu_speed.make_problems(models.tokenizer, 3, config.prompt_tokens, seed=6, tag="ride")
+    run_config = gpu_speed.run_config(config, 3, config.steps)
+
+    def run(delta):
+        decoder = gpu_speed.rsd_decoder(models, run_config, delta=delta)
+        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), "cpu")
+
+    delta = statistics.median(run(0.0).rewards)
+    riding, plain = run(delta), gpu_speed.without_riding(models, lambda: run(delta))
+    assert models.target.ride_along  # put back
+    assert riding.tokens == plain.tokens and riding.kept == plain.kept and 0 < riding.kept < riding.proposed
+    assert riding.rewards == pytest.approx(plain.rewards, abs=1e-5)
+
+
 def test_kernels_ab_times_one_decode_token_both_ways():
     report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "2", "--kernels", "ab"])
     table = report["replay_ms"]

@@ -312,6 +312,82 @@ def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir):
     assert (empty.token_ids, empty.stop, empty.prefill_tokens) == ([], StopReason.LENGTH, 0)
 
 
+def ride(gen: HFStepGenerator, writer: list[int], cap: int, riders: dict[str, list[int]]) -> list[StepOutput]:
+    """One call: a step for the writer row "w", and cache-only requests for `riders`."""
+    requests = [StepRequest("w", writer, cap)] + [
+        StepRequest(key, prefix, 0, cache_only=True) for key, prefix in riders.items()
+    ]
+    return gen.generate_steps(requests, GREEDY)
+
+
+@pytest.mark.parametrize("rider_cached", [True, False], ids=["cached-rider", "new-rider"])
+def test_cache_only_requests_ride_along_and_the_next_step_is_unchanged(model_dir, decode_path, rider_cached):
+    gen = load_generator(model_dir)
+    gen.ride_along = True
+    assert gen.rides_along == (decode_path != "eager")
+    writer, rider = gen.encode(PROMPTS[2]), gen.encode(PROMPTS[0])
+    extended = rider + reference_step(gen, rider, 6)[0] if rider_cached else rider
+    if rider_cached:  # the rider's cache holds its prompt; the ride brings the 6 tokens written after it
+        gen.generate_steps([StepRequest("r", rider, 1)], GREEDY)
+    out, ridden = ride(gen, writer, 8, {"r": extended})
+    assert_matches_reference(gen, writer, [out], cap=8)
+    assert (ridden.token_ids, ridden.decode_tokens) == ([], 0)
+    cache = gen._caches.get("r")
+    if decode_path == "eager":  # nothing to ride on: the cache stays as it was
+        assert ridden.prefill_tokens == 0 and (cache is None) == (not rider_cached)
+        return
+    # Every token but the last (it heads the next step's tail, like a sampled token) is cached now.
+    assert cache.ids == extended[:-1] and ridden.prefill_tokens == len(extended) - 1 - (
+        len(rider) if rider_cached else 0
+    )
+    assert ridden.context_sum == sum(range(len(extended) - ridden.prefill_tokens, len(extended)))
+    following = gen.generate_steps([StepRequest("r", extended, 5)], GREEDY)[0]
+    assert following.prefill_tokens == 1
+    assert_matches_reference(gen, extended, [following], cap=5)
+
+
+def test_a_rider_longer_than_the_call_prefills_its_head_and_keeps_what_it_fed(model_dir, decode_path):
+    gen = load_generator(model_dir)
+    gen.ride_along = True
+    writer, rider = gen.encode(PROMPTS[1]), gen.encode(PROMPTS[2] + " " + PROMPTS[0])
+    out, ridden = ride(gen, writer, 3, {"long": rider})
+    assert len(out.token_ids) == 3
+    if decode_path != "eager":  # the writer decodes 3 tokens: the rider's last 3 ride, the rest is prefilled
+        assert gen._caches["long"].ids == rider[:-1] and ridden.prefill_tokens == len(rider) - 1
+    following = gen.generate_steps([StepRequest("long", rider, 4)], GREEDY)[0]
+    assert_matches_reference(gen, rider, [following], cap=4)
+
+
+def test_a_rider_stops_where_the_writers_stop_and_keeps_a_valid_prefix(model_dir, decode_path):
+    gen = load_generator(model_dir)
+    gen.ride_along = True
+    writer, rider = gen.encode(PROMPTS[2]), gen.encode(PROMPTS[1] + " " + PROMPTS[0] + " " + PROMPTS[3])
+    natural, _ = reference_step(gen, writer, 20, delimiter="never there")
+    j = next(j for j in range(2, len(natural) - 1) if len(gen.tokenizer.decode(natural[j : j + 2])) == 2)
+    params = StepParams(delimiter=gen.tokenizer.decode(natural[j : j + 2]))
+    requests = [StepRequest("w", writer, 20), StepRequest("part", rider, 0, cache_only=True)]
+    out, ridden = gen.generate_steps(requests, params)
+    assert out.stop == StopReason.DELIMITER and len(out.token_ids) < 20
+    if decode_path != "eager":  # the rider fed one tail token per decode forward the writer ran, then stopped
+        cached = gen._caches["part"].ids
+        assert cached == rider[: len(cached)] and len(rider) - 20 < len(cached) < len(rider) - 1
+        assert ridden.prefill_tokens == len(cached)
+    following = gen.generate_steps([StepRequest("part", rider, 4)], GREEDY)[0]
+    assert_matches_reference(gen, rider, [following], cap=4)
+
+
+def test_a_cache_only_request_alone_runs_nothing(model_dir):
+    gen = load_generator(model_dir)
+    gen.ride_along = True
+    prompt = gen.encode(PROMPTS[0])
+    (out,) = gen.generate_steps([StepRequest("alone", prompt, 0, cache_only=True)], GREEDY)
+    assert (out.token_ids, out.prefill_tokens) == ([], 0) and "alone" not in gen._caches
+
+
+def test_riding_is_off_by_default_on_the_cpu(model_dir):
+    assert load_generator(model_dir).ride_along is DEVICE.startswith("cuda")
+
+
 def test_release_forgets_the_cache(model_dir):
     gen = load_generator(model_dir)
     prompt = gen.encode(PROMPTS[0])

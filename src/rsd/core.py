@@ -39,11 +39,16 @@ class StepRequest:
 
     `prefix_ids` is the whole prefix (prompt + accepted steps) in the generator's own tokenization. The backend
     compares it with what it has cached for `key` and only processes the new tail.
+
+    A `cache_only` request (with `max_tokens` 0) asks for no step: it tells a generator that reports
+    `rides_along` which prefix the trajectory will bring next, so that it can run the tail while it decodes the
+    call's other rows, where one more row costs next to nothing. Any other generator returns an empty output.
     """
 
     key: Hashable
     prefix_ids: Sequence[int]
     max_tokens: int  # the step cap, already clipped to the trajectory's remaining token budget
+    cache_only: bool = False
 
 
 @dataclass

@@ -146,11 +146,25 @@ class StepwiseDecoder:
             return
         rewards = self._score(batch, proposals)
         keep = [decide(self.policy, self.config.seed, traj, r) for traj, r in zip(batch, rewards, strict=True)]
-        rejected = [traj for traj, k in zip(batch, keep, strict=True) if not k]
-        rewrites = iter(self._generate(self.fallback, "target", rejected)) if rejected else iter(())
+        rejected = []
         for traj, proposal, reward, kept in zip(batch, proposals, rewards, keep, strict=True):
-            rewrite = None if kept else next(rewrites)
+            if kept:
+                commit_rsd_step(traj, proposal, reward, None, self.config)
+            else:
+                rejected.append((traj, proposal, reward))
+        if not rejected:
+            return
+        riders = self._riders([traj for traj, kept in zip(batch, keep, strict=True) if kept])
+        rewrites = self._generate(self.fallback, "target", [traj for traj, _, _ in rejected], riders)
+        for (traj, proposal, reward), rewrite in zip(rejected, rewrites, strict=True):
             commit_rsd_step(traj, proposal, reward, rewrite, self.config)
+
+    def _riders(self, kept: list[Trajectory]) -> list[Trajectory]:
+        """The trajectories whose kept steps the target can cache while it rewrites the others' (see
+        `StepRequest.cache_only`): only for a target that gains from it, and only those that go on."""
+        if self.fallback is None or not getattr(self.fallback, "rides_along", False):
+            return []
+        return [traj for traj in kept if not traj.finished]
 
     # -- model calls, with their accounting ---------------------------------------------------------------
     def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
@@ -158,7 +172,10 @@ class StepwiseDecoder:
             return traj.prompt_ids + traj.generated_ids
         return generator.encode(traj.prompt + traj.text)
 
-    def _generate(self, generator: StepGenerator, role: str, batch: list[Trajectory]) -> list[StepOutput]:
+    def _generate(
+        self, generator: StepGenerator, role: str, batch: list[Trajectory], riders: Sequence[Trajectory] = ()
+    ) -> list[StepOutput]:
+        """One step for each of `batch`; `riders` only bring their prefixes along (cache-only requests)."""
         requests = [
             StepRequest(
                 key=traj.key,
@@ -167,12 +184,15 @@ class StepwiseDecoder:
             )
             for traj in batch
         ]
+        requests += [StepRequest(traj.key, self._prefix_ids(generator, traj), 0, cache_only=True) for traj in riders]
         start = time.perf_counter()
         outputs = generator.generate_steps(requests, self.config.step_params())
-        share = (time.perf_counter() - start) / len(batch)
-        for traj, out in zip(batch, outputs, strict=True):
+        share = (time.perf_counter() - start) / len(requests)
+        for traj, out in zip(batch, outputs[: len(batch)], strict=True):
             record_generation(traj, role, generator, out, share)
-        return outputs
+        for traj, out in zip(riders, outputs[len(batch) :], strict=True):
+            record_ride(traj, role, generator, out, share)
+        return outputs[: len(batch)]
 
     def _score(self, batch: list[Trajectory], proposals: list[StepOutput]) -> list[float]:
         delimiter = self.config.delimiter
@@ -217,6 +237,12 @@ def record_generation(traj: Trajectory, role: str, generator: StepGenerator, out
     tokens = out.prefill_tokens + out.decode_tokens
     usage = ModelUsage(out.prefill_tokens, out.decode_tokens, generator.cost.flops(tokens, out.context_sum), seconds, 1)
     traj.stats.models[role].add(usage)
+
+
+def record_ride(traj: Trajectory, role: str, generator: StepGenerator, out: StepOutput, seconds: float) -> None:
+    """What a cache-only request cost: tokens the model ran for the trajectory, in a call that wrote it no step."""
+    flops = generator.cost.flops(out.prefill_tokens, out.context_sum)
+    traj.stats.models[role].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 0))
 
 
 def record_scoring(traj: Trajectory, reward_model: RewardModel, out: RewardOutput, seconds: float) -> None:

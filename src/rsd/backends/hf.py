@@ -57,6 +57,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # generated so far; the last one is not yet in the cache
     context_sum: int = 0
     stop: StopReason | None = None
+    forced: list[int] | None = None  # a rider (cache-only request): the tail it feeds instead of sampling
 
     @property
     def tail(self) -> list[int]:
@@ -127,6 +128,10 @@ class HFStepGenerator:
         self._fingerprint: tuple[int, str] | None = None
         # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
         self.prefill_forward_tokens = forward_cost_tokens(self.cost.parameters, self.device)
+        # Whether cache-only requests ride along a call's decoding (settable). On a GPU a decode forward reads all
+        # the weights whatever its rows, so a few more rows cost little; on a CPU every row costs its compute, and
+        # riding would only run early what a later step may never need.
+        self.ride_along = self.device.startswith("cuda")
         self.decode_mode = resolve_decode_mode(decode, model, self.device)
         self._static = None
         if self.decode_mode != "eager":
@@ -155,15 +160,27 @@ class HFStepGenerator:
         for key in keys:
             self._caches.pop(key, None)
 
+    @property
+    def rides_along(self) -> bool:
+        """Whether cache-only requests (`StepRequest.cache_only`) run: their tails are fed one token per decode
+        forward next to the rows that write steps, on the static decode path, when `ride_along` is set."""
+        return self._static is not None and self.ride_along
+
     def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
         self._check_requests(requests)
         outputs: list[StepOutput | None] = [None] * len(requests)
-        rows = []
+        rows, riders = [], []
         for i, request in enumerate(requests):
-            if request.max_tokens < 1:  # no budget left: nothing to run, the cache stays as it is
+            if request.cache_only or request.max_tokens < 1:
+                # No step asked, or no budget left: nothing runs (but a rider may, below); the cache stays.
                 outputs[i] = StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
+                if request.cache_only:
+                    riders.append((i, request))
             else:
                 rows.append(_Row(i, request))
+        if rows and riders and self.rides_along:
+            window = max(row.request.max_tokens for row in rows)
+            rows += [row for i, request in riders if (row := self._rider_row(i, request, window)) is not None]
         if rows:
             with torch.inference_mode(), attention_without_cudnn(self.device):
                 batch, logits = self._prefill(rows)
@@ -174,6 +191,20 @@ class HFStepGenerator:
         return outputs  # type: ignore[return-value]
 
     # -- one call --------------------------------------------------------------------------------------------
+
+    def _rider_row(self, index: int, request: StepRequest, window: int) -> _Row | None:
+        """A cache-only request as a row that feeds its uncached tail instead of sampling: the tail's last
+        `window` tokens one per decode forward (the call decodes up to `window` tokens), anything before them in
+        the prefill. None when nothing is left to run."""
+        prefix = list(request.prefix_ids)
+        entry = self._caches.get(request.key)
+        cached = common_prefix_length(entry.ids, prefix) if entry is not None else 0
+        if len(prefix) - cached <= 1:  # the last token runs anyway, at the head of the next step's tail
+            return None
+        split = max(cached + 1, len(prefix) - window)
+        row = _Row(index, StepRequest(request.key, prefix[:split], len(prefix) - split), forced=prefix[split:])
+        self._check_token_ids(row, prefix[split:])
+        return row
 
     def _prefill(self, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
         """Run every row's uncached tail, in one forward per group of similar tail lengths (`packing`); returns
@@ -233,7 +264,7 @@ class HFStepGenerator:
         batch.cache = None  # the arena holds the keys and values now
         slots = list(range(len(rows)))
         while True:
-            tokens = self._next_tokens(logits, rows, params)
+            tokens = self._pick_tokens(logits, rows, params)
             live = []
             for row, slot, token in zip(rows, slots, tokens, strict=True):
                 row.tokens.append(token)
@@ -241,15 +272,29 @@ class HFStepGenerator:
                 if row.stop is None:
                     live.append((row, slot, token))
                 else:
-                    self._caches[row.request.key] = static.row_cache(slot, cached_ids(row))
-                    outputs[row.index] = self._output(row)
-            if not live:
+                    self._leave_arena(row, slot, outputs)
+            if all(row.forced is not None for row, _, _ in live):  # only riders left: they stop where they are
+                for row, slot, _ in live:
+                    self._leave_arena(row, slot, outputs)
                 return
             rows = [row for row, _, _ in live]
             slots = static.keep([slot for _, slot, _ in live])
             for row in rows:
                 row.context_sum += row.length
             logits = static.step(slots, [token for _, _, token in live])
+
+    def _leave_arena(self, row: _Row, slot: int, outputs: list[StepOutput | None]) -> None:
+        assert self._static is not None
+        self._caches[row.request.key] = self._static.row_cache(slot, cached_ids(row))
+        outputs[row.index] = self._output(row) if row.forced is None else self._ride_output(row)
+
+    def _pick_tokens(self, logits: torch.Tensor, rows: list[_Row], params: StepParams) -> list[int]:
+        """Each row's next token: sampled for a row that writes a step, the next tail token for a rider."""
+        writers = [b for b, row in enumerate(rows) if row.forced is None]
+        if len(writers) < len(rows):
+            logits = logits[torch.tensor(writers, device=logits.device)]
+        sampled = iter(self._next_tokens(logits, [rows[b] for b in writers], params))
+        return [next(sampled) if row.forced is None else row.forced[len(row.tokens)] for row in rows]
 
     def _feed_last_tokens(self, batch: _Batch) -> torch.Tensor:
         input_ids = torch.tensor([[row.tokens[-1]] for row in batch.rows])
@@ -282,6 +327,8 @@ class HFStepGenerator:
         return sample_top_p(logits / params.temperature, params.top_p, uniforms).tolist()
 
     def _stop_reason(self, row: _Row, params: StepParams) -> StopReason | None:
+        if row.forced is not None:
+            return StopReason.LENGTH if len(row.tokens) >= len(row.forced) else None
         if row.tokens[-1] in self.eos_token_ids:
             return StopReason.EOS
         if params.delimiter and self._completes_delimiter(row.tokens, params.delimiter):
@@ -326,6 +373,12 @@ class HFStepGenerator:
             context_sum=row.context_sum,
         )
 
+    def _ride_output(self, row: _Row) -> StepOutput:
+        """No step; the tokens a rider ran: its prefill tail and the tail tokens it fed (the last one it holds was
+        never fed, like a sampled token)."""
+        ran = len(row.request.prefix_ids) - row.reused + max(0, len(row.tokens) - 1)
+        return StepOutput([], "", StopReason.LENGTH, prefill_tokens=ran, decode_tokens=0, context_sum=row.context_sum)
+
     @staticmethod
     def _without(batch: _Batch, done: list[int]) -> _Batch:
         finished = set(done)
@@ -344,9 +397,9 @@ class HFStepGenerator:
             if len(request.prefix_ids) == 0:
                 raise RSDError(f"request {request.key!r} has an empty prefix; give it at least one prompt token.")
 
-    def _check_token_ids(self, row: _Row) -> None:
+    def _check_token_ids(self, row: _Row, ids: Sequence[int] | None = None) -> None:
         # An id past the embedding table is a device-side assert on CUDA; say what is wrong instead.
-        bad = [t for t in row.tail if not 0 <= t < self._vocab_rows]
+        bad = [t for t in (row.tail if ids is None else ids) if not 0 <= t < self._vocab_rows]
         if bad:
             raise RSDError(
                 f"request {row.request.key!r}: token id {bad[0]} is outside the {self.role} model's vocabulary "
