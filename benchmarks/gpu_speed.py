@@ -129,6 +129,9 @@ class BenchConfig:
     # The kept steps ride along the target's decoding as cache-only requests (StepRequest.cache_only): "on" as
     # shipped on GPUs, "off", or "ab": on, plus RSD without riding (`rsd_no_ride`), side by side in every round.
     ride: str = "on"
+    # Static decoding queues each forward before the host reads the tokens before it: "on" as shipped, or "ab":
+    # plus RSD with the host's stop checks and the GPU taking turns (`rsd_no_overlap`), side by side.
+    overlap: str = "on"
     # "ab" adds a table of one decode token's CUDA-graph replay time per model, with the static forward's fused
     # RMSNorm and rotation against transformers' own modules, at the batch sizes run (`replay_ms`).
     kernels: str = "fused"
@@ -551,6 +554,13 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
                 rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
             ),
         )
+    if config.overlap == "ab":
+        methods["rsd_no_overlap"] = lambda steps: without_overlap(
+            models,
+            lambda: run_decoder(
+                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
+            ),
+        )
     if config.sdpa == "ab":
         methods["rsd_cudnn"] = lambda steps: with_cudnn_attention(
             lambda: run_decoder(
@@ -572,6 +582,7 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         "rsd_eager": [],
         "rsd_one_prefill": [],
         "rsd_no_ride": [],
+        "rsd_no_overlap": [],
     }
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
@@ -611,6 +622,18 @@ def without_riding(models: Models, work: Callable[[], Any]) -> Any:
         return work()
     finally:
         models.target.ride_along = True
+
+
+def without_overlap(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with the host reading each decode forward's tokens before it queues the next one."""
+    generators = (models.draft, models.target)
+    for generator in generators:
+        generator.overlap_decode = False
+    try:
+        return work()
+    finally:
+        for generator in generators:
+            generator.overlap_decode = True
 
 
 def with_cudnn_attention(work: Callable[[], Any]) -> Any:
@@ -687,6 +710,7 @@ def summarize_batch(
         **variant_figures(t, runs["rsd_eager"], "rsd_eager"),
         **variant_figures(t, runs["rsd_one_prefill"], "rsd_one_prefill"),
         **variant_figures(t, runs["rsd_no_ride"], "rsd_no_ride"),
+        **variant_figures(t, runs["rsd_no_overlap"], "rsd_no_overlap"),
     }
     if runs["rsd_eager"]:
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
@@ -694,9 +718,9 @@ def summarize_batch(
 
 
 def variant_figures(t: dict[str, float], runs: list[DecodeRun], name: str) -> dict:
-    """An RSD variant timed side by side in the same rounds (`rsd_cudnn` with --sdpa ab, `rsd_eager` with --decode
-    ab, `rsd_one_prefill` with --prefill ab, `rsd_no_ride` with --ride ab): its time, split and speed-up, and how
-    much faster RSD as shipped is."""
+    """An RSD variant timed side by side in the same rounds (`rsd_cudnn`, `rsd_eager`, `rsd_one_prefill`,
+    `rsd_no_ride`, `rsd_no_overlap`, each with its --flag ab): its time, split and speed-up, and how much faster RSD
+    as shipped is."""
     if not runs:
         return {}
     return {
@@ -942,6 +966,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         "writes a step; ab: on, plus RSD with it off, side by side",
     )
     parser.add_argument(
+        "--overlap",
+        choices=("on", "ab"),
+        help="ab: also time RSD with the host's stop checks and the GPU's next decode forward taking turns",
+    )
+    parser.add_argument(
         "--kernels",
         choices=("fused", "ab"),
         help="ab: also time one decode token per model with the fused RMSNorm and rotation and with transformers' "
@@ -952,7 +981,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     overrides: dict[str, Any] = {}
     if args.batches:
         overrides["batches"] = tuple(args.batches)
-    for name in ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride"):
+    for name in (
+        "repeats",
+        "steps",
+        "warmup_steps",
+        "deadline_s",
+        "device",
+        "sdpa",
+        "decode",
+        "prefill",
+        "ride",
+        "overlap",
+    ):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.kernels is not None:
@@ -1028,6 +1068,11 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
                 f"batch {r['batch']}: RSD without riding {r['rsd_no_ride_s']:.2f} s (target "
                 f"{r['rsd_no_ride_split_s']['target']:.2f} s); riding (as shipped) is {r['rsd_over_rsd_no_ride']:.2f}x "
                 f"faster (target {r['rsd_split_s']['target']:.2f} s)"
+            )
+        if "rsd_no_overlap_s" in r:
+            print(
+                f"batch {r['batch']}: RSD with host checks and GPU taking turns {r['rsd_no_overlap_s']:.2f} s; "
+                f"overlapped (as shipped) is {r['rsd_over_rsd_no_overlap']:.2f}x faster"
             )
         if "rsd_cudnn_s" in r:
             print(

@@ -192,6 +192,28 @@ def test_ride_ab_times_rsd_without_riding_side_by_side_and_both_write_the_same_t
     assert riding.rewards == pytest.approx(plain.rewards, abs=1e-5)
 
 
+def test_overlap_ab_times_rsd_with_host_and_gpu_taking_turns_and_both_write_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(DECODE_ENV, "static")
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--overlap", "ab"])
+    (result,) = report["results"]
+    t = result["seconds_median"]
+    assert result["rsd_over_rsd_no_overlap"] == pytest.approx(t["rsd_no_overlap"] / t["rsd"])
+    config = gpu_speed.tiny_config()
+    models = gpu_speed.build_models(config)
+    problems = gpu_speed.make_problems(models.tokenizer, 3, config.prompt_tokens, seed=7, tag="overlap")
+    run_config = gpu_speed.run_config(config, 3, config.steps)
+
+    def run(delta):
+        decoder = gpu_speed.rsd_decoder(models, run_config, delta=delta)
+        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), "cpu")
+
+    delta = statistics.median(run(0.0).rewards)
+    overlapped, turns = run(delta), gpu_speed.without_overlap(models, lambda: run(delta))
+    assert models.draft.overlap_decode and models.target.overlap_decode  # put back
+    assert overlapped.tokens == turns.tokens and overlapped.kept == turns.kept
+    assert overlapped.rewards == pytest.approx(turns.rewards, abs=1e-5)
+
+
 def test_kernels_ab_times_one_decode_token_both_ways():
     report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "2", "--kernels", "ab"])
     table = report["replay_ms"]

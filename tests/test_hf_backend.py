@@ -245,6 +245,12 @@ def test_sampling_is_seeded_and_independent_of_the_batch(model_dir):
     # A nucleus of (almost) nothing keeps only the top token: sampling becomes greedy.
     greedy, _ = run_steps(load_generator(model_dir), {"a": prompts["a"]}, {"a": 8}, 3)
     assert sample("a", seed=3, top_p=1e-9)["a"] == [t for o in greedy["a"] for t in o.token_ids]
+    # A rider in the call changes no draw either.
+    gen = load_generator(model_dir)
+    gen.ride_along = True
+    params = StepParams(temperature=1.0, top_p=0.9, seed=1)
+    requests = [StepRequest("a", prompts["a"], 8), StepRequest("c", prompts["c"], 0, cache_only=True)]
+    assert gen.generate_steps(requests, params)[0].token_ids == alone["a"][:8]
 
 
 def steer_lm_head(model, token: int, like: int, scale: float = 1.05) -> None:
@@ -374,6 +380,23 @@ def test_a_rider_stops_where_the_writers_stop_and_keeps_a_valid_prefix(model_dir
         assert ridden.prefill_tokens == len(cached)
     following = gen.generate_steps([StepRequest("part", rider, 4)], GREEDY)[0]
     assert_matches_reference(gen, rider, [following], cap=4)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "taking-turns"])
+def test_riders_follow_their_rows_when_the_arena_shrinks(model_dir, decode_path, overlap):
+    gen = load_generator(model_dir)
+    gen.ride_along, gen.overlap_decode = True, overlap
+    short, long, rider = (gen.encode(p) for p in PROMPTS[:3])
+    gen.generate_steps([StepRequest("r", rider, 1)], GREEDY)
+    extended = rider + reference_step(gen, rider, 9)[0]
+    requests = [StepRequest("a", short, 2), StepRequest("b", long, 10), StepRequest("r", extended, 0, cache_only=True)]
+    a, b, _ = gen.generate_steps(requests, GREEDY)  # after "a" ends, "b" and "r" move to a 2-row bucket
+    assert_matches_reference(gen, short, [a], cap=2)
+    assert_matches_reference(gen, long, [b], cap=10)
+    if decode_path != "eager":
+        assert gen._caches["r"].ids == extended[:-1]
+    following = gen.generate_steps([StepRequest("r", extended, 4)], GREEDY)[0]
+    assert_matches_reference(gen, extended, [following], cap=4)
 
 
 def test_a_cache_only_request_alone_runs_nothing(model_dir):

@@ -58,6 +58,7 @@ class _Row:
     context_sum: int = 0
     stop: StopReason | None = None
     forced: list[int] | None = None  # a rider (cache-only request): the tail it feeds instead of sampling
+    columns: list[int] = field(default_factory=list)  # the arena columns its prefix fills (static decoding)
 
     @property
     def tail(self) -> list[int]:
@@ -132,6 +133,9 @@ class HFStepGenerator:
         # the weights whatever its rows, so a few more rows cost little; on a CPU every row costs its compute, and
         # riding would only run early what a later step may never need.
         self.ride_along = self.device.startswith("cuda")
+        # Whether static decoding queues each forward before the host reads the tokens before it (settable, for
+        # an A/B): the host's stop checks then run while the GPU computes.
+        self.overlap_decode = True
         self.decode_mode = resolve_decode_mode(decode, model, self.device)
         self._static = None
         if self.decode_mode != "eager":
@@ -255,46 +259,61 @@ class HFStepGenerator:
         self, batch: _Batch, logits: torch.Tensor, params: StepParams, outputs: list[StepOutput | None]
     ) -> None:
         """`_decode` over the static KV buffers: rows stay at their slot, finished ones are left to run idle
-        until few enough remain for a smaller row bucket."""
+        until few enough remain for a smaller row bucket. Tokens are chosen on the device and the next forward is
+        queued before the host reads them, so the host's stop checks overlap the GPU's next forward; a call whose
+        rows all end at a delimiter or EOS pays one forward that nobody reads."""
         static = self._static
         assert static is not None
         rows = batch.rows
+        for row, columns in zip(rows, real_columns(batch.mask), strict=True):
+            row.columns = columns
         new_tokens = max(row.request.max_tokens for row in rows) - 1  # the last token is sampled, never fed
         static.load(batch.cache, batch.mask, [len(row.request.prefix_ids) for row in rows], new_tokens)
         batch.cache = None  # the arena holds the keys and values now
-        slots = list(range(len(rows)))
+        first_decode_column = static.next_column
+        choice = DeviceChoice(rows, params, static.rows, self.device)
+        live = list(zip(rows, range(len(rows)), strict=True))
+        chosen = choice.choose(logits, 0)
+        drawn = 0  # tokens each live row has drawn so far
         while True:
-            tokens = self._pick_tokens(logits, rows, params)
-            live = []
-            for row, slot, token in zip(rows, slots, tokens, strict=True):
-                row.tokens.append(token)
+            choice.send_to_host(chosen)
+            queued = self.overlap_decode and any(
+                row.forced is None and len(row.tokens) + 1 < row.request.max_tokens for row, _ in live
+            )
+            if queued:
+                following = choice.choose(static.advance(chosen), drawn + 1)  # queued, not waited for
+            tokens = choice.receive()
+            still = []
+            for row, slot in live:
+                row.tokens.append(tokens[slot])
                 row.stop = self._stop_reason(row, params)
                 if row.stop is None:
-                    live.append((row, slot, token))
+                    still.append((row, slot))
                 else:
-                    self._leave_arena(row, slot, outputs)
-            if all(row.forced is not None for row, _, _ in live):  # only riders left: they stop where they are
-                for row, slot, _ in live:
-                    self._leave_arena(row, slot, outputs)
+                    self._leave_arena(row, slot, first_decode_column, outputs)
+            if all(row.forced is not None for row, _ in still):  # only riders left: they stop where they are
+                for row, slot in still:
+                    self._leave_arena(row, slot, first_decode_column, outputs)
                 return
-            rows = [row for row, _, _ in live]
-            slots = static.keep([slot for _, slot, _ in live])
-            for row in rows:
+            for row, _ in still:
                 row.context_sum += row.length
-            logits = static.step(slots, [token for _, _, token in live])
+            slots, moved = static.keep([slot for _, slot in still])
+            if moved is not None and queued:
+                following = choice.move([slot for _, slot in still], moved, static.rows, following)
+            elif moved is not None:
+                chosen = choice.move([slot for _, slot in still], moved, static.rows, chosen)
+            if not queued:  # the host's checks first, then the next forward
+                following = choice.choose(static.advance(chosen), drawn + 1)
+            live = list(zip([row for row, _ in still], slots, strict=True))
+            chosen, drawn = following, drawn + 1
 
-    def _leave_arena(self, row: _Row, slot: int, outputs: list[StepOutput | None]) -> None:
+    def _leave_arena(self, row: _Row, slot: int, first_decode_column: int, outputs: list[StepOutput | None]) -> None:
+        """Copy a finished row's cache out of the arena: its prefix's columns and one per token it fed."""
         assert self._static is not None
-        self._caches[row.request.key] = self._static.row_cache(slot, cached_ids(row))
+        ids = cached_ids(row)
+        fed = range(first_decode_column, first_decode_column + len(row.tokens) - 1)
+        self._caches[row.request.key] = self._static.row_cache(slot, ids, row.columns + list(fed))
         outputs[row.index] = self._output(row) if row.forced is None else self._ride_output(row)
-
-    def _pick_tokens(self, logits: torch.Tensor, rows: list[_Row], params: StepParams) -> list[int]:
-        """Each row's next token: sampled for a row that writes a step, the next tail token for a rider."""
-        writers = [b for b, row in enumerate(rows) if row.forced is None]
-        if len(writers) < len(rows):
-            logits = logits[torch.tensor(writers, device=logits.device)]
-        sampled = iter(self._next_tokens(logits, [rows[b] for b in writers], params))
-        return [next(sampled) if row.forced is None else row.forced[len(row.tokens)] for row in rows]
 
     def _feed_last_tokens(self, batch: _Batch) -> torch.Tensor:
         input_ids = torch.tensor([[row.tokens[-1]] for row in batch.rows])
@@ -405,6 +424,81 @@ class HFStepGenerator:
                 f"request {row.request.key!r}: token id {bad[0]} is outside the {self.role} model's vocabulary "
                 f"({self._vocab_rows} rows); the prefix was tokenized for another model."
             )
+
+
+class DeviceChoice:
+    """The next token of every slot of the arena, chosen on the device: the argmax, or a top-p sample with the
+    position's own uniform draw (`position_uniform`), and a rider's next tail token in its place. The host reads
+    the tokens through a pinned buffer after the next forward is queued."""
+
+    def __init__(self, rows: list[_Row], params: StepParams, bucket: int, device: str) -> None:
+        self.params = params
+        self.device = device
+        self.cuda = torch.device(device).type == "cuda"
+        self.slots: list[_Row | None] = [*rows, *[None] * (bucket - len(rows))]
+        self.rider: torch.Tensor | None = None
+        riders = [(slot, row.forced) for slot, row in enumerate(rows) if row.forced is not None]
+        if riders:
+            table = torch.zeros((bucket, max(len(forced) for _, forced in riders)), dtype=torch.long)
+            for slot, forced in riders:
+                table[slot, : len(forced)] = torch.tensor(forced)
+            rider = torch.zeros(bucket, dtype=torch.bool)
+            rider[[slot for slot, _ in riders]] = True
+            self.forced, self.rider = table.to(device), rider.to(device)
+        self.host = torch.empty(bucket, dtype=torch.long, pin_memory=self.cuda)
+        self.sent = 0
+        self.ready: Any = None
+
+    def choose(self, logits: torch.Tensor, drawn: int) -> torch.Tensor:
+        """[bucket] next tokens from `logits` (one row per slot, or the first rows only), for each row's token
+        number `drawn` of this call."""
+        if self.params.temperature <= 0:
+            chosen = logits.argmax(dim=-1)
+        else:
+            draws = [
+                position_uniform(self.params.seed, row.request.key, len(row.request.prefix_ids) + drawn)
+                if row is not None and row.forced is None
+                else 0.0
+                for row in self.slots[: logits.shape[0]]
+            ]
+            uniforms = torch.tensor(draws, dtype=torch.float32)
+            uniforms = uniforms.pin_memory() if self.cuda else uniforms
+            uniforms = uniforms.to(logits.device, non_blocking=True)
+            chosen = sample_top_p(logits / self.params.temperature, self.params.top_p, uniforms)
+        chosen = torch.nn.functional.pad(chosen, (0, len(self.slots) - chosen.shape[0]))
+        if self.rider is not None:
+            chosen = torch.where(self.rider, self.forced[:, min(drawn, self.forced.shape[1] - 1)], chosen)
+        return chosen
+
+    def send_to_host(self, chosen: torch.Tensor) -> None:
+        self.sent = chosen.shape[0]
+        self.host[: self.sent].copy_(chosen, non_blocking=self.cuda)
+        if self.cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def receive(self) -> list[int]:
+        """The tokens last sent, once they have arrived (the forward queued after them may still run)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host[: self.sent].tolist()
+
+    def move(self, slots: list[int], index: torch.Tensor, bucket: int, chosen: torch.Tensor) -> torch.Tensor:
+        """Follow the arena's rows to their new slots (`StaticDecoder.keep`); returns `chosen` moved the same way."""
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            kept = tensor.index_select(0, index)
+            return torch.cat([kept, kept.new_zeros((bucket - len(slots), *kept.shape[1:]))])
+
+        self.slots = [*[self.slots[s] for s in slots], *[None] * (bucket - len(slots))]
+        if self.rider is not None:
+            self.rider, self.forced = moved(self.rider), moved(self.forced)
+        return moved(chosen)
+
+
+def real_columns(mask: torch.Tensor) -> list[list[int]]:
+    """Per row of a 0/1 mask, the columns that hold its tokens (one host copy of the mask)."""
+    return [row.nonzero().squeeze(-1).tolist() for row in mask.bool().cpu()]
 
 
 def merge_batches(parts: list[_Batch]) -> _Batch:

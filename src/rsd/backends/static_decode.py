@@ -177,36 +177,48 @@ class StaticDecoder:
         self.column.fill_(used)
         self.next_column = used
 
-    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
-        """Feed `tokens` to the rows at `slots` (other rows run on whatever they hold and are ignored); returns
-        the next-token logits (float32) of those rows, in order."""
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        self.ids[index, 0] = torch.tensor(list(tokens), dtype=torch.long).to(self.device)
+    def advance(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token to every row of the bucket (`ids`, [rows] on the device: no host data, so the caller can
+        queue the next forward before it reads the last tokens); returns the next-token logits (float32) of every
+        row of the bucket. Rows that are done run on whatever they are fed and are ignored."""
+        self.ids[: self.rows, 0].copy_(ids)
         logits = self._run()
         self.positions[: self.rows] += 1
         self.column += 1
         self.next_column += 1
-        return logits.index_select(0, index)
+        return logits
 
-    def keep(self, slots: Sequence[int]) -> list[int]:
-        """Move the rows at `slots` to the front when that lets a smaller row bucket run; their new slots."""
+    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed `tokens` to the rows at `slots`; the next-token logits of those rows, in order."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        ids = self.ids[: self.rows, 0].clone()
+        ids[index] = torch.tensor(list(tokens), dtype=torch.long).to(self.device)
+        return self.advance(ids).index_select(0, index)
+
+    def keep(self, slots: Sequence[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Move the rows at `slots` to the front when that lets a smaller row bucket run. Returns their new slots
+        and the index that moved them (None when nothing moved), for the caller's own per-row tensors."""
         rows = bucket_rows(len(slots))
         if rows >= self.rows:
-            return list(slots)
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+            return list(slots), None
+        index = host_to_device(slots, self.device)
         columns = self.next_column
         self.kv[:, :, : len(slots), :, :columns] = self.kv[:, :, :, :, :columns].index_select(2, index)
         self.mask[: len(slots), :columns] = self.mask[:, :columns].index_select(0, index)
         self.positions[: len(slots)] = self.positions.index_select(0, index)
         self.rows = rows
-        return list(range(len(slots)))
+        return list(range(len(slots))), index
 
-    def row_cache(self, slot: int, ids: list[int]) -> RowCache:
-        """The real columns of one row, copied out (so the arena can take the next batch)."""
-        columns = self.mask[slot, : self.next_column].nonzero().squeeze(-1)
-        if len(columns) != len(ids):
-            raise AssertionError(f"static cache bookkeeping: {len(columns)} cached columns for {len(ids)} tokens")
-        return RowCache(ids, self.kv[:, :, slot].index_select(3, columns))
+    def row_cache(self, slot: int, ids: list[int], columns: Sequence[int] | None = None) -> RowCache:
+        """The real columns of one row, copied out (so the arena can take the next batch). `columns`, the row's
+        real columns as the caller counted them, spares a host synchronisation; else the mask says."""
+        if columns is None:
+            index = self.mask[slot, : self.next_column].nonzero().squeeze(-1)
+        else:
+            index = host_to_device(columns, self.device)
+        if len(index) != len(ids):
+            raise AssertionError(f"static cache bookkeeping: {len(index)} cached columns for {len(ids)} tokens")
+        return RowCache(ids, self.kv[:, :, slot].index_select(3, index))
 
     # -- buffers and graphs -------------------------------------------------------------------------------------
 
@@ -304,6 +316,16 @@ class StaticDecoder:
         values.index_copy_(2, self.column, value)
         scale = getattr(attn, "scaling", self.shape.head_dim**-0.5)
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+
+
+def host_to_device(values: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """A long tensor on `device`, copied without waiting for the work queued there: from pinned memory on CUDA
+    (a copy from pageable memory may synchronise the stream, which would stall a decode loop that keeps one
+    forward in flight)."""
+    tensor = torch.tensor(list(values), dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class HeadShape(NamedTuple):
