@@ -67,6 +67,9 @@ QWEN_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
 REPLAY_VARIANTS = ("modules", "fused", "compiled")  # --kernels ab: one decode token, each way
+# BenchConfig fields that a command-line flag of the same name sets.
+FLAG_SETTINGS = ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride")
+FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale")
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
 
@@ -129,6 +132,8 @@ class BenchConfig:
     # The kept steps ride along the target's decoding as cache-only requests (StepRequest.cache_only): "on" as
     # shipped on GPUs, "off", or "ab": on, plus RSD without riding (`rsd_no_ride`), side by side in every round.
     ride: str = "on"
+    # Above 0: also RSD with every model's price of one more prefill forward scaled by this (`rsd_prefill_scaled`).
+    prefill_scale: float = 0.0
     # Static decoding queues each forward before the host reads the tokens before it: "on" as shipped, or "ab":
     # plus RSD with the host's stop checks and the GPU taking turns (`rsd_no_overlap`), side by side.
     overlap: str = "on"
@@ -547,6 +552,14 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
                 rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
             ),
         )
+    if config.prefill_scale:
+        methods["rsd_prefill_scaled"] = lambda steps: with_prefill_prices(
+            models,
+            lambda price: max(1, round(price * config.prefill_scale)),
+            lambda: run_decoder(
+                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
+            ),
+        )
     if config.ride == "ab":
         methods["rsd_no_ride"] = lambda steps: without_riding(
             models,
@@ -583,6 +596,7 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         "rsd_one_prefill": [],
         "rsd_no_ride": [],
         "rsd_no_overlap": [],
+        "rsd_prefill_scaled": [],
     }
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
@@ -604,10 +618,15 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
 
 def with_one_prefill_forward(models: Models, work: Callable[[], Any]) -> Any:
     """Run `work` with every model prefilling each call's rows in one padded forward (no split by length)."""
+    return with_prefill_prices(models, lambda price: ONE_FORWARD, work)
+
+
+def with_prefill_prices(models: Models, new_price: Callable[[int], int], work: Callable[[], Any]) -> Any:
+    """Run `work` with each model's price of one more prefill forward (packing.py) set to new_price(its price)."""
     holders = (models.draft, models.target, models.prm)
     prices = [holder.prefill_forward_tokens for holder in holders]
-    for holder in holders:
-        holder.prefill_forward_tokens = ONE_FORWARD
+    for holder, price in zip(holders, prices, strict=True):
+        holder.prefill_forward_tokens = new_price(price)
     try:
         return work()
     finally:
@@ -711,6 +730,7 @@ def summarize_batch(
         **variant_figures(t, runs["rsd_one_prefill"], "rsd_one_prefill"),
         **variant_figures(t, runs["rsd_no_ride"], "rsd_no_ride"),
         **variant_figures(t, runs["rsd_no_overlap"], "rsd_no_overlap"),
+        **variant_figures(t, runs["rsd_prefill_scaled"], "rsd_prefill_scaled"),
     }
     if runs["rsd_eager"]:
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
@@ -966,6 +986,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         "writes a step; ab: on, plus RSD with it off, side by side",
     )
     parser.add_argument(
+        "--prefill-scale",
+        type=float,
+        help="also time RSD with each model's price of one more prefill forward multiplied by this, side by side",
+    )
+    parser.add_argument(
         "--overlap",
         choices=("on", "ab"),
         help="ab: also time RSD with the host's stop checks and the GPU's next decode forward taking turns",
@@ -981,22 +1006,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     overrides: dict[str, Any] = {}
     if args.batches:
         overrides["batches"] = tuple(args.batches)
-    for name in (
-        "repeats",
-        "steps",
-        "warmup_steps",
-        "deadline_s",
-        "device",
-        "sdpa",
-        "decode",
-        "prefill",
-        "ride",
-        "overlap",
-    ):
+    for name in FLAG_SETTINGS:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    if args.kernels is not None:
-        overrides["kernels"] = args.kernels
     if args.no_profile:
         overrides["profile"] = False
     config = tiny_config(**overrides) if args.tiny else BenchConfig(**overrides)
@@ -1068,6 +1080,15 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
                 f"batch {r['batch']}: RSD without riding {r['rsd_no_ride_s']:.2f} s (target "
                 f"{r['rsd_no_ride_split_s']['target']:.2f} s); riding (as shipped) is {r['rsd_over_rsd_no_ride']:.2f}x "
                 f"faster (target {r['rsd_split_s']['target']:.2f} s)"
+            )
+        if "rsd_prefill_scaled_s" in r:
+            roles = ("draft", "prm", "target")
+            scaled = ", ".join(f"{r['rsd_prefill_scaled_split_s'][role]:.2f}" for role in roles)
+            shipped = ", ".join(f"{r['rsd_split_s'][role]:.2f}" for role in roles)
+            print(
+                f"batch {r['batch']}: RSD with prefill prices x{config.prefill_scale:g} "
+                f"{r['rsd_prefill_scaled_s']:.2f} s (draft, PRM, target: {scaled} s; as shipped {shipped} s); "
+                f"as shipped is {r['rsd_over_rsd_prefill_scaled']:.2f}x faster"
             )
         if "rsd_no_overlap_s" in r:
             print(
