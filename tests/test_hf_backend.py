@@ -326,30 +326,45 @@ def ride(gen: HFStepGenerator, writer: list[int], cap: int, riders: dict[str, li
     return gen.generate_steps(requests, GREEDY)
 
 
+def counts(out: StepOutput) -> tuple:
+    return out.token_ids, out.stop, out.prefill_tokens, out.decode_tokens, out.context_sum
+
+
 @pytest.mark.parametrize("rider_cached", [True, False], ids=["cached-rider", "new-rider"])
-def test_cache_only_requests_ride_along_and_the_next_step_is_unchanged(model_dir, decode_path, rider_cached):
+def test_cache_only_requests_ride_along_and_change_no_output_or_count(model_dir, decode_path, rider_cached):
+    writer, rider = (load_generator(model_dir).encode(text) for text in (PROMPTS[2], PROMPTS[0]))
+
+    def calls(gen: HFStepGenerator) -> tuple[list[StepOutput], list[int]]:
+        outputs = gen.generate_steps([StepRequest("r", rider, 1)], GREEDY) if rider_cached else []
+        extended = rider + reference_step(gen, rider, 6)[0]
+        outputs += ride(gen, writer, 8, {"r": extended})
+        return [*outputs, gen.generate_steps([StepRequest("r", extended, 5)], GREEDY)[0]], extended
+
     gen = load_generator(model_dir)
     gen.ride_along = True
     assert gen.rides_along == (decode_path != "eager")
-    writer, rider = gen.encode(PROMPTS[2]), gen.encode(PROMPTS[0])
-    extended = rider + reference_step(gen, rider, 6)[0] if rider_cached else rider
-    if rider_cached:  # the rider's cache holds its prompt; the ride brings the 6 tokens written after it
-        gen.generate_steps([StepRequest("r", rider, 1)], GREEDY)
-    out, ridden = ride(gen, writer, 8, {"r": extended})
-    assert_matches_reference(gen, writer, [out], cap=8)
-    assert (ridden.token_ids, ridden.decode_tokens) == ([], 0)
-    cache = gen._caches.get("r")
-    if decode_path == "eager":  # nothing to ride on: the cache stays as it was
-        assert ridden.prefill_tokens == 0 and (cache is None) == (not rider_cached)
-        return
-    # Every token but the last (it heads the next step's tail, like a sampled token) is cached now.
-    assert cache.ids == extended[:-1] and ridden.prefill_tokens == len(extended) - 1 - (
-        len(rider) if rider_cached else 0
-    )
-    assert ridden.context_sum == sum(range(len(extended) - ridden.prefill_tokens, len(extended)))
-    following = gen.generate_steps([StepRequest("r", extended, 5)], GREEDY)[0]
-    assert following.prefill_tokens == 1
+    riding, extended = calls(gen)
+    plain, _ = calls(load_generator(model_dir))  # rides nothing: runs each tail when a step needs it
+    ridden, following = riding[-2], riding[-1]
+    # The rider's output is empty; its tokens count in the next step, as if they had run there.
+    assert (ridden.token_ids, ridden.prefill_tokens, ridden.context_sum) == ([], 0, 0)
+    assert [counts(out) for out in riding] == [counts(out) for out in plain]
+    assert following.prefill_tokens == len(extended) - (len(rider) if rider_cached else 0)
+    assert_matches_reference(gen, writer, [riding[-3]], cap=8)
     assert_matches_reference(gen, extended, [following], cap=5)
+
+
+def test_riding_holds_the_tail_in_the_cache(model_dir, decode_path):
+    gen = load_generator(model_dir)
+    gen.ride_along = True
+    rider = gen.encode(PROMPTS[0])
+    gen.generate_steps([StepRequest("r", rider, 1)], GREEDY)
+    extended = rider + reference_step(gen, rider, 6)[0]
+    ride(gen, gen.encode(PROMPTS[2]), 8, {"r": extended})
+    # Ridden: every token but the last (it heads the next step's tail, like a sampled token). Else as it was.
+    assert gen._caches["r"].ids == (extended[:-1] if decode_path != "eager" else rider)
+    gen.release(["r"])
+    assert "r" not in gen._caches and "r" not in gen._ridden
 
 
 def test_a_rider_longer_than_the_call_prefills_its_head_and_keeps_what_it_fed(model_dir, decode_path):
@@ -359,8 +374,9 @@ def test_a_rider_longer_than_the_call_prefills_its_head_and_keeps_what_it_fed(mo
     out, ridden = ride(gen, writer, 3, {"long": rider})
     assert len(out.token_ids) == 3
     if decode_path != "eager":  # the writer decodes 3 tokens: the rider's last 3 ride, the rest is prefilled
-        assert gen._caches["long"].ids == rider[:-1] and ridden.prefill_tokens == len(rider) - 1
+        assert gen._caches["long"].ids == rider[:-1]
     following = gen.generate_steps([StepRequest("long", rider, 4)], GREEDY)[0]
+    assert (ridden.prefill_tokens, following.prefill_tokens) == (0, len(rider))
     assert_matches_reference(gen, rider, [following], cap=4)
 
 
@@ -377,8 +393,8 @@ def test_a_rider_stops_where_the_writers_stop_and_keeps_a_valid_prefix(model_dir
     if decode_path != "eager":  # the rider fed one tail token per decode forward the writer ran, then stopped
         cached = gen._caches["part"].ids
         assert cached == rider[: len(cached)] and len(rider) - 20 < len(cached) < len(rider) - 1
-        assert ridden.prefill_tokens == len(cached)
     following = gen.generate_steps([StepRequest("part", rider, 4)], GREEDY)[0]
+    assert (ridden.prefill_tokens, following.prefill_tokens) == (0, len(rider))
     assert_matches_reference(gen, rider, [following], cap=4)
 
 

@@ -42,7 +42,9 @@ class StepRequest:
 
     A `cache_only` request (with `max_tokens` 0) asks for no step: it tells a generator that reports
     `rides_along` which prefix the trajectory will bring next, so that it can run the tail while it decodes the
-    call's other rows, where one more row costs next to nothing. Any other generator returns an empty output.
+    call's other rows, where one more row costs next to nothing. Its output is empty, with no tokens: the generator
+    counts what it ran in the trajectory's next step, which would have run it otherwise. Any other generator
+    returns the same empty output and runs nothing.
     """
 
     key: Hashable

@@ -190,8 +190,8 @@ class StepwiseDecoder:
         share = (time.perf_counter() - start) / len(requests)
         for traj, out in zip(batch, outputs[: len(batch)], strict=True):
             record_generation(traj, role, generator, out, share)
-        for traj, out in zip(riders, outputs[len(batch) :], strict=True):
-            record_ride(traj, role, generator, out, share)
+        for traj in riders:
+            record_ride(traj, role, share)
         return outputs[: len(batch)]
 
     def _score(self, batch: list[Trajectory], proposals: list[StepOutput]) -> list[float]:
@@ -239,10 +239,9 @@ def record_generation(traj: Trajectory, role: str, generator: StepGenerator, out
     traj.stats.models[role].add(usage)
 
 
-def record_ride(traj: Trajectory, role: str, generator: StepGenerator, out: StepOutput, seconds: float) -> None:
-    """What a cache-only request cost: tokens the model ran for the trajectory, in a call that wrote it no step."""
-    flops = generator.cost.flops(out.prefill_tokens, out.context_sum)
-    traj.stats.models[role].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 0))
+def record_ride(traj: Trajectory, role: str, seconds: float) -> None:
+    """A cache-only request's share of the call's time (its tokens count in the step that needs them)."""
+    traj.stats.models[role].add(ModelUsage(wall_time_s=seconds))
 
 
 def record_scoring(traj: Trajectory, reward_model: RewardModel, out: RewardOutput, seconds: float) -> None:

@@ -126,6 +126,8 @@ class HFStepGenerator:
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_args
         self._caches: dict[Hashable, RowCache] = {}
+        # Per trajectory, the tokens (and their context sum) that riding ran and no step has needed yet.
+        self._ridden: dict[Hashable, tuple[int, int]] = {}
         self._fingerprint: tuple[int, str] | None = None
         # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
         self.prefill_forward_tokens = forward_cost_tokens(self.cost.parameters, self.device)
@@ -163,6 +165,7 @@ class HFStepGenerator:
     def release(self, keys: Sequence[Hashable]) -> None:
         for key in keys:
             self._caches.pop(key, None)
+            self._ridden.pop(key, None)
 
     @property
     def rides_along(self) -> bool:
@@ -383,20 +386,25 @@ class HFStepGenerator:
         return self._output(row)
 
     def _output(self, row: _Row) -> StepOutput:
+        ridden, ridden_context = self._ridden.pop(row.request.key, (0, 0))
         return StepOutput(
             token_ids=row.tokens,
             text=self._decode_text(row.tokens),
             stop=row.stop or StopReason.LENGTH,
-            prefill_tokens=len(row.request.prefix_ids) - row.reused,
+            prefill_tokens=len(row.request.prefix_ids) - row.reused + ridden,
             decode_tokens=len(row.tokens),
-            context_sum=row.context_sum,
+            context_sum=row.context_sum + ridden_context,
         )
 
     def _ride_output(self, row: _Row) -> StepOutput:
-        """No step; the tokens a rider ran: its prefill tail and the tail tokens it fed (the last one it holds was
-        never fed, like a sampled token)."""
+        """No step, and no tokens: what a rider ran (its prefill tail and the tail tokens it fed; the last one it
+        holds was never fed, like a sampled token) is counted in the trajectory's next step, which would have run
+        it without riding. So counts and FLOPs are the same with or without riding, and tokens that no step needs
+        (the trajectory ends first) ran in forwards that decoded other rows anyway, and are not counted."""
         ran = len(row.request.prefix_ids) - row.reused + max(0, len(row.tokens) - 1)
-        return StepOutput([], "", StopReason.LENGTH, prefill_tokens=ran, decode_tokens=0, context_sum=row.context_sum)
+        tokens, context = self._ridden.get(row.request.key, (0, 0))
+        self._ridden[row.request.key] = (tokens + ran, context + row.context_sum)
+        return StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
 
     @staticmethod
     def _without(batch: _Batch, done: list[int]) -> _Batch:
