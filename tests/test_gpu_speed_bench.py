@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_speed  # noqa: E402
+import phase_profile  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -222,3 +223,20 @@ def test_kernels_ab_times_one_decode_token_both_ways():
         assert row["modules_ms"] > 0 and row["fused_ms"] > 0 and row["compiled_ms"] > 0
         assert row["speedup"] == pytest.approx(row["modules_ms"] / row["fused_ms"])
         assert row["compiled_speedup"] == pytest.approx(row["fused_ms"] / row["compiled_ms"])
+
+
+def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, tmp_path):
+    monkeypatch.setenv(DECODE_ENV, "static")
+    originals = [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES]
+    (result,) = phase_profile.main(["--tiny", "--batches", "3", "--out", str(tmp_path)])
+    phases = result["phases [seconds, host seconds, calls]"]
+    for model in ("draft", "target"):
+        for phase in ("call", "prefill (stack, forward, merge)", "decode forward (static, graphs on a GPU)"):
+            seconds, host, calls = phases[f"{model}/{phase}"]
+            assert seconds > 0 and 0 <= host <= seconds + 1e-6 and calls > 0
+    steps = gpu_speed.tiny_config().steps
+    assert phases["prm/call"][2] == phases["prm/forward"][2] == steps  # one scoring call per step, one forward each
+    # A phase inside a call is part of it.
+    assert phases["target/decode forward (static, graphs on a GPU)"][0] <= phases["target/call"][0]
+    assert json.loads((tmp_path / "phase_profile.json").read_text())["results"][0]["batch"] == 3
+    assert [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES] == originals
