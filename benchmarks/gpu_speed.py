@@ -70,6 +70,9 @@ REPLAY_VARIANTS = ("modules", "fused", "compiled")  # --kernels ab: one decode t
 # BenchConfig fields that a command-line flag of the same name sets.
 FLAG_SETTINGS = ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride")
 FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale")
+# RSD runs with one setting changed, timed side by side with RSD as shipped (`rsd_eager` with --decode ab, the
+# others from `rsd_variant_settings`).
+RSD_VARIANTS = ("rsd_cudnn", "rsd_eager", "rsd_one_prefill", "rsd_no_ride", "rsd_no_overlap", "rsd_prefill_scaled")
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
 
@@ -527,59 +530,25 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
     rewrite_rows = max(1, math.ceil((1.0 - config.keep_share) * batch))
     chunks = prm_chunks(models, problems, config, config.seed)
     tokens = lambda steps: steps * config.step_tokens  # noqa: E731
+
+    def rsd(steps: int, on: Models = models, lockstep: bool = False) -> DecodeRun:
+        decoder = rsd_decoder(on, run_config(config, batch, steps), delta, lockstep=lockstep)
+        return run_decoder(decoder, fresh(problems, steps), device)
+
     methods: dict[str, Callable[[int], Any]] = {
         "target_only": lambda steps: backend_decode(models.target, prompt_ids, tokens(steps)),
         "target_only_hf": lambda steps: greedy_decode(models.target.model, prompts, tokens(steps)),
-        "rsd": lambda steps: run_decoder(
-            rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
-        ),
-        "lockstep": lambda steps: run_decoder(
-            rsd_decoder(models, run_config(config, batch, steps), delta, lockstep=True), fresh(problems, steps), device
-        ),
+        "rsd": rsd,
+        "lockstep": lambda steps: rsd(steps, lockstep=True),
         "draft_alone": lambda steps: backend_decode(models.draft, prompt_ids, tokens(steps)),
         "prm_alone": lambda steps: prm_scoring(models.prm, chunks[:steps]),
     }
     if config.decode == "ab":
         eager = models.eager()
         methods["target_only_eager"] = lambda steps: backend_decode(eager.target, prompt_ids, tokens(steps))
-        methods["rsd_eager"] = lambda steps: run_decoder(
-            rsd_decoder(eager, run_config(config, batch, steps), delta), fresh(problems, steps), device
-        )
-    if config.prefill == "ab":
-        methods["rsd_one_prefill"] = lambda steps: with_one_prefill_forward(
-            models,
-            lambda: run_decoder(
-                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
-            ),
-        )
-    if config.prefill_scale:
-        methods["rsd_prefill_scaled"] = lambda steps: with_prefill_prices(
-            models,
-            lambda price: max(1, round(price * config.prefill_scale)),
-            lambda: run_decoder(
-                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
-            ),
-        )
-    if config.ride == "ab":
-        methods["rsd_no_ride"] = lambda steps: without_riding(
-            models,
-            lambda: run_decoder(
-                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
-            ),
-        )
-    if config.overlap == "ab":
-        methods["rsd_no_overlap"] = lambda steps: without_overlap(
-            models,
-            lambda: run_decoder(
-                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
-            ),
-        )
-    if config.sdpa == "ab":
-        methods["rsd_cudnn"] = lambda steps: with_cudnn_attention(
-            lambda: run_decoder(
-                rsd_decoder(models, run_config(config, batch, steps), delta), fresh(problems, steps), device
-            )
-        )
+        methods["rsd_eager"] = lambda steps: rsd(steps, eager)
+    for name, setting in rsd_variant_settings(config, models).items():  # RSD with one setting changed
+        methods[name] = lambda steps, setting=setting: setting(lambda: rsd(steps))
     if rewrite_rows < batch:  # else it is target-only's work, already timed
         methods["target_rewrite_rows"] = lambda steps: backend_decode(
             models.target, prompt_ids[:rewrite_rows], tokens(steps)
@@ -588,16 +557,7 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         timed(device, lambda work=work: work(min(config.warmup_steps, config.steps)))
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    runs: dict[str, list[DecodeRun]] = {
-        "rsd": [],
-        "lockstep": [],
-        "rsd_cudnn": [],
-        "rsd_eager": [],
-        "rsd_one_prefill": [],
-        "rsd_no_ride": [],
-        "rsd_no_overlap": [],
-        "rsd_prefill_scaled": [],
-    }
+    runs: dict[str, list[DecodeRun]] = {name: [] for name in ("rsd", "lockstep", *RSD_VARIANTS)}
     peaks: dict[str, float | None] = {}
     for round_index in range(config.repeats):
         if round_index > 0 and config.deadline_s and time.perf_counter() - started > config.deadline_s:
@@ -614,6 +574,28 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
             seconds[name].append(elapsed)
         log(f"batch {batch}: round {round_index + 1} " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
     return summarize_batch(config, batch, delta, seconds, runs, peaks)
+
+
+def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Callable[[Callable[[], Any]], Any]]:
+    """The RSD variants this run times side by side (each flag's "ab"), as settings that run some work with one
+    thing changed and put it back."""
+    wanted = {
+        "rsd_one_prefill": config.prefill == "ab",
+        "rsd_prefill_scaled": bool(config.prefill_scale),
+        "rsd_no_ride": config.ride == "ab",
+        "rsd_no_overlap": config.overlap == "ab",
+        "rsd_cudnn": config.sdpa == "ab",
+    }
+    settings: dict[str, Callable[[Callable[[], Any]], Any]] = {
+        "rsd_one_prefill": lambda work: with_one_prefill_forward(models, work),
+        "rsd_prefill_scaled": lambda work: with_prefill_prices(
+            models, lambda price: max(1, round(price * config.prefill_scale)), work
+        ),
+        "rsd_no_ride": lambda work: without_riding(models, work),
+        "rsd_no_overlap": lambda work: without_overlap(models, work),
+        "rsd_cudnn": with_cudnn_attention,
+    }
+    return {name: setting for name, setting in settings.items() if wanted[name]}
 
 
 def with_one_prefill_forward(models: Models, work: Callable[[], Any]) -> Any:
@@ -725,12 +707,7 @@ def summarize_batch(
         "peak_memory_gib": peaks,
         "rounds": len(seconds["rsd"]),
         "target_only_hf_over_backend": t["target_only_hf"] / t["target_only"],
-        **variant_figures(t, runs["rsd_cudnn"], "rsd_cudnn"),
-        **variant_figures(t, runs["rsd_eager"], "rsd_eager"),
-        **variant_figures(t, runs["rsd_one_prefill"], "rsd_one_prefill"),
-        **variant_figures(t, runs["rsd_no_ride"], "rsd_no_ride"),
-        **variant_figures(t, runs["rsd_no_overlap"], "rsd_no_overlap"),
-        **variant_figures(t, runs["rsd_prefill_scaled"], "rsd_prefill_scaled"),
+        **{key: value for name in RSD_VARIANTS for key, value in variant_figures(t, runs[name], name).items()},
     }
     if runs["rsd_eager"]:
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]

@@ -167,6 +167,14 @@ def costs_from_result(result: dict, steps: int, keep_share: float) -> CallCosts:
     )
 
 
+def is_gpu_speed_report(report: object) -> bool:
+    """Whether a parsed JSON file is `gpu_speed.py` output (benchmarks/results/ also holds other benchmarks')."""
+    if not isinstance(report, dict) or not isinstance(report.get("config"), dict):
+        return False
+    results = report.get("results")
+    return isinstance(results, list) and all(isinstance(r, dict) and "seconds_median" in r for r in results)
+
+
 def analyse(report: dict, draws: int = DRAWS) -> list[dict]:
     steps, keep = report["config"]["steps"], report["config"]["keep_share"]
     rows = []
@@ -214,7 +222,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if not args.results.is_file():
         sys.exit(f"{args.results}: no such file; pass a gpu_speed.json, e.g. one in benchmarks/results/")
-    rows = analyse(json.loads(args.results.read_text()), args.draws)
+    report = json.loads(args.results.read_text())
+    if not is_gpu_speed_report(report):
+        sys.exit(f"{args.results} is not gpu_speed.py output (no config and timed results); pass a gpu_speed.json.")
+    rows = analyse(report, args.draws)
     print(lines(rows))
     return rows
 

@@ -139,80 +139,78 @@ def test_prefill_ab_times_rsd_with_one_forward_per_call_side_by_side(monkeypatch
     # Tiny CPU models never split on their own (a forward costs more than their padding); a price of one token
     # splits at every tail length, so the A/B compares two different prefills here too.
     monkeypatch.setenv(FORWARD_TOKENS_ENV, "1")
-    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--prefill", "ab"])
-    (result,) = report["results"]
-    t = result["seconds_median"]
-    assert result["rsd_over_rsd_one_prefill"] == pytest.approx(t["rsd_one_prefill"] / t["rsd"])
-    assert set(result["rsd_one_prefill_split_s"]) == {"draft", "prm", "target", "controller"}
-    assert report["config"]["prefill"] == "ab"
+    variant_report("prefill", "rsd_one_prefill")
 
 
 def test_prefill_one_never_splits_and_split_writes_the_same_tokens(monkeypatch):
     monkeypatch.setenv(FORWARD_TOKENS_ENV, "1")
-    config = gpu_speed.tiny_config()
-    split = gpu_speed.build_models(config)
+    split = gpu_speed.build_models(gpu_speed.tiny_config())
     one = gpu_speed.build_models(gpu_speed.tiny_config(prefill="one"))
     assert split.target.prefill_forward_tokens == 1 and one.target.prefill_forward_tokens == gpu_speed.ONE_FORWARD
-    problems = gpu_speed.make_problems(split.tokenizer, 3, config.prompt_tokens, seed=4, tag="split")
+    # The split changes which rows share a forward only.
+    shipped_and_changed(split, 4, gpu_speed.with_one_prefill_forward)
+
+
+def variant_report(flag: str, variant: str) -> dict:
+    """A tiny run with `--{flag} ab`: the variant is timed in the same rounds and compared with RSD as shipped."""
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", f"--{flag}", "ab"])
+    (result,) = report["results"]
+    t = result["seconds_median"]
+    assert result[f"rsd_over_{variant}"] == pytest.approx(t[variant] / t["rsd"])
+    assert set(result[f"{variant}_split_s"]) == {"draft", "prm", "target", "controller"}
+    assert report["config"][flag] == "ab"
+    return result
+
+
+def shipped_and_changed(models, seed: int, setting) -> tuple:
+    """RSD on the same problems and threshold, as shipped and under `setting` (a context that changes one thing)."""
+    config = gpu_speed.tiny_config()
+    problems = gpu_speed.make_problems(models.tokenizer, 3, config.prompt_tokens, seed=seed, tag=f"same{seed}")
     run_config = gpu_speed.run_config(config, 3, config.steps)
 
-    def run(models, delta):
+    def run(delta):
         decoder = gpu_speed.rsd_decoder(models, run_config, delta=delta)
         return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), "cpu")
 
-    delta = statistics.median(run(split, 0.0).rewards)  # some steps kept, some rewritten
-    runs = [run(models, delta) for models in (split, one)]
-    assert runs[0].tokens == runs[1].tokens and runs[0].kept == runs[1].kept
-    # Every step's reward is the same, so every step's text is: the split changes which rows share a forward only.
-    assert runs[0].rewards == pytest.approx(runs[1].rewards, abs=1e-5) and 0 < runs[0].kept < runs[0].proposed
+    delta = statistics.median(run(0.0).rewards)  # some steps kept, some rewritten
+    shipped, changed = run(delta), setting(models, lambda: run(delta))
+    assert shipped.tokens == changed.tokens and shipped.kept == changed.kept and 0 < shipped.kept < shipped.proposed
+    # Every step's reward is the same, so every step's text is.
+    assert shipped.rewards == pytest.approx(changed.rewards, abs=1e-5)
+    return shipped, changed
 
 
 def test_ride_ab_times_rsd_without_riding_side_by_side_and_both_write_the_same_tokens(monkeypatch):
     # Riding needs the static decode path, which the CPU takes only when asked.
     monkeypatch.setenv(DECODE_ENV, "static")
-    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--ride", "ab"])
-    (result,) = report["results"]
-    t = result["seconds_median"]
-    assert result["rsd_over_rsd_no_ride"] == pytest.approx(t["rsd_no_ride"] / t["rsd"])
-    assert set(result["rsd_no_ride_split_s"]) == {"draft", "prm", "target", "controller"}
-    assert report["config"]["ride"] == "ab"
-    config = gpu_speed.tiny_config()
-    models = gpu_speed.build_models(config)
+    variant_report("ride", "rsd_no_ride")
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
     assert models.target.rides_along
-    problems = gpu_speed.make_problems(models.tokenizer, 3, config.prompt_tokens, seed=6, tag="ride")
-    run_config = gpu_speed.run_config(config, 3, config.steps)
-
-    def run(delta):
-        decoder = gpu_speed.rsd_decoder(models, run_config, delta=delta)
-        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), "cpu")
-
-    delta = statistics.median(run(0.0).rewards)
-    riding, plain = run(delta), gpu_speed.without_riding(models, lambda: run(delta))
+    shipped_and_changed(models, 6, gpu_speed.without_riding)
     assert models.target.ride_along  # put back
-    assert riding.tokens == plain.tokens and riding.kept == plain.kept and 0 < riding.kept < riding.proposed
-    assert riding.rewards == pytest.approx(plain.rewards, abs=1e-5)
 
 
 def test_overlap_ab_times_rsd_with_host_and_gpu_taking_turns_and_both_write_the_same_tokens(monkeypatch):
     monkeypatch.setenv(DECODE_ENV, "static")
-    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--overlap", "ab"])
-    (result,) = report["results"]
-    t = result["seconds_median"]
-    assert result["rsd_over_rsd_no_overlap"] == pytest.approx(t["rsd_no_overlap"] / t["rsd"])
-    config = gpu_speed.tiny_config()
-    models = gpu_speed.build_models(config)
-    problems = gpu_speed.make_problems(models.tokenizer, 3, config.prompt_tokens, seed=7, tag="overlap")
-    run_config = gpu_speed.run_config(config, 3, config.steps)
-
-    def run(delta):
-        decoder = gpu_speed.rsd_decoder(models, run_config, delta=delta)
-        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), "cpu")
-
-    delta = statistics.median(run(0.0).rewards)
-    overlapped, turns = run(delta), gpu_speed.without_overlap(models, lambda: run(delta))
+    variant_report("overlap", "rsd_no_overlap")
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
+    shipped_and_changed(models, 7, gpu_speed.without_overlap)
     assert models.draft.overlap_decode and models.target.overlap_decode  # put back
-    assert overlapped.tokens == turns.tokens and overlapped.kept == turns.kept
-    assert overlapped.rewards == pytest.approx(turns.rewards, abs=1e-5)
+
+
+def test_prefill_scale_times_rsd_with_other_prices_side_by_side_and_puts_them_back():
+    report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "3", "--prefill-scale", "0.5"])
+    (result,) = report["results"]
+    assert result["rsd_over_rsd_prefill_scaled"] == pytest.approx(
+        result["seconds_median"]["rsd_prefill_scaled"] / result["seconds_median"]["rsd"]
+    )
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
+    prices = [m.prefill_forward_tokens for m in (models.draft, models.target, models.prm)]
+    seen = gpu_speed.with_prefill_prices(
+        models, lambda price: price // 2, lambda: [m.prefill_forward_tokens for m in (models.draft, models.target)]
+    )
+    assert seen == [price // 2 for price in prices[:2]]
+    assert [m.prefill_forward_tokens for m in (models.draft, models.target, models.prm)] == prices
 
 
 def test_kernels_ab_times_one_decode_token_both_ways():

@@ -57,10 +57,18 @@ def test_the_command_reads_a_results_file_and_refuses_a_missing_one(tmp_path, ca
     assert "lockstep-rounds" in capsys.readouterr().out and rows[0]["batch"] == 16
     with pytest.raises(SystemExit, match="no such file"):
         schedule_bound.main([str(tmp_path / "missing.json")])
+    other = tmp_path / "phase_profile.json"
+    other.write_text(json.dumps({"environment": {}, "results": [{"batch": 16, "phases": {}}]}))
+    with pytest.raises(SystemExit, match="not gpu_speed.py output"):
+        schedule_bound.main([str(other)])
 
 
 @pytest.mark.skipif(not any(RESULTS.glob("*.json")), reason="no committed GPU results in benchmarks/results/")
 def test_committed_gpu_results_replay():
     for path in sorted(RESULTS.glob("*.json")):
-        for row in schedule_bound.analyse(json.loads(path.read_text()), draws=20):
+        report = json.loads(path.read_text())
+        if not schedule_bound.is_gpu_speed_report(report):
+            assert "phases" in path.name, f"{path.name}: neither gpu_speed.py nor phase profile output"
+            continue
+        for row in schedule_bound.analyse(report, draws=20):
             assert row["schedules"] and row["bound"] > 0
