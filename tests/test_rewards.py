@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,18 @@ def test_undetectable_format_names_the_choices_and_forcing_works(checkpoints, tm
     prm = load(path, prm_format="rlhflow")
     assert prm.prm_format == "rlhflow"
     assert 0.0 <= prm.score_steps([RewardRequest("k", QUESTION, STEPS)])[0].reward <= 1.0
+
+
+@pytest.mark.parametrize("fmt", ["rlhflow", "math-shepherd"])
+def test_a_plain_llama_or_mistral_read_by_its_config_alone_gets_a_warning(tmp_path, fmt):
+    build = BUILDERS[fmt]
+    plain = build(tmp_path / "my-target-model")  # a causal LM whose name does not say what it is
+    with pytest.warns(UserWarning, match=f"read as a {fmt} PRM.*--prm-format {fmt}"):
+        assert load(plain).prm_format == fmt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(plain, prm_format=fmt)  # confirmed: no warning
+        load(build(tmp_path / f"tiny-{fmt}-model"))  # named for its format
 
 
 def test_unknown_format_is_refused(checkpoints):

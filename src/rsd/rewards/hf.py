@@ -35,6 +35,7 @@ from rsd.hf_loading import (
     resolve_dtype,
 )
 from rsd.rewards.formats import (
+    CAUSAL_LM_FORMATS,
     TRL_STEP_SEPARATOR,
     InputBuilder,
     check_prm_format,
@@ -286,6 +287,8 @@ def load_prm(
     source = check_model_source(model, "prm")
     config = read_config(source)
     fmt = check_prm_format(prm_format) if prm_format else detect_prm_format(config)
+    if not prm_format and fmt in CAUSAL_LM_FORMATS.values():
+        warn_unless_named_a_prm(source, config, fmt)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     tokenizer = load_tokenizer(source, "prm", trust_remote_code)
@@ -304,6 +307,23 @@ def load_prm(
     head.to(device).eval()
     cost = model_cost(body, head)
     return HFRewardModel(source, fmt, body, head, builder, cost, max_batch_size=max_batch_size)
+
+
+PRM_NAME_HINTS = ("prm", "reward", "shepherd", "rlhflow")
+
+
+def warn_unless_named_a_prm(source: str, config: dict, fmt: str) -> None:
+    """A Llama or Mistral causal LM is read as an RLHFlow or Math-Shepherd PRM from its config alone, so any such
+    model passes, a draft or target given as the PRM by mistake included. Warn unless its name says PRM."""
+    names = f"{source} {config.get('_name_or_path', '')}".lower()
+    if any(hint in names for hint in PRM_NAME_HINTS):
+        return
+    warnings.warn(
+        f"{source} is a plain {config.get('model_type')} causal LM, read as a {fmt} PRM: each step's reward is the "
+        f"probability it gives the '+' label token. If it was not trained as that PRM, its rewards mean nothing. "
+        f"Pass --prm-format {fmt} to confirm it, or give a PRM checkpoint.",
+        stacklevel=3,
+    )
 
 
 def load_transformers(source: str, auto_class: str, torch_dtype: Any, trust_remote_code: bool) -> nn.Module:
