@@ -415,6 +415,37 @@ def test_riders_follow_their_rows_when_the_arena_shrinks(model_dir, decode_path,
     assert_matches_reference(gen, extended, [following], cap=4)
 
 
+def test_random_calls_with_riders_match_a_generator_without_them(model_dir, decode_path):
+    """Calls of random writers (caps 1-9) and random riders, each trajectory sometimes rolled back into what was
+    generated or ridden before: the writers' outputs, counts included, equal those of a generator that never
+    rides, and what a rider holds is a prefix of what it brought."""
+    import random
+
+    rng = random.Random(11)
+    riding, plain = load_generator(model_dir), load_generator(model_dir)
+    riding.ride_along = True
+    base = [riding.encode(text) for text in PROMPTS]
+    prefixes = {f"t{i}": list(base[i % len(base)]) for i in range(6)}
+    for _ in range(10):
+        keys = rng.sample(sorted(prefixes), 4)
+        writers, riders = keys[:2], keys[2:]
+        for key in keys:  # each brings tokens its generator has not seen, sometimes after a rollback
+            if rng.random() < 0.4:
+                del prefixes[key][max(2, len(prefixes[key]) - rng.randrange(1, 8)) :]
+            prefixes[key] += [rng.randrange(20, 200) for _ in range(rng.randrange(1 if key in riders else 0, 12))]
+        caps = {key: rng.randrange(1, 10) for key in writers}
+        requests = [StepRequest(key, prefixes[key], caps[key]) for key in writers]
+        ridden = requests + [StepRequest(key, prefixes[key], 0, cache_only=True) for key in riders]
+        got = riding.generate_steps(ridden, GREEDY)[: len(writers)]
+        want = plain.generate_steps(requests, GREEDY)
+        assert [counts(out) for out in got] == [counts(out) for out in want]
+        for key, out in zip(writers, got, strict=True):
+            prefixes[key] += out.token_ids if rng.random() < 0.7 else out.token_ids[:1]  # sometimes a rollback
+        for key in riders if riding.rides_along else ():  # what a rider holds is a prefix of what it brought
+            cache = riding._caches.get(key)
+            assert cache is None or cache.ids == prefixes[key][: len(cache.ids)]
+
+
 def test_a_cache_only_request_alone_runs_nothing(model_dir):
     gen = load_generator(model_dir)
     gen.ride_along = True

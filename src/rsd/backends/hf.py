@@ -126,7 +126,7 @@ class HFStepGenerator:
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_args
         self._caches: dict[Hashable, RowCache] = {}
-        # Per trajectory, the tokens (and their context sum) that riding ran and no step has needed yet.
+        # Per trajectory, the positions [start, end) that riding ran into its cache and no step has needed yet.
         self._ridden: dict[Hashable, tuple[int, int]] = {}
         self._fingerprint: tuple[int, str] | None = None
         # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
@@ -386,7 +386,7 @@ class HFStepGenerator:
         return self._output(row)
 
     def _output(self, row: _Row) -> StepOutput:
-        ridden, ridden_context = self._ridden.pop(row.request.key, (0, 0))
+        ridden, ridden_context = self._claim_ridden(row)
         return StepOutput(
             token_ids=row.tokens,
             text=self._decode_text(row.tokens),
@@ -401,10 +401,18 @@ class HFStepGenerator:
         holds was never fed, like a sampled token) is counted in the trajectory's next step, which would have run
         it without riding. So counts and FLOPs are the same with or without riding, and tokens that no step needs
         (the trajectory ends first) ran in forwards that decoded other rows anyway, and are not counted."""
-        ran = len(row.request.prefix_ids) - row.reused + max(0, len(row.tokens) - 1)
-        tokens, context = self._ridden.get(row.request.key, (0, 0))
-        self._ridden[row.request.key] = (tokens + ran, context + row.context_sum)
+        start, end = row.reused, len(cached_ids(row))
+        if row.request.key in self._ridden:  # an earlier ride's positions from `start` on were run again
+            start = min(start, self._ridden[row.request.key][0])
+        self._ridden[row.request.key] = (start, end)
         return StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
+
+    def _claim_ridden(self, row: _Row) -> tuple[int, int]:
+        """Tokens and context sum of the ridden positions this step reused from the cache: what it would have run
+        without riding. Position p attends to p + 1 positions."""
+        start, end = self._ridden.pop(row.request.key, (0, 0))
+        end = max(start, min(end, row.reused))
+        return end - start, (end * (end + 1) - start * (start + 1)) // 2
 
     @staticmethod
     def _without(batch: _Batch, done: list[int]) -> _Batch:
