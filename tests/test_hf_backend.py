@@ -20,10 +20,11 @@ from tiny import make_qwen2_lm, make_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.backends.hf import DELIMITER_WINDOW_SLACK, HFStepGenerator  # noqa: E402
 from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
 from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
 from rsd.core import RSDError, StepGenerator, StepOutput, StepParams, StepRequest, StopReason  # noqa: E402
+from rsd.hf_loading import load_tokenizer  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
 DECODE_PATHS = ["eager", "static"] + (["graphs"] if DEVICE.startswith("cuda") else [])
@@ -308,6 +309,37 @@ def test_step_ends_where_a_multi_token_delimiter_completes(model_dir):
     assert out.stop == StopReason.DELIMITER and delimiter in out.text and len(out.token_ids) > 2
     assert delimiter not in gen.tokenizer.decode(out.token_ids[:-1])
     assert_matches_reference(gen, prompt, [out], cap=20, delimiter=delimiter)
+
+
+@pytest.mark.parametrize("source", ["test-tokenizer", "tiny-world"])
+def test_the_delimiter_prefilter_decides_like_decoding_every_window(model_dir, source):
+    """Stop checks skip the decode for tokens whose own text cannot end the delimiter; over random sequences rich in
+    the delimiters' characters, they decide exactly as decoding every window does."""
+    import random
+
+    from rsd.eval.harness import default_tinyworld_model
+
+    gen = load_generator(model_dir)
+    if source == "tiny-world":
+        gen = HFStepGenerator.from_model(gen.model, load_tokenizer(default_tinyworld_model("draft"), "draft", False))
+    vocab = len(gen.tokenizer)
+    marked = [t for t in range(vocab) if any(c in gen._decode_text([t]) for c in "\n. ")]
+    rng = random.Random(3)
+    for delimiter in ("\n\n", "\n", ".\n", " .", "ки"):
+        checked = 0
+        window = len(delimiter.encode("utf-8")) + DELIMITER_WINDOW_SLACK
+        for _ in range(300):  # a step, token by token, up to where decoding every window would end it
+            tokens: list[int] = []
+            for _ in range(8):
+                tokens.append(rng.choice(marked) if rng.random() < 0.6 else rng.randrange(vocab))
+                every_window = delimiter in gen._decode_text(tokens[-window:])
+                assert gen._completes_delimiter(tokens, delimiter) == every_window, (delimiter, tokens)
+                if every_window:
+                    checked += 1
+                    break
+        assert checked or delimiter not in ("\n", "\n\n")  # the usual delimiters did end some steps
+    skipped = sum(not known for known in gen._completers.values())
+    assert skipped > len(gen._completers) / 4  # and most tokens skip the decode
 
 
 def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir):

@@ -129,6 +129,7 @@ class HFStepGenerator:
         # Per trajectory, the positions [start, end) that riding ran into its cache and no step has needed yet.
         self._ridden: dict[Hashable, tuple[int, int]] = {}
         self._fingerprint: tuple[int, str] | None = None
+        self._completers: dict[tuple[int, str], bool] = {}  # (token, delimiter): can the token complete it
         # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
         self.prefill_forward_tokens = forward_cost_tokens(self.cost.parameters, self.device)
         # Whether cache-only requests ride along a call's decoding (settable). On a GPU a decode forward reads all
@@ -360,10 +361,25 @@ class HFStepGenerator:
         return None
 
     def _completes_delimiter(self, tokens: list[int], delimiter: str) -> bool:
+        if not self._may_complete(tokens[-1], delimiter):
+            return False
         # Every token adds at least one byte, so a delimiter that the newest token completes lies within its last
         # len(bytes) tokens; an earlier occurrence would have ended the step already.
         window = len(delimiter.encode("utf-8")) + DELIMITER_WINDOW_SLACK
         return delimiter in self._decode_text(tokens[-window:])
+
+    def _may_complete(self, token: int, delimiter: str) -> bool:
+        """Whether `token` can be the one that completes `delimiter`: its own text holds the delimiter's last
+        character, or a piece of a character that spans tokens. Most tokens cannot, and skip the decode of a
+        window, the main host cost of a stop check. A delimiter that ends in a space is always checked: a
+        SentencePiece decode drops a token's leading space."""
+        known = self._completers.get((token, delimiter))
+        if known is None:
+            last = delimiter[-1]
+            text = self._decode_text([token])
+            known = last == " " or last in text or "\ufffd" in text
+            self._completers[(token, delimiter)] = known
+        return known
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
