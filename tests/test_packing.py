@@ -12,8 +12,9 @@ from rsd.backends.packing import FORWARD_TOKENS_ENV, forward_cost_tokens, group_
 from rsd.core import RSDError
 
 
-def cost(lengths: list[int], groups: list[list[int]], forward_tokens: int) -> int:
-    return sum(forward_tokens + len(group) * max(lengths[i] for i in group) for group in groups)
+def cost(lengths: list[int], groups: list[list[int]], forward_tokens: int, overlapped: bool = False) -> int:
+    padded = [len(group) * max(lengths[i] for i in group) for group in groups]
+    return sum(max(forward_tokens, p) if overlapped else forward_tokens + p for p in padded)
 
 
 def partitions(items: list[int]):
@@ -28,18 +29,30 @@ def partitions(items: list[int]):
             yield [*tail[:k], [first, *tail[k]], *tail[k + 1 :]]
 
 
+@pytest.mark.parametrize("overlapped", [False, True], ids=["host-then-device", "overlapped"])
 @pytest.mark.parametrize("seed", range(40))
-def test_the_split_is_the_cheapest_of_all_partitions(seed):
+def test_the_split_is_the_cheapest_of_all_partitions(seed, overlapped):
     rng = random.Random(seed)
     lengths = [rng.choice([1, 2, 64, 65, 200, 256, 700]) for _ in range(rng.randint(1, 7))]
     forward_tokens = rng.choice([1, 50, 300, 5000])
     max_rows = rng.choice([0, 2, 3])
-    groups = group_by_length(lengths, forward_tokens, max_rows)
+    groups = group_by_length(lengths, forward_tokens, max_rows, overlapped)
     assert sorted(itertools.chain(*groups)) == list(range(len(lengths)))  # every row once
     assert all(group == sorted(group) for group in groups)
     assert not max_rows or all(len(group) <= max_rows for group in groups)
     allowed = [p for p in partitions(list(range(len(lengths)))) if not max_rows or max(map(len, p)) <= max_rows]
-    assert cost(lengths, groups, forward_tokens) == min(cost(lengths, p, forward_tokens) for p in allowed)
+    best = min(cost(lengths, p, forward_tokens, overlapped) for p in allowed)
+    assert cost(lengths, groups, forward_tokens, overlapped) == best
+
+
+def test_on_a_gpu_the_prm_splits_at_batch_64_and_the_draft_does_not():
+    # The measured case (docs/benchmarks.md, --prefill-scale): splitting paid for the PRM and not for the draft.
+    prm_price, draft_price = forward_cost_tokens(1_300_000_000, "cuda"), forward_cost_tokens(1_500_000_000, "cuda")
+    prm_tails, draft_tails = [65] * 45 + [130] * 19, [1] * 45 + [65] * 19
+    assert len(group_by_length(prm_tails, prm_price, 64, overlapped=True)) == 2
+    assert len(group_by_length(draft_tails, draft_price, overlapped=True)) == 1
+    # Paid as host work plus compute, neither would split.
+    assert len(group_by_length(prm_tails, prm_price, 64)) == len(group_by_length(draft_tails, draft_price)) == 1
 
 
 def test_rsd_shaped_tails_split_in_two_and_equal_tails_never_split():

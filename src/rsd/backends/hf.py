@@ -31,7 +31,7 @@ from rsd.backends.kv import (
     stack_row_caches,
     stacked_layers,
 )
-from rsd.backends.packing import forward_cost_tokens, group_by_length
+from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
 from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
@@ -218,7 +218,8 @@ class HFStepGenerator:
         """Run every row's uncached tail, in one forward per group of similar tail lengths (`packing`); returns
         one batch over all rows and their next-token logits."""
         cached = [self._take_cache(row) for row in rows]
-        groups = group_by_length([len(row.tail) for row in rows], self.prefill_forward_tokens)
+        tails = [len(row.tail) for row in rows]
+        groups = group_by_length(tails, self.prefill_forward_tokens, overlapped=launches_overlap(self.device))
         if len(groups) == 1:
             return self._prefill_group(rows, cached)
         parts = [self._prefill_group([rows[i] for i in group], [cached[i] for i in group]) for group in groups]

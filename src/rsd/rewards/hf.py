@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rsd.backends.kv import common_prefix_length, dynamic_cache, stack_kv, stacked_layers
-from rsd.backends.packing import forward_cost_tokens, group_by_length
+from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -107,7 +107,8 @@ class HFRewardModel:
             rows = [self.row(requests[i].key, ids[i]) for i in wave]
             # Rows of similar tail lengths share a forward (rsd.backends.packing), at most max_batch_size each.
             tails = [len(row.tail) for row in rows]
-            for group in group_by_length(tails, self.prefill_forward_tokens, self.max_batch_size):
+            overlapped = launches_overlap(str(self.device))
+            for group in group_by_length(tails, self.prefill_forward_tokens, self.max_batch_size, overlapped):
                 for j, out in zip(group, self.run([rows[j] for j in group]), strict=True):
                     outputs[wave[j]] = out
         return outputs  # type: ignore[return-value]
