@@ -820,15 +820,11 @@ def replay_seconds(model: Any, rows: int, width: int, variant: str, device: str,
     static.fused_kernels = variant != "modules"
     if variant == "compiled":
         static.compile_layers(backend="inductor" if cuda else "aot_eager")
-    static._reserve(rows, width)
-    static.rows, static.width = rows, width
-    static.mask[:rows, : width // 2] = True
-    static.column.fill_(width // 2)
-    static.next_column = width // 2
-    static._run()  # captures the graph on a GPU
+    static.load_blank(rows, filled=width // 2, new_tokens=width - width // 2)
+    static.replay()  # captures the graph on a GPU
     times = []
     for _ in range(rounds):
-        elapsed, _ = timed(device, lambda: [static._run() for _ in range(replays)])
+        elapsed, _ = timed(device, lambda: [static.replay() for _ in range(replays)])
         times.append(elapsed / replays)
     return median(times)
 

@@ -21,6 +21,7 @@ from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.backends.static_decode import (  # noqa: E402
     DECODE_ENV,
     WIDTH_BUCKET,
+    StaticDecoder,
     bucket_rows,
     resolve_decode_mode,
     static_decode_problem,
@@ -104,6 +105,19 @@ def test_fast_paths_decode_what_transformers_decodes(kind, path, tokenizer):
     assert bucket_rows(5) == 8 and fast._static.rows == 1
     sampling = StepParams(delimiter="\n\n", temperature=1.0, top_p=0.9, seed=7)
     assert trajectories(fast, caps, 2, sampling) == trajectories(eager, caps, 2, sampling)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_a_blank_batch_replays_the_same_forward_until_it_advances(path, tokenizer):
+    model = build("qwen2", tokenizer).to(DEVICE)
+    static = StaticDecoder(model, use_graphs=path == "graphs")
+    static.load_blank(rows=3, filled=100, new_tokens=50)
+    assert (static.rows, static.width, static.next_column) == (4, WIDTH_BUCKET, 100)
+    with torch.inference_mode():
+        first, again = static.replay().clone(), static.replay().clone()
+        assert torch.equal(first, again) and static.next_column == 100  # the same column, rewritten
+        static.advance(first.argmax(dim=-1))
+    assert static.next_column == 101 and int(static.positions[0, 0]) == 101
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)

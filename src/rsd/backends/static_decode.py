@@ -177,6 +177,22 @@ class StaticDecoder:
         self.column.fill_(used)
         self.next_column = used
 
+    def load_blank(self, rows: int, filled: int, new_tokens: int) -> None:
+        """A batch of `rows` rows whose first `filled` columns count as context (keys and values as they are): to
+        time decode forwards without a model call's prefill (benchmarks/gpu_speed.py --kernels ab)."""
+        self.rows, self.width = bucket_rows(rows), bucket_width(filled + max(1, new_tokens))
+        self._reserve(self.rows, self.width)
+        self.mask[: self.rows].zero_()
+        self.mask[: self.rows, :filled] = True
+        self.positions[: self.rows].fill_(filled)
+        self.ids[: self.rows].zero_()
+        self.column.fill_(filled)
+        self.next_column = filled
+
+    def replay(self) -> torch.Tensor:
+        """The current token's forward once more, without moving on: it rewrites the same column (for timing)."""
+        return self._run()
+
     def advance(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed one token to every row of the bucket (`ids`, [rows] on the device: no host data, so the caller can
         queue the next forward before it reads the last tokens); returns the next-token logits (float32) of every
