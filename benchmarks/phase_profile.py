@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_speed  # noqa: E402
 
 from rsd.backends import hf  # noqa: E402
+from rsd.backends.sampling import DeviceChoice  # noqa: E402
 from rsd.backends.static_decode import StaticDecoder  # noqa: E402
 from rsd.rewards.hf import HFRewardModel  # noqa: E402
 
@@ -40,7 +41,7 @@ GENERATOR_PHASES = (
     (hf.HFStepGenerator, "_forward", "eager transformers forward", True),
     (StaticDecoder, "load", "arena load", True),
     (StaticDecoder, "advance", "decode forward (static, graphs on a GPU)", True),
-    (hf.DeviceChoice, "receive", "token read", True),
+    (DeviceChoice, "receive", "token read", True),
     (hf.HFStepGenerator, "_stop_reason", "stop checks (host)", False),
     (hf.HFStepGenerator, "_leave_arena", "row cache out", True),
     (HFRewardModel, "score_steps", "call", True),

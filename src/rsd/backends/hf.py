@@ -32,6 +32,7 @@ from rsd.backends.kv import (
     stacked_layers,
 )
 from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
+from rsd.backends.sampling import DeviceChoice, position_uniform, sample_top_p
 from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
@@ -459,76 +460,6 @@ class HFStepGenerator:
             )
 
 
-class DeviceChoice:
-    """The next token of every slot of the arena, chosen on the device: the argmax, or a top-p sample with the
-    position's own uniform draw (`position_uniform`), and a rider's next tail token in its place. The host reads
-    the tokens through a pinned buffer after the next forward is queued."""
-
-    def __init__(self, rows: list[_Row], params: StepParams, bucket: int, device: str) -> None:
-        self.params = params
-        self.device = device
-        self.cuda = torch.device(device).type == "cuda"
-        self.slots: list[_Row | None] = [*rows, *[None] * (bucket - len(rows))]
-        self.rider: torch.Tensor | None = None
-        riders = [(slot, row.forced) for slot, row in enumerate(rows) if row.forced is not None]
-        if riders:
-            table = torch.zeros((bucket, max(len(forced) for _, forced in riders)), dtype=torch.long)
-            for slot, forced in riders:
-                table[slot, : len(forced)] = torch.tensor(forced)
-            rider = torch.zeros(bucket, dtype=torch.bool)
-            rider[[slot for slot, _ in riders]] = True
-            self.forced, self.rider = table.to(device), rider.to(device)
-        self.host = torch.empty(bucket, dtype=torch.long, pin_memory=self.cuda)
-        self.sent = 0
-        self.ready: Any = None
-
-    def choose(self, logits: torch.Tensor, drawn: int) -> torch.Tensor:
-        """[bucket] next tokens from `logits` (one row per slot, or the first rows only), for each row's token
-        number `drawn` of this call."""
-        if self.params.temperature <= 0:
-            chosen = logits.argmax(dim=-1)
-        else:
-            draws = [
-                position_uniform(self.params.seed, row.request.key, len(row.request.prefix_ids) + drawn)
-                if row is not None and row.forced is None
-                else 0.0
-                for row in self.slots[: logits.shape[0]]
-            ]
-            uniforms = torch.tensor(draws, dtype=torch.float32)
-            uniforms = uniforms.pin_memory() if self.cuda else uniforms
-            uniforms = uniforms.to(logits.device, non_blocking=True)
-            chosen = sample_top_p(logits / self.params.temperature, self.params.top_p, uniforms)
-        chosen = torch.nn.functional.pad(chosen, (0, len(self.slots) - chosen.shape[0]))
-        if self.rider is not None:
-            chosen = torch.where(self.rider, self.forced[:, min(drawn, self.forced.shape[1] - 1)], chosen)
-        return chosen
-
-    def send_to_host(self, chosen: torch.Tensor) -> None:
-        self.sent = chosen.shape[0]
-        self.host[: self.sent].copy_(chosen, non_blocking=self.cuda)
-        if self.cuda:
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def receive(self) -> list[int]:
-        """The tokens last sent, once they have arrived (the forward queued after them may still run)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host[: self.sent].tolist()
-
-    def move(self, slots: list[int], index: torch.Tensor, bucket: int, chosen: torch.Tensor) -> torch.Tensor:
-        """Follow the arena's rows to their new slots (`StaticDecoder.keep`); returns `chosen` moved the same way."""
-
-        def moved(tensor: torch.Tensor) -> torch.Tensor:
-            kept = tensor.index_select(0, index)
-            return torch.cat([kept, kept.new_zeros((bucket - len(slots), *kept.shape[1:]))])
-
-        self.slots = [*[self.slots[s] for s in slots], *[None] * (bucket - len(slots))]
-        if self.rider is not None:
-            self.rider, self.forced = moved(self.rider), moved(self.forced)
-        return moved(chosen)
-
-
 def real_columns(mask: torch.Tensor) -> list[list[int]]:
     """Per row of a 0/1 mask, the columns that hold its tokens (one host copy of the mask)."""
     return [row.nonzero().squeeze(-1).tolist() for row in mask.bool().cpu()]
@@ -609,29 +540,3 @@ def vocabulary_fingerprint(tokenizer: Any) -> str:
     special = sorted(tokenizer.all_special_ids)
     digest = hashlib.sha256(repr((vocab, special)).encode("utf-8"))
     return digest.hexdigest()
-
-
-# -- sampling -----------------------------------------------------------------------------------------------
-
-
-def position_uniform(seed: int, key: Hashable, position: int) -> float:
-    """A uniform draw fixed by (seed, key, position): reproducible, and blind to which rows share the batch.
-
-    `repr(key)` rather than `hash(key)`, which Python salts per process for strings.
-    """
-    digest = hashlib.sha256(f"{seed}\x1f{key!r}\x1f{position}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return torch.rand((), generator=generator, dtype=torch.float64).item()
-
-
-def sample_top_p(logits: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling from the top-p nucleus of each row, one given uniform in [0, 1) per row."""
-    probs = torch.softmax(logits, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it is below top_p.
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs * (before < top_p)
-    cdf = sorted_probs.cumsum(dim=-1)
-    target = (uniforms * cdf[:, -1]).unsqueeze(-1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
-    return order.gather(-1, pick).squeeze(-1)
