@@ -180,27 +180,34 @@ def save_causal_lm(out_dir: Path, model, tokenizer) -> Path:
     return Path(out_dir)
 
 
+# The settings a Mistral or Llama test model takes from the tiny Qwen2 configuration: the same sizes and ids.
+SHARED_SETTINGS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+def shared_settings(tokenizer) -> dict:
+    base = qwen2_config(tokenizer).to_dict()
+    return {key: base[key] for key in SHARED_SETTINGS}
+
+
 def make_math_shepherd_prm(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     tokenizer = make_prm_tokenizer(bos_token="<s>", extra_tokens=("ки",))
     torch.manual_seed(seed)
-    base = qwen2_config(tokenizer).to_dict()
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "intermediate_size",
-        "max_position_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-    )
-    config = MistralConfig(**{k: base[k] for k in keys}, sliding_window=4096, tie_word_embeddings=False)
+    config = MistralConfig(**shared_settings(tokenizer), sliding_window=4096, tie_word_embeddings=False)
     return save_causal_lm(out_dir, MistralForCausalLM(config), tokenizer)
 
 
@@ -214,21 +221,7 @@ def make_rlhflow_prm(out_dir: Path, seed: int = 0) -> Path:
         chat_template=LLAMA3_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    base = qwen2_config(tokenizer).to_dict()
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "intermediate_size",
-        "max_position_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-    )
-    config = LlamaConfig(**{k: base[k] for k in keys}, tie_word_embeddings=False)
+    config = LlamaConfig(**shared_settings(tokenizer), tie_word_embeddings=False)
     return save_causal_lm(out_dir, LlamaForCausalLM(config), tokenizer)
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rsd.core import (
-    RewardModel,
     RewardOutput,
     RSDError,
     StepGenerator,
@@ -31,8 +30,8 @@ from rsd.core import (
     Trajectory,
 )
 from rsd.loop import (
+    Controller,
     Prompted,
-    RunConfig,
     commit_rsd_step,
     commit_single_model_step,
     decide,
@@ -40,10 +39,9 @@ from rsd.loop import (
     record_scoring,
     reward_request,
 )
-from rsd.policies import Policy, Threshold
 
 
-class AsyncStepwiseDecoder:
+class AsyncStepwiseDecoder(Controller):
     """Same roles and results as `rsd.loop.StepwiseDecoder`, without rounds.
 
     - RSD: proposer = draft, reward_model = PRM, policy = weighting function, fallback = target.
@@ -52,25 +50,7 @@ class AsyncStepwiseDecoder:
     exceeds the run's wall time.
     """
 
-    def __init__(
-        self,
-        proposer: StepGenerator,
-        config: RunConfig,
-        reward_model: RewardModel | None = None,
-        fallback: StepGenerator | None = None,
-        policy: Policy | None = None,
-        proposer_role: str = "draft",
-    ) -> None:
-        if (reward_model is None) != (fallback is None):
-            raise RSDError("RSD needs both a PRM and a target model; pass both, or neither for a single model.")
-        self.proposer = proposer
-        self.fallback = fallback
-        self.reward_model = reward_model
-        self.policy = policy or Threshold()
-        self.config = config
-        self.proposer_role = proposer_role
-        self.shared_ids = fallback is None or (proposer.vocabulary_fingerprint() == fallback.vocabulary_fingerprint())
-        self._locks: dict[int, asyncio.Lock] = {}
+    _locks: dict[int, asyncio.Lock]  # per backend, made by each run (locks belong to one event loop)
 
     # -- entry points -----------------------------------------------------------------------------------------
     def run(

@@ -72,12 +72,8 @@ class Prompted:
     prompt: str
 
 
-class StepwiseDecoder:
-    """Decodes trajectories step by step with a proposer, optionally checked by a PRM and a fallback model.
-
-    - RSD: proposer = draft, reward_model = PRM, policy = weighting function, fallback = target.
-    - draft-only / target-only: proposer alone; every step is kept.
-    """
+class Controller:
+    """The models and settings every controller holds (this one and the asynchronous one), checked once."""
 
     def __init__(
         self,
@@ -99,6 +95,14 @@ class StepwiseDecoder:
         # Token ids are only shared when both tokenizers give every id the same text; otherwise each model
         # re-reads the trajectory as text in its own tokenization.
         self.shared_ids = fallback is None or (proposer.vocabulary_fingerprint() == fallback.vocabulary_fingerprint())
+
+
+class StepwiseDecoder(Controller):
+    """Decodes trajectories step by step with a proposer, optionally checked by a PRM and a fallback model.
+
+    - RSD: proposer = draft, reward_model = PRM, policy = weighting function, fallback = target.
+    - draft-only / target-only: proposer alone; every step is kept.
+    """
 
     # -- the public entry point ---------------------------------------------------------------------------
     def run(
