@@ -169,7 +169,8 @@ def test_logits_match_transformers_within_float_error(tokenizer, kind, fused):
         prefill = DynamicCache()
         first = model(input_ids=ids[:, : len(prompt)], cache=prefill, use_cache=True).logits[0, -1].float()
         static.load(prefill, torch.ones((1, len(prompt)), dtype=torch.long), [len(prompt)], len(out.token_ids))
-        logits = [first] + [static.step([0], [token])[0] for token in out.token_ids[:-1]]
+        feed = [torch.tensor([token], device=static.device) for token in out.token_ids[:-1]]
+        logits = [first] + [static.advance(token)[0] for token in feed]
     assert torch.allclose(torch.stack(logits), reference, atol=1e-4, rtol=1e-4)
 
 

@@ -21,7 +21,6 @@ class DeviceChoice:
     def __init__(self, rows: list[Any], params: StepParams, bucket: int, device: str) -> None:
         """`rows`: the batch's rows in slot order, each with its `request` and, for a rider, the `forced` tokens."""
         self.params = params
-        self.device = device
         self.cuda = torch.device(device).type == "cuda"
         self.slots: list[Any] = [*rows, *[None] * (bucket - len(rows))]
         self.rider: torch.Tensor | None = None

@@ -98,7 +98,7 @@ def bucket_width(columns: int) -> int:
 class StaticDecoder:
     """The KV arena of one model and its decode forward; one batch at a time.
 
-    `load` takes a prefilled batch (a transformers `DynamicCache` and its 0/1 mask), `step` decodes one token for
+    `load` takes a prefilled batch (a transformers `DynamicCache` and its 0/1 mask), `advance` decodes one token for
     every row, `keep` drops finished rows, `row_cache` copies one row's real columns out.
     """
 
@@ -204,13 +204,6 @@ class StaticDecoder:
         self.next_column += 1
         return logits
 
-    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
-        """Feed `tokens` to the rows at `slots`; the next-token logits of those rows, in order."""
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        ids = self.ids[: self.rows, 0].clone()
-        ids[index] = torch.tensor(list(tokens), dtype=torch.long).to(self.device)
-        return self.advance(ids).index_select(0, index)
-
     def keep(self, slots: Sequence[int]) -> tuple[list[int], torch.Tensor | None]:
         """Move the rows at `slots` to the front when that lets a smaller row bucket run. Returns their new slots
         and the index that moved them (None when nothing moved), for the caller's own per-row tensors."""
@@ -225,13 +218,10 @@ class StaticDecoder:
         self.rows = rows
         return list(range(len(slots))), index
 
-    def row_cache(self, slot: int, ids: list[int], columns: Sequence[int] | None = None) -> RowCache:
-        """The real columns of one row, copied out (so the arena can take the next batch). `columns`, the row's
-        real columns as the caller counted them, spares a host synchronisation; else the mask says."""
-        if columns is None:
-            index = self.mask[slot, : self.next_column].nonzero().squeeze(-1)
-        else:
-            index = host_to_device(columns, self.device)
+    def row_cache(self, slot: int, ids: list[int], columns: Sequence[int]) -> RowCache:
+        """The real columns of one row, copied out (so the arena can take the next batch). `columns` are the row's
+        real columns as the caller counted them: reading them from the mask would wait for the GPU."""
+        index = host_to_device(columns, self.device)
         if len(index) != len(ids):
             raise AssertionError(f"static cache bookkeeping: {len(index)} cached columns for {len(ids)} tokens")
         return RowCache(ids, self.kv[:, :, slot].index_select(3, index))
