@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from rsd.backends.hf import HFStepGenerator
-from rsd.backends.static_decode import DECODE_MODES, StaticDecoder, bucket_width
+from rsd.backends.static_decode import DECODE_MODES, MAX_GRAPHS, StaticDecoder, bucket_width
 from rsd.calibration import delta_for_keep_share, step_rewards
 from rsd.core import RewardOutput, RewardRequest, StepOutput, StepParams, StepRequest, TrajectoryStats
 from rsd.hf_loading import CUDNN_ATTENTION_ENV
@@ -66,13 +66,16 @@ QWEN_CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
-REPLAY_VARIANTS = ("modules", "fused", "compiled")  # --kernels ab: one decode token, each way
+# --kernels ab: one decode token each way: transformers' modules; fused norm and rotation; also the projections
+# fused (as shipped); that compiled.
+REPLAY_VARIANTS = ("modules", "fused", "projections", "compiled")
 # BenchConfig fields that a command-line flag of the same name sets.
 FLAG_SETTINGS = ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride")
-FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale")
+FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections")
 # RSD runs with one setting changed, timed side by side with RSD as shipped (`rsd_eager` with --decode ab, the
 # others from `rsd_variant_settings`).
 RSD_VARIANTS = ("rsd_cudnn", "rsd_eager", "rsd_one_prefill", "rsd_no_ride", "rsd_no_overlap", "rsd_prefill_scaled")
+RSD_VARIANTS += ("rsd_unfused",)
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
 
@@ -143,6 +146,9 @@ class BenchConfig:
     # "ab" adds a table of one decode token's CUDA-graph replay time per model, with the static forward's fused
     # RMSNorm and rotation against transformers' own modules, at the batch sizes run (`replay_ms`).
     kernels: str = "fused"
+    # "ab" adds RSD and target-only with each projection its own matrix product in the static decode forward
+    # (`rsd_unfused`, `target_only_unfused`), side by side with the fused products as shipped.
+    projections: str = "on"
     tiny: bool = False
 
     @property
@@ -547,6 +553,10 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         eager = models.eager()
         methods["target_only_eager"] = lambda steps: backend_decode(eager.target, prompt_ids, tokens(steps))
         methods["rsd_eager"] = lambda steps: rsd(steps, eager)
+    if config.projections == "ab":
+        methods["target_only_unfused"] = lambda steps: without_fused_projections(
+            models, lambda: backend_decode(models.target, prompt_ids, tokens(steps))
+        )
     for name, setting in rsd_variant_settings(config, models).items():  # RSD with one setting changed
         methods[name] = lambda steps, setting=setting: setting(lambda: rsd(steps))
     if rewrite_rows < batch:  # else it is target-only's work, already timed
@@ -585,6 +595,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_no_ride": config.ride == "ab",
         "rsd_no_overlap": config.overlap == "ab",
         "rsd_cudnn": config.sdpa == "ab",
+        "rsd_unfused": config.projections == "ab",
     }
     settings: dict[str, Callable[[Callable[[], Any]], Any]] = {
         "rsd_one_prefill": lambda work: with_one_prefill_forward(models, work),
@@ -594,6 +605,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_no_ride": lambda work: without_riding(models, work),
         "rsd_no_overlap": lambda work: without_overlap(models, work),
         "rsd_cudnn": with_cudnn_attention,
+        "rsd_unfused": lambda work: without_fused_projections(models, work),
     }
     return {name: setting for name, setting in settings.items() if wanted[name]}
 
@@ -635,6 +647,20 @@ def without_overlap(models: Models, work: Callable[[], Any]) -> Any:
     finally:
         for generator in generators:
             generator.overlap_decode = True
+
+
+def without_fused_projections(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with each of the draft's and target's projections its own matrix product when decoding. Each
+    setting keeps its own CUDA graphs (twice as many kept), so neither pays for capturing again."""
+    decoders = [d for d in (models.draft.static_decoder, models.target.static_decoder) if d is not None]
+    for decoder in decoders:
+        decoder.fuse_projections = False
+        decoder.max_graphs = 2 * MAX_GRAPHS
+    try:
+        return work()
+    finally:
+        for decoder in decoders:
+            decoder.fuse_projections = True
 
 
 def with_cudnn_attention(work: Callable[[], Any]) -> Any:
@@ -711,6 +737,8 @@ def summarize_batch(
     }
     if runs["rsd_eager"]:
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
+    if runs["rsd_unfused"]:
+        figures["target_only_over_unfused"] = t["target_only_unfused"] / t["target_only"]
     return figures
 
 
@@ -813,11 +841,14 @@ def graph_replay_ms(model: Any, batch: int, context: int, device: str, vocab: in
 @torch.inference_mode()
 def replay_seconds(model: Any, rows: int, width: int, variant: str, device: str, replays: int, rounds: int) -> float:
     """Median over `rounds` of one decode token's time through a fresh static decoder (a CUDA graph replay on a
-    GPU), the arena half full. `variant`: "modules" (transformers' RMSNorm and rotation), "fused" (as shipped), or
-    "compiled" (fused, the layers through torch.compile: inductor on a GPU, its tracing alone on the CPU)."""
+    GPU), the arena half full. `variant`: "modules" (transformers' RMSNorm, rotation and projections), "fused"
+    (fused RMSNorm and rotation, each projection its own product), "projections" (also the projections fused: as
+    shipped), or "compiled" (as shipped, the layers through torch.compile: inductor on a GPU, its tracing alone on
+    the CPU)."""
     cuda = device.startswith("cuda")
     static = StaticDecoder(model, use_graphs=cuda)
     static.fused_kernels = variant != "modules"
+    static.fuse_projections = variant in ("projections", "compiled")
     if variant == "compiled":
         static.compile_layers(backend="inductor" if cuda else "aot_eager")
     static.load_blank(rows, filled=width // 2, new_tokens=width - width // 2)
@@ -830,8 +861,8 @@ def replay_seconds(model: Any, rows: int, width: int, variant: str, device: str,
 
 
 def replay_table(models: Models, config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
-    """Per model and batch size (1, 16, 64 and those run): one decode token with transformers' RMSNorm and rotation,
-    with the fused ones, and with those compiled."""
+    """Per model and batch size (1, 16, 64 and those run): one decode token with transformers' modules, with the
+    fused RMSNorm and rotation, with the projections fused too, and with that compiled."""
     width = bucket_width(config.prompt_tokens + config.new_tokens)
     replays, rounds = (50, 5) if config.device.startswith("cuda") else (2, 1)
     table = []
@@ -843,7 +874,8 @@ def replay_table(models: Models, config: BenchConfig, log: Callable[[str], None]
                 seconds = replay_seconds(gen.model, rows, width, variant, config.device, replays, rounds)
                 row[f"{variant}_ms"] = seconds * 1e3
             row["speedup"] = row["modules_ms"] / row["fused_ms"]
-            row["compiled_speedup"] = row["fused_ms"] / row["compiled_ms"]
+            row["projections_speedup"] = row["fused_ms"] / row["projections_ms"]
+            row["compiled_speedup"] = row["projections_ms"] / row["compiled_ms"]
             if config.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the two decoders' arenas
             log(f"replay {name} rows {rows}: {row}")
@@ -853,12 +885,13 @@ def replay_table(models: Models, config: BenchConfig, log: Callable[[str], None]
 
 def replay_lines(table: list[dict]) -> str:
     lines = [
-        "model | rows | modules ms/token | fused ms/token | fused gain | compiled ms/token | compiled gain",
-        "---|---:|---:|---:|---:|---:|---:",
+        "model | rows | modules ms/token | fused norm, rotation | gain | and projections | gain | compiled | gain",
+        "---|---:|---:|---:|---:|---:|---:|---:|---:",
     ]
     for r in table:
         lines.append(
             f"{r['model']} | {r['rows']} | {r['modules_ms']:.2f} | {r['fused_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['projections_ms']:.2f} | {r['projections_speedup']:.2f}x | "
             f"{r['compiled_ms']:.2f} | {r['compiled_speedup']:.2f}x"
         )
     return "\n".join(lines)
@@ -969,6 +1002,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         help="ab: also time RSD with the host's stop checks and the GPU's next decode forward taking turns",
     )
     parser.add_argument(
+        "--projections",
+        choices=("on", "ab"),
+        help="ab: also time RSD and target-only with each projection its own matrix product when decoding",
+    )
+    parser.add_argument(
         "--kernels",
         choices=("fused", "ab"),
         help="ab: also time one decode token per model with the fused RMSNorm and rotation and with transformers' "
@@ -1067,6 +1105,12 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
             print(
                 f"batch {r['batch']}: RSD with host checks and GPU taking turns {r['rsd_no_overlap_s']:.2f} s; "
                 f"overlapped (as shipped) is {r['rsd_over_rsd_no_overlap']:.2f}x faster"
+            )
+        if "rsd_unfused_s" in r:
+            print(
+                f"batch {r['batch']}: projections one by one: RSD {r['rsd_unfused_s']:.2f} s, target-only "
+                f"{t['target_only_unfused']:.2f} s; fused (as shipped) makes RSD {r['rsd_over_rsd_unfused']:.2f}x and "
+                f"target-only {r['target_only_over_unfused']:.2f}x faster"
             )
         if "rsd_cudnn_s" in r:
             print(

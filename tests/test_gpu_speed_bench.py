@@ -213,14 +213,28 @@ def test_prefill_scale_times_rsd_with_other_prices_side_by_side_and_puts_them_ba
     assert [m.prefill_forward_tokens for m in (models.draft, models.target, models.prm)] == prices
 
 
-def test_kernels_ab_times_one_decode_token_both_ways():
+def test_kernels_ab_times_one_decode_token_each_way():
     report = gpu_speed.main(["--tiny", "--repeats", "1", "--batches", "2", "--kernels", "ab"])
     table = report["replay_ms"]
     assert {(r["model"], r["rows"]) for r in table} == {("draft", 2), ("target", 2)}
     for row in table:
-        assert row["modules_ms"] > 0 and row["fused_ms"] > 0 and row["compiled_ms"] > 0
+        assert all(row[f"{variant}_ms"] > 0 for variant in gpu_speed.REPLAY_VARIANTS)
         assert row["speedup"] == pytest.approx(row["modules_ms"] / row["fused_ms"])
-        assert row["compiled_speedup"] == pytest.approx(row["fused_ms"] / row["compiled_ms"])
+        assert row["projections_speedup"] == pytest.approx(row["fused_ms"] / row["projections_ms"])
+        assert row["compiled_speedup"] == pytest.approx(row["projections_ms"] / row["compiled_ms"])
+
+
+def test_projections_ab_times_rsd_and_target_only_unfused_and_both_write_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(DECODE_ENV, "static")  # the fused products are the static decode path's
+    result = variant_report("projections", "rsd_unfused")
+    t = result["seconds_median"]
+    assert result["target_only_over_unfused"] == pytest.approx(t["target_only_unfused"] / t["target_only"])
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
+    decoders = [models.draft.static_decoder, models.target.static_decoder]
+    seen = gpu_speed.without_fused_projections(models, lambda: [d.fuse_projections for d in decoders])
+    assert seen == [False, False]
+    assert all(d.fuse_projections and d._projections is not None for d in decoders)  # put back
+    shipped_and_changed(models, 8, gpu_speed.without_fused_projections)
 
 
 def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, tmp_path):

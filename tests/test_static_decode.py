@@ -147,12 +147,17 @@ def test_buffers_grow_when_a_call_needs_more_columns(path, tokenizer):
     assert fast._static.capacity == (2, 2 * WIDTH_BUCKET)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "transformers-modules"])
+@pytest.mark.parametrize(
+    "fused, projections",
+    [(True, True), (True, False), (False, False)],
+    ids=["fused-kernels-and-projections", "fused-kernels", "transformers-modules"],
+)
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
-def test_logits_match_transformers_within_float_error(tokenizer, kind, fused):
+def test_logits_match_transformers_within_float_error(tokenizer, kind, fused, projections):
     model = build(kind, tokenizer)
     gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
     gen._static.fused_kernels = fused
+    gen._static.fuse_projections = projections
     prompt = gen.encode(PROMPTS[0])
     out = gen.generate_steps([StepRequest("a", prompt, 6)], StepParams(delimiter=""))[0]
     ids = torch.tensor([prompt + out.token_ids[:-1]], device=DEVICE)
@@ -253,6 +258,29 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert all(gen._static._graphs[key] is graphs[key] for key in graphs)
 
 
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
+def test_each_projection_setting_replays_its_own_graphs(tokenizer):
+    model = build("qwen2", tokenizer)
+    gen = HFStepGenerator.from_model(model, tokenizer, decode="graphs")
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    requests = [StepRequest(f"k{i}", gen.encode(PROMPTS[i]), 10) for i in range(3)]
+
+    def run(generator):
+        outputs = generator.generate_steps(requests, StepParams(delimiter=""))
+        generator.release([r.key for r in requests])
+        return [o.token_ids for o in outputs]
+
+    want = run(eager)
+    assert run(gen) == want
+    fused = dict(gen.static_decoder._graphs)
+    gen.static_decoder.fuse_projections = False
+    assert run(gen) == want
+    assert len(gen.static_decoder._graphs) == 2 * len(fused)  # the same shapes, captured once more
+    gen.static_decoder.fuse_projections = True
+    assert run(gen) == want
+    assert all(gen.static_decoder._graphs[key] is graph for key, graph in fused.items())
+
+
 def test_unsupported_models_say_why_and_auto_falls_back(tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
@@ -305,3 +333,67 @@ def test_a_failed_capture_warns_once_and_decodes_without_graphs(tokenizer):
         got = fast.generate_steps(requests, GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in eager.generate_steps(requests, GREEDY)]
     assert fast._static.use_graphs is False
+
+
+def storage_bytes(model) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_fused_projections_share_the_models_weights_and_change_no_forward(tokenizer, kind):
+    model = build(kind, tokenizer)
+    ids = torch.tensor([tokenizer.encode(PROMPTS[2])], device=DEVICE)
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    held = storage_bytes(model)
+    first = StaticDecoder(model, use_graphs=False)
+    second = StaticDecoder(model, use_graphs=False)  # a second decoder of the same model fuses nothing again
+    assert first._projections is not None
+    for layer, a, b in zip(model.model.layers, first._projections, second._projections, strict=True):
+        attn = layer.self_attn
+        assert a.qkv.data_ptr() == b.qkv.data_ptr() == attn.q_proj.weight.data_ptr()
+        assert a.gate_up.data_ptr() == b.gate_up.data_ptr() == layer.mlp.gate_proj.weight.data_ptr()
+        assert torch.equal(a.qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        if kind == "qwen2":  # Qwen2's q, k and v have biases; its MLP has none
+            assert torch.equal(a.qkv_bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        assert (a.qkv_bias is None) == (kind != "qwen2") and a.gate_up_bias is None
+        assert all(p.requires_grad for p in (attn.q_proj.weight, attn.v_proj.weight, layer.mlp.up_proj.weight))
+    assert storage_bytes(model) == held  # the weights are not held twice
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    # Training the model afterwards still works: the fused weights are plain tensors, not inference tensors.
+    model(input_ids=ids).logits.sum().backward()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
+    # Weights changed in place reach the decoder: they are the same memory.
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    gate_up = first._projections[1].gate_up
+    assert torch.equal(gate_up[gate_up.shape[0] // 2 :], model.model.layers[1].mlp.up_proj.weight)
+
+
+def test_biased_projections_fuse_with_their_biases(tokenizer):
+    model = build("llama", tokenizer, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in (layer.self_attn.k_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+                module.bias.uniform_(-1.0, 1.0)
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    want = trajectories(eager, [3, 7, 5, 2, 9], steps=2)
+    fast = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    assert fast._static._projections[0].gate_up_bias is not None
+    assert trajectories(fast, [3, 7, 5, 2, 9], steps=2) == want
+
+
+def test_a_hooked_or_replaced_projection_keeps_the_model_unfused(tokenizer):
+    model = build("qwen2", tokenizer)
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    want = trajectories(eager, [4, 6, 3, 8, 5], steps=2)
+    seen = []
+    model.model.layers[1].self_attn.v_proj.register_forward_hook(lambda module, args, out: seen.append(1))
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    fast = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    assert fast._static._projections is None  # a direct product would skip the hook
+    assert model.model.layers[0].self_attn.q_proj.weight is weight  # and nothing was re-pointed
+    assert trajectories(fast, [4, 6, 3, 8, 5], steps=2) == want
+    assert seen  # the hook ran in the decode forward too

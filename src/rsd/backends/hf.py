@@ -170,6 +170,11 @@ class HFStepGenerator:
             self._ridden.pop(key, None)
 
     @property
+    def static_decoder(self) -> StaticDecoder | None:
+        """The decode forward over static buffers (None on the eager path), for its settings and A/Bs."""
+        return self._static
+
+    @property
     def rides_along(self) -> bool:
         """Whether cache-only requests (`StepRequest.cache_only`) run: their tails are fed one token per decode
         forward next to the rows that write steps, on the static decode path, when `ride_along` is set."""

@@ -109,6 +109,11 @@ class StaticDecoder:
         self.use_graphs = use_graphs
         # Fused RMSNorm and a shorter rotation (below); False runs transformers' own modules (for an A/B).
         self.fused_kernels = True
+        # Each layer's query, key and value projections as one matrix product, and the MLP's gate and up as one
+        # (`fuse_projections`, below); False runs the model's projections one by one (for an A/B).
+        self.fuse_projections = True
+        self._projections = fuse_projections(self.body.layers)
+        self.max_graphs = MAX_GRAPHS
         self.layers = int(config.num_hidden_layers)
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -117,7 +122,7 @@ class StaticDecoder:
         self._layer_head: Any = layer_head
         self._layer_tail: Any = layer_tail
         self.compiled = False
-        self._compiled_shapes: set[tuple[int, int]] = set()
+        self._compiled_shapes: set[tuple[int, int, bool, bool]] = set()
         embedding = model.get_input_embeddings().weight
         self.device, self.dtype = embedding.device, embedding.dtype
         self.capacity = (0, 0)  # (rows, width) of the arena
@@ -129,7 +134,7 @@ class StaticDecoder:
         self.rows = 0  # rows of the current batch (a bucket)
         self.width = 0  # columns of the current batch (a bucket)
         self.next_column = 0  # host copy of `column`
-        self._graphs: OrderedDict[tuple[int, int], tuple[Any, torch.Tensor]] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, bool, bool], tuple[Any, torch.Tensor]] = OrderedDict()
         if compile_layers:
             self.compile_layers()
 
@@ -242,20 +247,23 @@ class StaticDecoder:
         self.capacity = (rows, width)
 
     def _run(self) -> torch.Tensor:
-        if self.compiled and (self.rows, self.width) not in self._compiled_shapes:
-            # Compile (or check the compiled code) outside any graph capture, once per shape.
+        shape = (self.rows, self.width, self.fused_kernels, self.fuse_projections)
+        if self.compiled and shape not in self._compiled_shapes:
+            # Compile (or check the compiled code) outside any graph capture, once per shape and settings.
             try:
                 self._forward(self.rows, self.width)
-                self._compiled_shapes.add((self.rows, self.width))
+                self._compiled_shapes.add(shape)
             except Exception as exc:  # an unsupported operation, a missing compiler toolchain
                 self._uncompile(exc)
         if not self.use_graphs:
             return self._forward(self.rows, self.width)
-        key = (self.rows, self.width)
+        # A graph holds the kernels of the settings it was captured with: one per shape and settings (an A/B
+        # that switches them back and forth replays its own graphs).
+        key = (self.rows, self.width, self.fused_kernels, self.fuse_projections)
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(*key)
+                entry = self._capture(self.rows, self.width)
             except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
                 warnings.warn(
                     f"CUDA graph capture failed ({type(exc).__name__}: {exc}); this model decodes without graphs "
@@ -266,7 +274,7 @@ class StaticDecoder:
                 self._graphs.clear()
                 return self._forward(self.rows, self.width)
             self._graphs[key] = entry
-            while len(self._graphs) > MAX_GRAPHS:
+            while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         graph, logits = entry
@@ -297,10 +305,13 @@ class StaticDecoder:
         cos, sin = self.body.rotary_emb(hidden, self.positions[:rows])
         sin = signed_sin(sin) if self.fused_kernels else sin
         rotary = (cos[:, None], sin[:, None])  # [rows, 1, 1, head_dim]: broadcast over heads
+        fused = self.fused_kernels
+        projections = self._projections if fused and self.fuse_projections else None
         for index, layer in enumerate(self.body.layers):
-            query, key, value = self._layer_head(layer, hidden, *rotary, self.shape, self.fused_kernels)
+            weights = projections[index] if projections else None
+            query, key, value = self._layer_head(layer, weights, hidden, *rotary, self.shape, fused)
             attention = self._attend(index, query, key, value, bias, layer.self_attn, width)
-            hidden = self._layer_tail(layer, hidden, attention, self.fused_kernels)
+            hidden = self._layer_tail(layer, weights, hidden, attention, fused)
         return self.model.lm_head(norm_of(self.body.norm, hidden, self.fused_kernels))[:, -1].float()
 
     def _attend(
@@ -345,17 +356,30 @@ def norm_of(norm: Any, x: torch.Tensor, fused: bool) -> torch.Tensor:
 
 
 def layer_head(
-    layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: HeadShape, fused: bool
+    layer: Any,
+    weights: FusedProjections | None,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    shape: HeadShape,
+    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoder layer up to its attention: the query, its heads grouped by key head ([rows, kv_heads, groups,
-    head_dim]), and the token's key and value ([rows, kv_heads, 1, head_dim]), rotated."""
+    head_dim]), and the token's key and value ([rows, kv_heads, 1, head_dim]), rotated. With `weights`, the three
+    projections are one matrix product."""
     heads, kv_heads, head_dim = shape
     attn = layer.self_attn
     x = norm_of(layer.input_layernorm, hidden, fused)
     rows = x.shape[0]
-    query = attn.q_proj(x).view(rows, 1, heads, head_dim)
-    key = attn.k_proj(x).view(rows, 1, kv_heads, head_dim)
-    value = attn.v_proj(x).view(rows, 1, kv_heads, head_dim)
+    if weights is not None and not hasattr(attn, "q_norm"):
+        return fused_attention_inputs(x, weights, cos, sin, shape)
+    if weights is not None:  # Qwen3: one product, then each head normalised on its own before the rotation
+        qkv = F.linear(x, weights.qkv, weights.qkv_bias).split(weights.qkv_sizes, dim=-1)
+        query, key, value = (part.view(rows, 1, -1, head_dim) for part in qkv)
+    else:
+        query = attn.q_proj(x).view(rows, 1, heads, head_dim)
+        key = attn.k_proj(x).view(rows, 1, kv_heads, head_dim)
+        value = attn.v_proj(x).view(rows, 1, kv_heads, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
         query, key = norm_of(attn.q_norm, query, fused), norm_of(attn.k_norm, key, fused)
     query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -367,11 +391,128 @@ def layer_head(
     return query.reshape(rows, kv_heads, heads // kv_heads, head_dim), key, value
 
 
-def layer_tail(layer: Any, hidden: torch.Tensor, attention: torch.Tensor, fused: bool) -> torch.Tensor:
-    """The rest of a decoder layer: the attention's output projection and the MLP, each added to the residual."""
+def fused_attention_inputs(
+    x: torch.Tensor, weights: FusedProjections, cos: torch.Tensor, sin: torch.Tensor, shape: HeadShape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`layer_head` after the norm, with one matrix product for the three projections and one rotation for the
+    query and key heads together (they are adjacent in the product's output)."""
+    heads, kv_heads, head_dim = shape
+    rows = x.shape[0]
+    qkv = F.linear(x, weights.qkv, weights.qkv_bias)  # [rows, 1, (heads + 2 kv_heads) * head_dim]
+    rotated = rotate(qkv[..., : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, 1, head_dim), cos, sin)
+    query = rotated[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    value = qkv[..., (heads + kv_heads) * head_dim :].view(rows, kv_heads, 1, head_dim)
+    return query, rotated[:, heads:], value
+
+
+def layer_tail(
+    layer: Any, weights: FusedProjections | None, hidden: torch.Tensor, attention: torch.Tensor, fused: bool
+) -> torch.Tensor:
+    """The rest of a decoder layer: the attention's output projection and the MLP, each added to the residual.
+    With `weights`, the MLP's gate and up projections are one matrix product."""
     rows = hidden.shape[0]
     hidden = hidden + layer.self_attn.o_proj(attention.reshape(rows, 1, -1))
-    return hidden + layer.mlp(norm_of(layer.post_attention_layernorm, hidden, fused))
+    x = norm_of(layer.post_attention_layernorm, hidden, fused)
+    if weights is None:
+        return hidden + layer.mlp(x)
+    mlp = layer.mlp
+    gate, up = F.linear(x, weights.gate_up, weights.gate_up_bias).chunk(2, dim=-1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+# -- one matrix product where the model has several -------------------------------------------------------------
+# At 16 rows a projection of the 1.5B draft reads a few megabytes: its kernel's launch and tail, not its bytes, set
+# its time. The keys' and values' products (256 columns each) are the smallest of all. One product per group reads
+# the same bytes in one kernel.
+
+
+class FusedProjections(NamedTuple):
+    qkv: torch.Tensor  # [q; k; v] weights, [(heads + 2 kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up: torch.Tensor  # [gate; up] weights, [2 * intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+
+
+FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down_proj(act_fn(gate_proj(x)) * up_proj(x))
+
+
+def fuse_projections(layers: Sequence[Any]) -> list[FusedProjections] | None:
+    """Each layer's q/k/v and gate/up weights concatenated into one matrix each, or None where any layer's are not
+    plain `nn.Linear` weights on one device (a quantized or adapted layer, offloaded weights, a hook).
+
+    The model's own projections are re-pointed at slices of the concatenated matrices, so the weights are not held
+    twice, and its eager forward (the prefill) reads the very same memory. A second decoder of the same model finds
+    the fusion done and reuses it."""
+    if not all(fusable_layer(layer) for layer in layers):
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, so the model still works under autograd
+        return [
+            FusedProjections(
+                *concatenated(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                *concatenated(layer.mlp, ("gate_proj", "up_proj"))[:2],
+            )
+            for layer in layers
+        ]
+
+
+def fusable_layer(layer: Any) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(mlp).__name__ not in FUSABLE_MLPS or attn is None:
+        return False
+    projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    projections += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")]
+    if not all(type(module) is torch.nn.Linear and plain_module(module) for module in projections):
+        return False
+    weights = [module.weight for module in projections]
+    if any(w.device.type == "meta" or (w.device, w.dtype) != (weights[0].device, weights[0].dtype) for w in weights):
+        return False
+    # Either every projection of a group has a bias or none has (Qwen2: q, k, v do; the MLP's do not).
+    return all(len({m.bias is None for m in group}) == 1 for group in (projections[:3], projections[3:]))
+
+
+def plain_module(module: Any) -> bool:
+    """No hooks (accelerate's offloading, adapters, user hooks) that a direct matrix product would bypass."""
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def concatenated(parent: Any, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """The weights (and biases) of `parent`'s projections `names` as one matrix, the projections re-pointed at its
+    rows; the matrix the projections already share when an earlier call made it."""
+    modules = [getattr(parent, name) for name in names]
+    sizes = tuple(int(module.weight.shape[0]) for module in modules)
+    weight = shared_matrix([module.weight for module in modules])
+    if weight is None:
+        weight = torch.cat([module.weight for module in modules])
+        repoint(modules, "weight", weight.split(sizes))
+    bias = None
+    if modules[0].bias is not None:
+        bias = shared_matrix([module.bias for module in modules])
+        if bias is None:
+            bias = torch.cat([module.bias for module in modules])
+            repoint(modules, "bias", bias.split(sizes))
+    return weight, bias, sizes
+
+
+def shared_matrix(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The one matrix `parts` are consecutive rows of (an earlier fusion), or None."""
+    first = parts[0]
+    storage = first.untyped_storage()
+    offset = first.storage_offset()
+    for part in parts:
+        if part.untyped_storage().data_ptr() != storage.data_ptr() or part.storage_offset() != offset:
+            return None
+        if not part.is_contiguous():
+            return None
+        offset += part.numel()
+    rows = sum(int(part.shape[0]) for part in parts)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, *first.shape[1:]))
+
+
+def repoint(modules: Sequence[Any], name: str, slices: Sequence[torch.Tensor]) -> None:
+    for module, part in zip(modules, slices, strict=True):
+        old = getattr(module, name)
+        setattr(module, name, torch.nn.Parameter(part, requires_grad=old.requires_grad))
 
 
 # -- fewer kernels per layer ------------------------------------------------------------------------------------
