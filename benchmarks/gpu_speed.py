@@ -76,6 +76,7 @@ FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections")
 # others from `rsd_variant_settings`).
 RSD_VARIANTS = ("rsd_cudnn", "rsd_eager", "rsd_one_prefill", "rsd_no_ride", "rsd_no_overlap", "rsd_prefill_scaled")
 RSD_VARIANTS += ("rsd_unfused",)
+COMMIT_ENV = "RSD_BENCH_COMMIT"  # the commit a run measured, recorded in its environment
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
 
@@ -923,6 +924,8 @@ def environment(config: BenchConfig) -> dict:
         "cpu_count": os.cpu_count(),
         "device": config.device,
         "decode": config.decode,
+        # The device machine gets a copy of the working tree without git: the caller names the commit.
+        "commit": os.environ.get(COMMIT_ENV, "unknown"),
     }
     if config.device.startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
