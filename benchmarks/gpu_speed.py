@@ -71,11 +71,11 @@ GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
 REPLAY_VARIANTS = ("modules", "fused", "projections", "compiled")
 # BenchConfig fields that a command-line flag of the same name sets.
 FLAG_SETTINGS = ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride")
-FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections")
+FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections", "arena_prefill")
 # RSD runs with one setting changed, timed side by side with RSD as shipped (`rsd_eager` with --decode ab, the
 # others from `rsd_variant_settings`).
 RSD_VARIANTS = ("rsd_cudnn", "rsd_eager", "rsd_one_prefill", "rsd_no_ride", "rsd_no_overlap", "rsd_prefill_scaled")
-RSD_VARIANTS += ("rsd_unfused",)
+RSD_VARIANTS += ("rsd_unfused", "rsd_transformers_prefill")
 COMMIT_ENV = "RSD_BENCH_COMMIT"  # the commit a run measured, recorded in its environment
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
@@ -144,6 +144,9 @@ class BenchConfig:
     # Static decoding queues each forward before the host reads the tokens before it: "on" as shipped, or "ab":
     # plus RSD with the host's stop checks and the GPU taking turns (`rsd_no_overlap`), side by side.
     overlap: str = "on"
+    # "ab" adds RSD whose static-path prefills run transformers' forward, then copy its cache into the arena
+    # (`rsd_transformers_prefill`), side by side with the decoder's own forward in the arena as shipped.
+    arena_prefill: str = "on"
     # "ab" adds a table of one decode token's CUDA-graph replay time per model, with the static forward's fused
     # RMSNorm and rotation against transformers' own modules, at the batch sizes run (`replay_ms`).
     kernels: str = "fused"
@@ -597,6 +600,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_no_overlap": config.overlap == "ab",
         "rsd_cudnn": config.sdpa == "ab",
         "rsd_unfused": config.projections == "ab",
+        "rsd_transformers_prefill": config.arena_prefill == "ab",
     }
     settings: dict[str, Callable[[Callable[[], Any]], Any]] = {
         "rsd_one_prefill": lambda work: with_one_prefill_forward(models, work),
@@ -605,6 +609,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         ),
         "rsd_no_ride": lambda work: without_riding(models, work),
         "rsd_no_overlap": lambda work: without_overlap(models, work),
+        "rsd_transformers_prefill": lambda work: with_generators(models, work, arena_prefill=False),
         "rsd_cudnn": with_cudnn_attention,
         "rsd_unfused": lambda work: without_fused_projections(models, work),
     }
@@ -640,14 +645,22 @@ def without_riding(models: Models, work: Callable[[], Any]) -> Any:
 
 def without_overlap(models: Models, work: Callable[[], Any]) -> Any:
     """Run `work` with the host reading each decode forward's tokens before it queues the next one."""
+    return with_generators(models, work, overlap_decode=False)
+
+
+def with_generators(models: Models, work: Callable[[], Any], **settings: Any) -> Any:
+    """Run `work` with the draft's and target's generator attributes `settings` changed, then put them back."""
     generators = (models.draft, models.target)
+    before = [{name: getattr(generator, name) for name in settings} for generator in generators]
     for generator in generators:
-        generator.overlap_decode = False
+        for name, value in settings.items():
+            setattr(generator, name, value)
     try:
         return work()
     finally:
-        for generator in generators:
-            generator.overlap_decode = True
+        for generator, values in zip(generators, before, strict=True):
+            for name, value in values.items():
+                setattr(generator, name, value)
 
 
 def without_fused_projections(models: Models, work: Callable[[], Any]) -> Any:
@@ -1005,6 +1018,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         help="ab: also time RSD with the host's stop checks and the GPU's next decode forward taking turns",
     )
     parser.add_argument(
+        "--arena-prefill",
+        choices=("on", "ab"),
+        help="ab: also time RSD with the static path's prefills through transformers' forward, copied into the arena",
+    )
+    parser.add_argument(
         "--projections",
         choices=("on", "ab"),
         help="ab: also time RSD and target-only with each projection its own matrix product when decoding",
@@ -1108,6 +1126,11 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
             print(
                 f"batch {r['batch']}: RSD with host checks and GPU taking turns {r['rsd_no_overlap_s']:.2f} s; "
                 f"overlapped (as shipped) is {r['rsd_over_rsd_no_overlap']:.2f}x faster"
+            )
+        if "rsd_transformers_prefill_s" in r:
+            print(
+                f"batch {r['batch']}: RSD with transformers' prefill forward {r['rsd_transformers_prefill_s']:.2f} s; "
+                f"the arena prefill (as shipped) is {r['rsd_over_rsd_transformers_prefill']:.2f}x faster"
             )
         if "rsd_unfused_s" in r:
             print(

@@ -37,7 +37,10 @@ from rsd.rewards.hf import HFRewardModel  # noqa: E402
 # (class, method, phase name, whether it touches the GPU). The model is the generator's role, or "prm".
 GENERATOR_PHASES = (
     (hf.HFStepGenerator, "generate_steps", "call", True),
-    (hf.HFStepGenerator, "_prefill", "prefill (stack, forward, merge)", True),
+    (hf.HFStepGenerator, "_prefill_arena", "prefill", True),  # the static path: straight into the arena
+    (StaticDecoder, "begin", "prefill: cached prefixes into the arena", True),
+    (StaticDecoder, "prefill", "prefill: own forward in the arena", True),
+    (hf.HFStepGenerator, "_prefill", "prefill", True),  # transformers' forward (eager path, or arena_prefill off)
     (hf.HFStepGenerator, "_forward", "eager transformers forward", True),
     (StaticDecoder, "load", "arena load", True),
     (StaticDecoder, "advance", "decode forward (static, graphs on a GPU)", True),

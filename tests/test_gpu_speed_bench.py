@@ -158,7 +158,7 @@ def variant_report(flag: str, variant: str) -> dict:
     t = result["seconds_median"]
     assert result[f"rsd_over_{variant}"] == pytest.approx(t[variant] / t["rsd"])
     assert set(result[f"{variant}_split_s"]) == {"draft", "prm", "target", "controller"}
-    assert report["config"][flag] == "ab"
+    assert report["config"][flag.replace("-", "_")] == "ab"
     return result
 
 
@@ -188,6 +188,15 @@ def test_ride_ab_times_rsd_without_riding_side_by_side_and_both_write_the_same_t
     assert models.target.rides_along
     shipped_and_changed(models, 6, gpu_speed.without_riding)
     assert models.target.ride_along  # put back
+
+
+def test_arena_prefill_ab_times_rsd_with_transformers_prefill_and_both_write_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(DECODE_ENV, "static")
+    variant_report("arena-prefill", "rsd_transformers_prefill")
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
+    setting = lambda models, work: gpu_speed.with_generators(models, work, arena_prefill=False)  # noqa: E731
+    shipped_and_changed(models, 9, setting)
+    assert models.draft.arena_prefill and models.target.arena_prefill  # put back
 
 
 def test_overlap_ab_times_rsd_with_host_and_gpu_taking_turns_and_both_write_the_same_tokens(monkeypatch):
@@ -242,8 +251,9 @@ def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, 
     originals = [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES]
     (result,) = phase_profile.main(["--tiny", "--batches", "3", "--out", str(tmp_path)])
     phases = result["phases [seconds, host seconds, calls]"]
+    timed = ("call", "prefill", "prefill: own forward in the arena", "decode forward (static, graphs on a GPU)")
     for model in ("draft", "target"):
-        for phase in ("call", "prefill (stack, forward, merge)", "decode forward (static, graphs on a GPU)"):
+        for phase in timed:
             seconds, host, calls = phases[f"{model}/{phase}"]
             assert seconds > 0 and 0 <= host <= seconds + 1e-6 and calls > 0
     steps = gpu_speed.tiny_config().steps

@@ -165,9 +165,12 @@ def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, prefill_s
 
 
 def count_prefill_forwards(gen: HFStepGenerator) -> list[int]:
-    """Prefill forwards per call, as the generator runs them (the count is appended at each call)."""
+    """Prefill forwards per call, as the generator runs them (the count is appended at each call): transformers'
+    forwards, or on the static path the decoder's own prefill forwards in its arena."""
     counts: list[int] = []
-    run_group, generate = gen._prefill_group, gen.generate_steps
+    generate = gen.generate_steps
+    owner, name = (gen._static, "prefill") if gen._static is not None else (gen, "_prefill_group")
+    run_group = getattr(owner, name)
 
     def counted_group(*args):
         counts[-1] += 1
@@ -177,7 +180,8 @@ def count_prefill_forwards(gen: HFStepGenerator) -> list[int]:
         counts.append(0)
         return generate(*args)
 
-    gen._prefill_group, gen.generate_steps = counted_group, counted_generate
+    setattr(owner, name, counted_group)
+    gen.generate_steps = counted_generate
     return counts
 
 

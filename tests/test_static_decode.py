@@ -88,13 +88,17 @@ def trajectories(gen: HFStepGenerator, caps: list[int], steps: int, params: Step
     return seen
 
 
+@pytest.mark.parametrize("prefill", ["arena", "transformers"])
 @pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
-def test_fast_paths_decode_what_transformers_decodes(kind, path, tokenizer):
+def test_fast_paths_decode_what_transformers_decodes(kind, path, prefill, tokenizer):
+    """Both prefills of the static path: the decoder's own forward in its arena (as shipped), and transformers'
+    forward over a stacked cache, copied into the arena."""
     model = build(kind, tokenizer)
     assert static_decode_problem(model) is None
     eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
     fast = HFStepGenerator.from_model(model, tokenizer, decode=path)
+    fast.arena_prefill = prefill == "arena"
     caps = [2, 3, 9, 4, 12]
     assert trajectories(fast, caps, steps=4) == trajectories(eager, caps, steps=4)
     # Five rows start in a bucket of 8; when four have finished, the last one moves to a bucket of 1.

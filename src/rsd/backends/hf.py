@@ -33,7 +33,7 @@ from rsd.backends.kv import (
 )
 from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
 from rsd.backends.sampling import DeviceChoice, position_uniform, sample_top_p
-from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode
+from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode, to_device
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -140,6 +140,9 @@ class HFStepGenerator:
         # Whether static decoding queues each forward before the host reads the tokens before it (settable, for
         # an A/B): the host's stop checks then run while the GPU computes.
         self.overlap_decode = True
+        # Whether static decoding's prefill runs the decoder's own forward straight into its arena (settable, for
+        # an A/B): else transformers' forward over a stacked cache, then copied in.
+        self.arena_prefill = True
         self.decode_mode = resolve_decode_mode(decode, model, self.device)
         self._static = None
         if self.decode_mode != "eager":
@@ -197,11 +200,12 @@ class HFStepGenerator:
             rows += [row for i, request in riders if (row := self._rider_row(i, request, window)) is not None]
         if rows:
             with torch.inference_mode(), attention_without_cudnn(self.device):
-                batch, logits = self._prefill(rows)
                 if self._static is None:
-                    self._decode(batch, logits, params, outputs)
+                    self._decode(*self._prefill(rows), params, outputs)
+                elif self.arena_prefill:
+                    self._decode_static(*self._prefill_arena(rows), params, outputs)
                 else:
-                    self._decode_static(batch, logits, params, outputs)
+                    self._decode_static(*self._prefill_loaded(rows), params, outputs)
         return outputs  # type: ignore[return-value]
 
     # -- one call --------------------------------------------------------------------------------------------
@@ -230,6 +234,50 @@ class HFStepGenerator:
             return self._prefill_group(rows, cached)
         parts = [self._prefill_group([rows[i] for i in group], [cached[i] for i in group]) for group in groups]
         return merge_batches([batch for batch, _ in parts]), torch.cat([logits for _, logits in parts])
+
+    def _prefill_arena(self, rows: list[_Row]) -> tuple[list[_Row], torch.Tensor]:
+        """`_prefill` on the static path: the cached prefixes go straight into the decoder's arena and each group of
+        similar tails runs through the decoder's own forward there. Returns the rows in their arena slots' order
+        and their next-token logits."""
+        static = self._static
+        assert static is not None
+        cached = [self._take_cache(row) for row in rows]
+        tails = [len(row.tail) for row in rows]
+        groups = group_by_length(tails, self.prefill_forward_tokens, overlapped=launches_overlap(self.device))
+        order = [i for group in groups for i in group]
+        rows = [rows[i] for i in order]
+        new_tokens = max(row.request.max_tokens for row in rows) - 1  # the last token is sampled, never fed
+        prefixes = [cached[i].kv if cached[i] is not None else None for i in order]
+        start = static.begin(prefixes, max(tails), new_tokens)
+        end = start + max(tails)
+        logits, first = [], 0
+        for group in groups:
+            part = rows[first : first + len(group)]
+            width = max(len(row.tail) for row in part)
+            ids = torch.full((len(part), width), self._pad_id, dtype=torch.long)
+            positions = torch.zeros((len(part), width), dtype=torch.long)
+            real = torch.zeros((len(part), width), dtype=torch.bool)
+            for b, row in enumerate(part):
+                tail = row.tail
+                ids[b, width - len(tail) :] = torch.tensor(tail)
+                positions[b, width - len(tail) :] = torch.arange(row.reused, row.reused + len(tail))
+                real[b, width - len(tail) :] = True
+                row.columns = list(range(start - row.reused, start)) + list(range(end - len(tail), end))
+                row.context_sum += sum(range(row.reused + 1, row.reused + len(tail) + 1))
+            logits.append(static.prefill(first, *(to_device(t, self.device) for t in (ids, positions, real))))
+            first += len(part)
+        return rows, torch.cat(logits)
+
+    def _prefill_loaded(self, rows: list[_Row]) -> tuple[list[_Row], torch.Tensor]:
+        """`_prefill` through transformers' forward, its cache then copied into the static decoder's arena."""
+        static = self._static
+        assert static is not None
+        batch, logits = self._prefill(rows)
+        for row, columns in zip(batch.rows, real_columns(batch.mask), strict=True):
+            row.columns = columns
+        new_tokens = max(row.request.max_tokens for row in batch.rows) - 1  # the last token is sampled, never fed
+        static.load(batch.cache, batch.mask, [len(row.request.prefix_ids) for row in batch.rows], new_tokens)
+        return batch.rows, logits
 
     def _prefill_group(self, rows: list[_Row], cached: list[RowCache | None]) -> tuple[_Batch, torch.Tensor]:
         """One padded forward: cached prefixes right-aligned to the longest, tails left-padded to the longest."""
@@ -267,7 +315,7 @@ class HFStepGenerator:
             logits = self._feed_last_tokens(batch)
 
     def _decode_static(
-        self, batch: _Batch, logits: torch.Tensor, params: StepParams, outputs: list[StepOutput | None]
+        self, rows: list[_Row], logits: torch.Tensor, params: StepParams, outputs: list[StepOutput | None]
     ) -> None:
         """`_decode` over the static KV buffers: rows stay at their slot, finished ones are left to run idle
         until few enough remain for a smaller row bucket. Tokens are chosen on the device and the next forward is
@@ -275,12 +323,6 @@ class HFStepGenerator:
         rows all end at a delimiter or EOS pays one forward that nobody reads."""
         static = self._static
         assert static is not None
-        rows = batch.rows
-        for row, columns in zip(rows, real_columns(batch.mask), strict=True):
-            row.columns = columns
-        new_tokens = max(row.request.max_tokens for row in rows) - 1  # the last token is sampled, never fed
-        static.load(batch.cache, batch.mask, [len(row.request.prefix_ids) for row in rows], new_tokens)
-        batch.cache = None  # the arena holds the keys and values now
         first_decode_column = static.next_column
         choice = DeviceChoice(rows, params, static.rows, self.device)
         live = list(zip(rows, range(len(rows)), strict=True))

@@ -194,6 +194,59 @@ class StaticDecoder:
         self.column.fill_(filled)
         self.next_column = filled
 
+    # -- a batch prefilled in the arena ---------------------------------------------------------------------------
+    # An eager transformers prefill is about 1,600 operations, then its cache is copied into the arena: on a GPU
+    # that host work, not the compute, sets the time of the short prefills RSD makes at every step (a step's tail
+    # of 1-130 tokens). `begin` puts the cached prefixes straight into the arena and `prefill` runs the tails with
+    # this module's own forward (about 400 operations), writing their keys and values where decoding reads them.
+
+    def begin(self, prefixes: Sequence[torch.Tensor | None], tail_width: int, new_tokens: int) -> int:
+        """Start a batch of `len(prefixes)` rows: each row's cached keys and values (`RowCache.kv`, or None)
+        right-aligned to one column, then `tail_width` columns for the tails (`prefill`), then room for
+        `new_tokens` decoded tokens. Returns the column the cached prefixes end at, where the tail columns start."""
+        start = max((int(kv.shape[3]) for kv in prefixes if kv is not None), default=0)
+        self.rows, self.width = bucket_rows(len(prefixes)), bucket_width(start + tail_width + max(1, new_tokens))
+        self._reserve(self.rows, self.width)
+        self.mask[: self.rows].zero_()
+        for slot, kv in enumerate(prefixes):
+            if kv is not None and kv.shape[3] > 0:
+                self.kv[:, :, slot, :, start - kv.shape[3] : start] = kv
+                self.mask[slot, start - kv.shape[3] : start] = True
+        self.positions[: self.rows].zero_()
+        self.ids[: self.rows].zero_()
+        self.column.fill_(start + tail_width)
+        self.next_column = start + tail_width
+        return start
+
+    def prefill(self, first_slot: int, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Run the tails of the rows at slots `first_slot`, `first_slot + 1`, ... after `begin`: `ids`, `positions`
+        and `real` (False on padding) are [rows, tokens], left-padded, and fill the last `tokens` tail columns.
+        Returns the next-token logits (float32) at each row's last token."""
+        rows, tokens = ids.shape
+        slots = slice(first_slot, first_slot + rows)
+        end = self.next_column
+        start = end - tokens
+        self.mask[slots, start:end] = real
+        groups = self.shape.heads // self.shape.kv_heads
+        bias = tail_bias(self.mask[slots, : self.width], start, end, groups, self.dtype)
+        hidden = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(hidden, positions)
+        fused = self.fused_kernels
+        sin = signed_sin(sin) if fused else sin
+        rotary = (cos[:, None], sin[:, None])  # [rows, 1, tokens, head_dim]: broadcast over heads
+        projections = self._projections if fused and self.fuse_projections else None
+        for index, layer in enumerate(self.body.layers):
+            weights = projections[index] if projections else None
+            query, key, value = tail_layer_head(layer, weights, hidden, *rotary, self.shape, fused)
+            self.kv[index, 0, slots, :, start:end] = key
+            self.kv[index, 1, slots, :, start:end] = value
+            keys, values = self.kv[index, 0, slots, :, : self.width], self.kv[index, 1, slots, :, : self.width]
+            scale = getattr(layer.self_attn, "scaling", self.shape.head_dim**-0.5)
+            attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+            hidden = layer_tail(layer, weights, hidden, unfold_heads(attention, tokens), fused)
+        self.positions[slots, 0] = positions[:, -1] + 1
+        return self.model.lm_head(norm_of(self.body.norm, hidden[:, -1:], fused))[:, -1].float()
+
     def replay(self) -> torch.Tensor:
         """The current token's forward once more, without moving on: it rewrites the same column (for timing)."""
         return self._run()
@@ -339,7 +392,11 @@ def host_to_device(values: Sequence[int], device: torch.device | str) -> torch.T
     """A long tensor on `device`, copied without waiting for the work queued there: from pinned memory on CUDA
     (a copy from pageable memory may synchronise the stream, which would stall a decode loop that keeps one
     forward in flight)."""
-    tensor = torch.tensor(list(values), dtype=torch.long)
+    return to_device(torch.tensor(list(values), dtype=torch.long), device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` (on the host) copied to `device` without waiting for the work queued there (`host_to_device`)."""
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -391,6 +448,61 @@ def layer_head(
     return query.reshape(rows, kv_heads, heads // kv_heads, head_dim), key, value
 
 
+def tail_layer_head(
+    layer: Any,
+    weights: FusedProjections | None,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    shape: HeadShape,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`layer_head` for several tokens per row ([rows, tokens, hidden]): the query with each key head's query heads
+    folded into its length ([rows, kv_heads, groups x tokens, head_dim]), and the keys and values ([rows, kv_heads,
+    tokens, head_dim]), rotated."""
+    heads, kv_heads, head_dim = shape
+    attn = layer.self_attn
+    x = norm_of(layer.input_layernorm, hidden, fused)
+    rows, tokens = x.shape[:2]
+    if weights is not None:
+        query, key, value = F.linear(x, weights.qkv, weights.qkv_bias).split(weights.qkv_sizes, dim=-1)
+    else:
+        query, key, value = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    query = query.view(rows, tokens, heads, head_dim)
+    key, value = key.view(rows, tokens, kv_heads, head_dim), value.view(rows, tokens, kv_heads, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+        query, key = norm_of(attn.q_norm, query, fused), norm_of(attn.k_norm, key, fused)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if fused:
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+    else:
+        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+    return query.reshape(rows, kv_heads, heads // kv_heads * tokens, head_dim), key, value
+
+
+def unfold_heads(attention: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[rows, kv_heads, groups x tokens, head_dim] back to [rows, tokens, heads x head_dim], heads in the model's
+    order (head h is key head h // groups)."""
+    rows, kv_heads, folded, head_dim = attention.shape
+    groups = folded // tokens
+    return attention.view(rows, kv_heads, groups, tokens, head_dim).permute(0, 3, 1, 2, 4).reshape(rows, tokens, -1)
+
+
+def tail_bias(mask: torch.Tensor, start: int, end: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of a tail prefill over columns [start, end): token t of a row sees the row's
+    real columns before the tail and its real tail tokens up to t, and always itself (so a padding token's softmax
+    is never empty and the keys and values it writes stay finite). `mask` is [rows, columns], the tail's real
+    columns already set. [rows, 1, groups x tokens, columns]: the query heads folded as in `tail_layer_head`."""
+    rows, columns = mask.shape
+    tokens = end - start
+    allowed = mask[:, None, :].expand(rows, tokens, columns).clone()
+    causal = torch.ones((tokens, tokens), dtype=torch.bool, device=mask.device).tril()
+    allowed[:, :, start:end] &= causal
+    allowed[:, :, start:end] |= torch.eye(tokens, dtype=torch.bool, device=mask.device)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return bias[:, None, None].expand(rows, 1, groups, tokens, columns).reshape(rows, 1, groups * tokens, columns)
+
+
 def fused_attention_inputs(
     x: torch.Tensor, weights: FusedProjections, cos: torch.Tensor, sin: torch.Tensor, shape: HeadShape
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -410,8 +522,7 @@ def layer_tail(
 ) -> torch.Tensor:
     """The rest of a decoder layer: the attention's output projection and the MLP, each added to the residual.
     With `weights`, the MLP's gate and up projections are one matrix product."""
-    rows = hidden.shape[0]
-    hidden = hidden + layer.self_attn.o_proj(attention.reshape(rows, 1, -1))
+    hidden = hidden + layer.self_attn.o_proj(attention.reshape(*hidden.shape[:2], -1))
     x = norm_of(layer.post_attention_layernorm, hidden, fused)
     if weights is None:
         return hidden + layer.mlp(x)
