@@ -757,9 +757,8 @@ def summarize_batch(
 
 
 def variant_figures(t: dict[str, float], runs: list[DecodeRun], name: str) -> dict:
-    """An RSD variant timed side by side in the same rounds (`rsd_cudnn`, `rsd_eager`, `rsd_one_prefill`,
-    `rsd_no_ride`, `rsd_no_overlap`, each with its --flag ab): its time, split and speed-up, and how much faster RSD
-    as shipped is."""
+    """An RSD variant timed side by side in the same rounds (`RSD_VARIANTS`, each with its --flag ab): its time,
+    split, speed-up and share of steps kept, and how much faster RSD as shipped is."""
     if not runs:
         return {}
     return {
@@ -767,6 +766,9 @@ def variant_figures(t: dict[str, float], runs: list[DecodeRun], name: str) -> di
         f"{name}_split_s": median_split(runs),
         f"{name}_speedup": t["target_only"] / t[name],
         f"rsd_over_{name}": t[name] / t["rsd"],
+        # Another kernel rounds differently in bf16, so a reward near the threshold can flip: a variant may keep
+        # other steps than RSD as shipped, and its target then has other work.
+        f"{name}_kept_share": sum(r.kept for r in runs) / max(1, sum(r.proposed for r in runs)),
     }
 
 

@@ -158,6 +158,7 @@ def variant_report(flag: str, variant: str) -> dict:
     t = result["seconds_median"]
     assert result[f"rsd_over_{variant}"] == pytest.approx(t[variant] / t["rsd"])
     assert set(result[f"{variant}_split_s"]) == {"draft", "prm", "target", "controller"}
+    assert 0 <= result[f"{variant}_kept_share"] <= 1
     assert report["config"][flag.replace("-", "_")] == "ab"
     return result
 

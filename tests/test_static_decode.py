@@ -111,6 +111,21 @@ def test_fast_paths_decode_what_transformers_decodes(kind, path, prefill, tokeni
     assert trajectories(fast, caps, 2, sampling) == trajectories(eager, caps, 2, sampling)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_long_tails_prefill_in_chunks_of_tokens_and_decode_the_same(kind, tokenizer):
+    model = build(kind, tokenizer)
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    fast = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    fast._static.prefill_mask_bytes = 1  # one token per chunk: every tail longer than one token is chunked
+    chunks = []
+    run_chunk = fast._static._prefill_chunk
+    fast._static._prefill_chunk = lambda *args: chunks.append(args[-1]) or run_chunk(*args)
+    caps = [2, 3, 9, 4, 12]
+    assert trajectories(fast, caps, steps=3) == trajectories(eager, caps, steps=3)
+    assert {end - start for start, end in chunks} == {1}
+    assert len(chunks) > 5 * 4  # well over one chunk per call: the prompts ran token by token
+
+
 @pytest.mark.parametrize("path", FAST_PATHS)
 def test_a_blank_batch_replays_the_same_forward_until_it_advances(path, tokenizer):
     model = build("qwen2", tokenizer).to(DEVICE)

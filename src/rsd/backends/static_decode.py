@@ -6,8 +6,10 @@ host, not the GPU. This module runs the decode forward of the transformers backe
 so that it can be captured once per (rows, width) bucket as a CUDA graph and replayed with one launch:
 
 - one KV arena per generator, [layers, 2 (keys, values), rows, kv_heads, width, head_dim], rows rounded up to a
-  power of two and width to `WIDTH_BUCKET` columns. A call's prefill (still an eager transformers forward)
-  fills it; each decoded token writes one column, the same column for every row (rows are right-aligned);
+  power of two and width to `WIDTH_BUCKET` columns. A call's prefill fills it: the rows' cached prefixes are
+  copied in, right-aligned, and their new tails run through this module's own forward, several tokens a row
+  (`begin`, `prefill`; not graphed, their shapes vary). Each decoded token then writes one column, the same
+  column for every row;
 - the write column, positions, input ids and the padding mask live in device buffers, so a replay needs no host
   data, and the only host round trip per token is reading the sampled ids (which the stop checks need anyway);
 - grouped-query attention without copying keys: the query heads that share a key head are folded into the query
@@ -39,6 +41,10 @@ COMPILE_ENV = "RSD_COMPILE_DECODE"  # "1": torch.compile the static decode forwa
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 WIDTH_BUCKET = 256  # cache columns are allocated, and graphs captured, in multiples of this
 MAX_GRAPHS = 24  # captured graphs kept per generator (least recently used dropped first)
+# A prefill's attention mask holds every query head of a key head per token: [rows, 1, groups x tokens, columns].
+# 1 GiB covers RSD's prefills at batch 64 in one chunk (a re-encoded 768-token trajectory of the 7B target is 0.7
+# GiB) and keeps a long prompt from asking for tens of GiB.
+PREFILL_MASK_BYTES = 1 << 30
 
 
 def static_decode_problem(model: Any) -> str | None:
@@ -98,8 +104,9 @@ def bucket_width(columns: int) -> int:
 class StaticDecoder:
     """The KV arena of one model and its decode forward; one batch at a time.
 
-    `load` takes a prefilled batch (a transformers `DynamicCache` and its 0/1 mask), `advance` decodes one token for
-    every row, `keep` drops finished rows, `row_cache` copies one row's real columns out.
+    `begin` and `prefill` fill the arena with a batch (or `load` takes one prefilled by transformers: a
+    `DynamicCache` and its 0/1 mask), `advance` decodes one token for every row, `keep` drops finished rows,
+    `row_cache` copies one row's real columns out.
     """
 
     def __init__(self, model: Any, use_graphs: bool, compile_layers: bool = False) -> None:
@@ -114,6 +121,8 @@ class StaticDecoder:
         self.fuse_projections = True
         self._projections = fuse_projections(self.body.layers)
         self.max_graphs = MAX_GRAPHS
+        # The largest attention mask one prefill chunk may build (settable): longer tails run in more chunks.
+        self.prefill_mask_bytes = PREFILL_MASK_BYTES
         self.layers = int(config.num_hidden_layers)
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -221,11 +230,28 @@ class StaticDecoder:
     def prefill(self, first_slot: int, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Run the tails of the rows at slots `first_slot`, `first_slot + 1`, ... after `begin`: `ids`, `positions`
         and `real` (False on padding) are [rows, tokens], left-padded, and fill the last `tokens` tail columns.
-        Returns the next-token logits (float32) at each row's last token."""
+        Returns the next-token logits (float32) at each row's last token.
+
+        Long tails run in chunks of tokens, each attending to the columns the chunks before it wrote, so that the
+        attention mask (its query heads folded, `tail_bias`) stays within `prefill_mask_bytes`."""
         rows, tokens = ids.shape
         slots = slice(first_slot, first_slot + rows)
-        end = self.next_column
-        start = end - tokens
+        start = self.next_column - tokens
+        groups = self.shape.heads // self.shape.kv_heads
+        per_token = rows * groups * self.width * torch.finfo(self.dtype).bits // 8
+        chunk = max(1, self.prefill_mask_bytes // per_token)
+        for first in range(0, tokens, chunk):
+            last = min(tokens, first + chunk)
+            part = (ids[:, first:last], positions[:, first:last], real[:, first:last])
+            hidden = self._prefill_chunk(slots, *part, (start + first, start + last))
+        self.positions[slots, 0] = positions[:, -1] + 1
+        return self.model.lm_head(norm_of(self.body.norm, hidden[:, -1:], self.fused_kernels))[:, -1].float()
+
+    def _prefill_chunk(
+        self, slots: slice, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, columns: tuple[int, int]
+    ) -> torch.Tensor:
+        """One chunk of `prefill`, written into `columns` [start, end); the last layer's hidden states."""
+        start, end = columns
         self.mask[slots, start:end] = real
         groups = self.shape.heads // self.shape.kv_heads
         bias = tail_bias(self.mask[slots, : self.width], start, end, groups, self.dtype)
@@ -243,9 +269,8 @@ class StaticDecoder:
             keys, values = self.kv[index, 0, slots, :, : self.width], self.kv[index, 1, slots, :, : self.width]
             scale = getattr(layer.self_attn, "scaling", self.shape.head_dim**-0.5)
             attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
-            hidden = layer_tail(layer, weights, hidden, unfold_heads(attention, tokens), fused)
-        self.positions[slots, 0] = positions[:, -1] + 1
-        return self.model.lm_head(norm_of(self.body.norm, hidden[:, -1:], fused))[:, -1].float()
+            hidden = layer_tail(layer, weights, hidden, unfold_heads(attention, end - start), fused)
+        return hidden
 
     def replay(self) -> torch.Tensor:
         """The current token's forward once more, without moving on: it rewrites the same column (for timing)."""
