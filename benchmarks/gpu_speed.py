@@ -144,8 +144,8 @@ class BenchConfig:
     # Static decoding queues each forward before the host reads the tokens before it: "on" as shipped, or "ab":
     # plus RSD with the host's stop checks and the GPU taking turns (`rsd_no_overlap`), side by side.
     overlap: str = "on"
-    # "ab" adds RSD whose static-path prefills run transformers' forward, then copy its cache into the arena
-    # (`rsd_transformers_prefill`), side by side with the decoder's own forward in the arena as shipped.
+    # "ab" adds RSD whose prefills (generators' and PRM's) run transformers' forward over a stacked cache
+    # (`rsd_transformers_prefill`), side by side with rsd's own forward in a KV arena as shipped on a GPU.
     arena_prefill: str = "on"
     # "ab" adds a table of one decode token's CUDA-graph replay time per model, with the static forward's fused
     # RMSNorm and rotation against transformers' own modules, at the batch sizes run (`replay_ms`).
@@ -609,7 +609,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         ),
         "rsd_no_ride": lambda work: without_riding(models, work),
         "rsd_no_overlap": lambda work: without_overlap(models, work),
-        "rsd_transformers_prefill": lambda work: with_generators(models, work, arena_prefill=False),
+        "rsd_transformers_prefill": lambda work: with_transformers_prefill(models, work),
         "rsd_cudnn": with_cudnn_attention,
         "rsd_unfused": lambda work: without_fused_projections(models, work),
     }
@@ -646,6 +646,17 @@ def without_riding(models: Models, work: Callable[[], Any]) -> Any:
 def without_overlap(models: Models, work: Callable[[], Any]) -> Any:
     """Run `work` with the host reading each decode forward's tokens before it queues the next one."""
     return with_generators(models, work, overlap_decode=False)
+
+
+def with_transformers_prefill(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with every model's prefills through transformers' forward over a stacked cache (the generators'
+    then copied into their arenas) instead of rsd's own forward in a KV arena."""
+    scored_in_arena = models.prm.arena_prefill
+    models.prm.arena_prefill = False
+    try:
+        return with_generators(models, work, arena_prefill=False)
+    finally:
+        models.prm.arena_prefill = scored_in_arena
 
 
 def with_generators(models: Models, work: Callable[[], Any], **settings: Any) -> Any:
@@ -1022,7 +1033,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     parser.add_argument(
         "--arena-prefill",
         choices=("on", "ab"),
-        help="ab: also time RSD with the static path's prefills through transformers' forward, copied into the arena",
+        help="ab: also time RSD with every model's prefills through transformers' forward over a stacked cache",
     )
     parser.add_argument(
         "--projections",

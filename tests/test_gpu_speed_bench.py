@@ -195,9 +195,12 @@ def test_arena_prefill_ab_times_rsd_with_transformers_prefill_and_both_write_the
     monkeypatch.setenv(DECODE_ENV, "static")
     variant_report("arena-prefill", "rsd_transformers_prefill")
     models = gpu_speed.build_models(gpu_speed.tiny_config())
-    setting = lambda models, work: gpu_speed.with_generators(models, work, arena_prefill=False)  # noqa: E731
-    shipped_and_changed(models, 9, setting)
-    assert models.draft.arena_prefill and models.target.arena_prefill  # put back
+    models.prm.arena_prefill = True  # as on a GPU
+    holders = (models.draft, models.target, models.prm)
+    seen = gpu_speed.with_transformers_prefill(models, lambda: [holder.arena_prefill for holder in holders])
+    assert seen == [False, False, False]
+    shipped_and_changed(models, 9, gpu_speed.with_transformers_prefill)
+    assert all(holder.arena_prefill for holder in holders)  # put back
 
 
 def test_overlap_ab_times_rsd_with_host_and_gpu_taking_turns_and_both_write_the_same_tokens(monkeypatch):

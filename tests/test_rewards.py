@@ -142,8 +142,19 @@ REFERENCES = {
 }
 
 
-def load(path: Path, **kwargs):
-    return load_prm(str(path), device="cpu", dtype="float32", **kwargs)
+def load(path: Path, scoring: str = "transformers", **kwargs):
+    """A PRM scoring through transformers' forward (the CPU default) or in a KV arena with rsd's own layer code
+    (the CUDA default)."""
+    prm = load_prm(str(path), device="cpu", dtype="float32", **kwargs)
+    assert prm.arena_prefill is False  # the CPU default
+    if scoring == "arena" and prm.arena_problem is not None:
+        # Mistral's sliding window: test_a_sliding_window_prm_refuses_the_arena checks the refusal.
+        pytest.skip(f"{prm.prm_format}'s body scores through transformers only ({prm.arena_problem})")
+    prm.arena_prefill = scoring == "arena"
+    return prm
+
+
+SCORING = ["transformers", "arena"]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -153,10 +164,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 # ---- tests ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scoring", SCORING)
 @pytest.mark.parametrize("fmt", PRM_FORMATS)
-def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(checkpoints, fmt):
+def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(checkpoints, fmt, scoring):
     path, reference = checkpoints[fmt], REFERENCES[fmt]
-    prm = load(path)
+    prm = load(path, scoring)
     assert prm.prm_format == fmt  # detected from config.json
     final_ids, final_rewards = reference(path, QUESTION, STEPS)
     rejected_ids, rejected_rewards = reference(path, QUESTION, STEPS[:1] + [REJECTED])
@@ -190,11 +202,12 @@ def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(che
     assert score(STEPS[:1]).prefill_tokens == first.prefill_tokens
 
 
+@pytest.mark.parametrize("scoring", SCORING)
 @pytest.mark.parametrize("split", ["one-forward", "split-by-length"])
 @pytest.mark.parametrize("fmt", PRM_FORMATS)
-def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt, split):
+def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt, split, scoring):
     path, reference = checkpoints[fmt], REFERENCES[fmt]
-    prm = load(path)
+    prm = load(path, scoring)
     # The price of one more forward, in tokens: none is worth it, or any saved padding is.
     prm.prefill_forward_tokens = 10**9 if split == "one-forward" else 1
     forwards: list[int] = []
@@ -220,9 +233,18 @@ def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoint
     assert outputs[1].prefill_tokens < outputs[0].prefill_tokens + len(STEPS[1])  # cache hits, not fresh inputs
 
 
-def test_repeated_key_in_one_call_is_scored_in_order(checkpoints):
+def test_a_sliding_window_prm_refuses_the_arena(checkpoints):
+    prm = load(checkpoints["math-shepherd"])
+    assert "sliding-window" in prm.arena_problem
+    prm.arena_prefill = True
+    with pytest.raises(RSDError, match="cannot score in a KV arena: .*sliding-window.*set arena_prefill off"):
+        prm.score_steps([RewardRequest("t", QUESTION, STEPS[:1])])
+
+
+@pytest.mark.parametrize("scoring", SCORING)
+def test_repeated_key_in_one_call_is_scored_in_order(checkpoints, scoring):
     path = checkpoints["skywork"]
-    prm = load(path, max_batch_size=2)
+    prm = load(path, scoring, max_batch_size=2)
     _, expected = skywork_reference(path, QUESTION, STEPS)
     outputs = prm.score_steps([RewardRequest("k", QUESTION, STEPS[: n + 1]) for n in range(3)])
     assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)

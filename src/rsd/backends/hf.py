@@ -33,7 +33,7 @@ from rsd.backends.kv import (
 )
 from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
 from rsd.backends.sampling import DeviceChoice, position_uniform, sample_top_p
-from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode, to_device
+from rsd.backends.static_decode import COMPILE_ENV, StaticDecoder, resolve_decode_mode
 from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -248,23 +248,16 @@ class HFStepGenerator:
         rows = [rows[i] for i in order]
         new_tokens = max(row.request.max_tokens for row in rows) - 1  # the last token is sampled, never fed
         prefixes = [cached[i].kv if cached[i] is not None else None for i in order]
-        start = static.begin(prefixes, max(tails), new_tokens)
-        end = start + max(tails)
+        static.begin(prefixes, max(tails), new_tokens)
         logits, first = [], 0
         for group in groups:
             part = rows[first : first + len(group)]
-            width = max(len(row.tail) for row in part)
-            ids = torch.full((len(part), width), self._pad_id, dtype=torch.long)
-            positions = torch.zeros((len(part), width), dtype=torch.long)
-            real = torch.zeros((len(part), width), dtype=torch.bool)
-            for b, row in enumerate(part):
-                tail = row.tail
-                ids[b, width - len(tail) :] = torch.tensor(tail)
-                positions[b, width - len(tail) :] = torch.arange(row.reused, row.reused + len(tail))
-                real[b, width - len(tail) :] = True
-                row.columns = list(range(start - row.reused, start)) + list(range(end - len(tail), end))
-                row.context_sum += sum(range(row.reused + 1, row.reused + len(tail) + 1))
-            logits.append(static.prefill(first, *(to_device(t, self.device) for t in (ids, positions, real))))
+            tails, reused = [row.tail for row in part], [row.reused for row in part]
+            part_logits, columns = static.run_tails(first, tails, reused, self._pad_id)
+            for row, row_columns in zip(part, columns, strict=True):
+                row.columns = row_columns
+                row.context_sum += sum(range(row.reused + 1, len(row.request.prefix_ids) + 1))
+            logits.append(part_logits)
             first += len(part)
         return rows, torch.cat(logits)
 

@@ -49,14 +49,24 @@ PREFILL_MASK_BYTES = 1 << 30
 
 def static_decode_problem(model: Any) -> str | None:
     """Why `model` cannot decode over static buffers, or None when it can."""
-    config = model.config.get_text_config()
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(model.config.get_text_config(), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
     body = getattr(model, "model", None)
-    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if body is None or not all(hasattr(body, part) for part in parts) or not hasattr(model, "lm_head"):
+    if body is None or not hasattr(model, "lm_head"):
         return f"{type(model).__name__} does not have the usual decoder layout (model.layers, model.norm, lm_head)"
+    return arena_body_problem(body)
+
+
+def arena_body_problem(body: Any) -> str | None:
+    """Why a transformer body (a causal LM's `.model`, a PRM's body) cannot run in a KV arena, or None."""
+    config = body.config.get_text_config()
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if not all(hasattr(body, part) for part in parts):
+        return f"{type(body).__name__} does not have the usual decoder layout (layers, norm, rotary_emb)"
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         if any(kind != "full_attention" for kind in layer_types):
@@ -109,10 +119,11 @@ class StaticDecoder:
     `row_cache` copies one row's real columns out.
     """
 
-    def __init__(self, model: Any, use_graphs: bool, compile_layers: bool = False) -> None:
+    def __init__(self, model: Any, use_graphs: bool, compile_layers: bool = False, body: Any = None) -> None:
+        """`body`: the transformer body when `model` is one (a PRM's, with no LM head: `prefill_hidden` only)."""
         config = model.config.get_text_config()
         self.model = model
-        self.body = model.model
+        self.body = model.model if body is None else body
         self.use_graphs = use_graphs
         # Fused RMSNorm and a shorter rotation (below); False runs transformers' own modules (for an A/B).
         self.fused_kernels = True
@@ -143,6 +154,7 @@ class StaticDecoder:
         self.rows = 0  # rows of the current batch (a bucket)
         self.width = 0  # columns of the current batch (a bucket)
         self.next_column = 0  # host copy of `column`
+        self.tail_width = 0  # columns `begin` left for the tails, before `next_column`
         self._graphs: OrderedDict[tuple[int, int, bool, bool], tuple[Any, torch.Tensor]] = OrderedDict()
         if compile_layers:
             self.compile_layers()
@@ -225,12 +237,41 @@ class StaticDecoder:
         self.ids[: self.rows].zero_()
         self.column.fill_(start + tail_width)
         self.next_column = start + tail_width
+        self.tail_width = tail_width
         return start
+
+    def run_tails(
+        self, first_slot: int, tails: Sequence[Sequence[int]], reused: Sequence[int], pad_id: int, head: bool = True
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """`prefill` from token lists: row i (slot `first_slot + i`) runs `tails[i]` after its `reused` cached
+        tokens. Returns the logits (or with `head=False` the final hidden states) at each row's last token, and
+        each row's real arena columns (its prefix's, then its tail's)."""
+        width = max(len(tail) for tail in tails)
+        ids = torch.full((len(tails), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(tails), width), dtype=torch.long)
+        real = torch.zeros((len(tails), width), dtype=torch.bool)
+        end, start = self.next_column, self.next_column - self.tail_width
+        columns = []
+        for b, (tail, past) in enumerate(zip(tails, reused, strict=True)):
+            ids[b, width - len(tail) :] = torch.tensor(list(tail))
+            positions[b, width - len(tail) :] = torch.arange(past, past + len(tail))
+            real[b, width - len(tail) :] = True
+            columns.append(list(range(start - past, start)) + list(range(end - len(tail), end)))
+        inputs = [to_device(t, self.device) for t in (ids, positions, real)]
+        run = self.prefill if head else self.prefill_hidden
+        return run(first_slot, *inputs), columns
 
     def prefill(self, first_slot: int, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Run the tails of the rows at slots `first_slot`, `first_slot + 1`, ... after `begin`: `ids`, `positions`
         and `real` (False on padding) are [rows, tokens], left-padded, and fill the last `tokens` tail columns.
-        Returns the next-token logits (float32) at each row's last token.
+        Returns the next-token logits (float32) at each row's last token."""
+        hidden = self.prefill_hidden(first_slot, ids, positions, real)
+        return self.model.lm_head(hidden).float()
+
+    def prefill_hidden(
+        self, first_slot: int, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor
+    ) -> torch.Tensor:
+        """`prefill` up to the body's final norm: the hidden states at each row's last token, [rows, hidden].
 
         Long tails run in chunks of tokens, each attending to the columns the chunks before it wrote, so that the
         attention mask (its query heads folded, `tail_bias`) stays within `prefill_mask_bytes`."""
@@ -245,7 +286,7 @@ class StaticDecoder:
             part = (ids[:, first:last], positions[:, first:last], real[:, first:last])
             hidden = self._prefill_chunk(slots, *part, (start + first, start + last))
         self.positions[slots, 0] = positions[:, -1] + 1
-        return self.model.lm_head(norm_of(self.body.norm, hidden[:, -1:], self.fused_kernels))[:, -1].float()
+        return norm_of(self.body.norm, hidden[:, -1], self.fused_kernels)
 
     def _prefill_chunk(
         self, slots: slice, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, columns: tuple[int, int]

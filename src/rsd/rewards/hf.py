@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from rsd.backends.kv import common_prefix_length, dynamic_cache, stack_kv, stacked_layers
 from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
+from rsd.backends.static_decode import StaticDecoder, arena_body_problem
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
 from rsd.hf_loading import (
     attention_without_cudnn,
@@ -99,6 +100,12 @@ class HFRewardModel:
         # transformers 5.2x renamed `past_key_values` to `cache`; older versions know only the former.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
         self.warned_long_input = False
+        # Whether scoring forwards run in a KV arena with rsd's own layer code (`static_decode`) instead of
+        # transformers' forward over a stacked cache (settable). On by default on CUDA for the Llama/Qwen layouts:
+        # there an eager forward's host work, not its compute, sets the time of RSD's short scoring prefills.
+        self.arena_problem = arena_body_problem(body)
+        self.arena_prefill = self.device.type == "cuda" and self.arena_problem is None
+        self.arena: StaticDecoder | None = None  # made at its first use
 
     def score_steps(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
         ids = [self.builder.build_ids(r.question, list(r.steps)) for r in requests]
@@ -156,6 +163,8 @@ class HFRewardModel:
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> list[RewardOutput]:
+        if self.arena_prefill:
+            return self.run_in_arena(rows)
         past_width = max(r.past_len for r in rows)
         tail_width = max(len(r.tail) for r in rows)
         input_ids, attention_mask, position_ids = self.batch_inputs(rows, past_width, tail_width)
@@ -172,16 +181,30 @@ class HFRewardModel:
         hidden = out.last_hidden_state[torch.arange(len(rows), device=self.device), last]
         rewards = self.head(hidden).float().tolist()
         batch_kv = stacked_layers(cache)  # updated in place by the forward pass; one copy, one slice per row
-        results = []
-        for i, (row, reward) in enumerate(zip(rows, rewards, strict=True)):
+        for i, row in enumerate(rows):
             start, end = past_width - row.past_len, past_width + len(row.tail)
             # Clone, so the row's cache owns its memory instead of pinning the whole padded batch.
             self.prefixes[row.key] = CachedPrefix(row.ids, batch_kv[:, :, i, :, start:end].clone())
-            tokens = len(row.tail)
-            # Token j of the tail attends to past_len + j + 1 positions (itself included).
-            context_sum = tokens * row.past_len + tokens * (tokens + 1) // 2
-            results.append(RewardOutput(reward=reward, prefill_tokens=tokens, context_sum=context_sum))
-        return results
+        return [reward_output(row, reward) for row, reward in zip(rows, rewards, strict=True)]
+
+    def run_in_arena(self, rows: list[Row]) -> list[RewardOutput]:
+        """`run` in the KV arena: the cached prefixes copied in, the tails through rsd's own forward there, each
+        row's keys and values copied back out."""
+        arena = self.arena_decoder()
+        arena.begin([row.past for row in rows], max(len(row.tail) for row in rows), new_tokens=0)
+        with attention_without_cudnn(self.device):
+            hidden, columns = arena.run_tails(0, [row.tail for row in rows], [row.past_len for row in rows], 0, False)
+        rewards = self.head(hidden).float().tolist()
+        for slot, (row, row_columns) in enumerate(zip(rows, columns, strict=True)):
+            self.prefixes[row.key] = CachedPrefix(row.ids, arena.row_cache(slot, row.ids, row_columns).kv)
+        return [reward_output(row, reward) for row, reward in zip(rows, rewards, strict=True)]
+
+    def arena_decoder(self) -> StaticDecoder:
+        if self.arena_problem is not None:
+            raise RSDError(f"PRM {self.name} cannot score in a KV arena: {self.arena_problem}; set arena_prefill off.")
+        if self.arena is None:
+            self.arena = StaticDecoder(self.body, use_graphs=False, body=self.body)
+        return self.arena
 
     def batch_inputs(self, rows: list[Row], past_width: int, tail_width: int) -> tuple[Tensor, Tensor, Tensor]:
         n = len(rows)
@@ -200,6 +223,13 @@ class HFRewardModel:
         """One DynamicCache for the batch, each row's prefix right-aligned to `past_width`. Keys were rotated at
         their true positions when cached, so moving them to other slots changes nothing."""
         return dynamic_cache(stack_kv([row.past for row in rows], past_width))
+
+
+def reward_output(row: Row, reward: float) -> RewardOutput:
+    tokens = len(row.tail)
+    # Token j of the tail attends to past_len + j + 1 positions (itself included).
+    context_sum = tokens * row.past_len + tokens * (tokens + 1) // 2
+    return RewardOutput(reward=reward, prefill_tokens=tokens, context_sum=context_sum)
 
 
 # ---- heads ----------------------------------------------------------------------------------------------------
