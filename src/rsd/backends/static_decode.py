@@ -487,31 +487,12 @@ def layer_head(
     shape: HeadShape,
     fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder layer up to its attention: the query, its heads grouped by key head ([rows, kv_heads, groups,
-    head_dim]), and the token's key and value ([rows, kv_heads, 1, head_dim]), rotated. With `weights`, the three
-    projections are one matrix product."""
-    heads, kv_heads, head_dim = shape
-    attn = layer.self_attn
-    x = norm_of(layer.input_layernorm, hidden, fused)
-    rows = x.shape[0]
-    if weights is not None and not hasattr(attn, "q_norm"):
-        return fused_attention_inputs(x, weights, cos, sin, shape)
-    if weights is not None:  # Qwen3: one product, then each head normalised on its own before the rotation
-        qkv = F.linear(x, weights.qkv, weights.qkv_bias).split(weights.qkv_sizes, dim=-1)
-        query, key, value = (part.view(rows, 1, -1, head_dim) for part in qkv)
-    else:
-        query = attn.q_proj(x).view(rows, 1, heads, head_dim)
-        key = attn.k_proj(x).view(rows, 1, kv_heads, head_dim)
-        value = attn.v_proj(x).view(rows, 1, kv_heads, head_dim)
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
-        query, key = norm_of(attn.q_norm, query, fused), norm_of(attn.k_norm, key, fused)
-    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if fused:
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-    else:
-        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
-    # Query head h reads key head h // groups: the heads of a group become the rows of one attention call.
-    return query.reshape(rows, kv_heads, heads // kv_heads, head_dim), key, value
+    """A decoder layer up to its attention, one decode token a row: the query, its heads grouped by key head
+    ([rows, kv_heads, groups, head_dim]), and the token's key and value ([rows, kv_heads, 1, head_dim]), rotated.
+    With `weights` and no per-head norm, one product and one rotation for the query and key heads together."""
+    if weights is not None and not hasattr(layer.self_attn, "q_norm"):
+        return fused_attention_inputs(norm_of(layer.input_layernorm, hidden, fused), weights, cos, sin, shape)
+    return tail_layer_head(layer, weights, hidden, cos, sin, shape, fused)  # one token: groups x 1 query rows
 
 
 def tail_layer_head(
