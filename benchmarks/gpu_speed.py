@@ -71,11 +71,11 @@ GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
 REPLAY_VARIANTS = ("modules", "fused", "projections", "compiled")
 # BenchConfig fields that a command-line flag of the same name sets.
 FLAG_SETTINGS = ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride")
-FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections", "arena_prefill")
+FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections", "arena_prefill", "triton")
 # RSD runs with one setting changed, timed side by side with RSD as shipped (`rsd_eager` with --decode ab, the
 # others from `rsd_variant_settings`).
 RSD_VARIANTS = ("rsd_cudnn", "rsd_eager", "rsd_one_prefill", "rsd_no_ride", "rsd_no_overlap", "rsd_prefill_scaled")
-RSD_VARIANTS += ("rsd_unfused", "rsd_transformers_prefill")
+RSD_VARIANTS += ("rsd_unfused", "rsd_transformers_prefill", "rsd_no_triton")
 COMMIT_ENV = "RSD_BENCH_COMMIT"  # the commit a run measured, recorded in its environment
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
@@ -153,6 +153,9 @@ class BenchConfig:
     # "ab" adds RSD and target-only with each projection its own matrix product in the static decode forward
     # (`rsd_unfused`, `target_only_unfused`), side by side with the fused products as shipped.
     projections: str = "on"
+    # "ab" adds RSD and target-only decoding without rsd's Triton kernels (`rsd_no_triton`, `target_only_no_triton`:
+    # attention through SDPA, each layer's small operations as torch operations), side by side with them as shipped.
+    triton: str = "on"
     tiny: bool = False
 
     @property
@@ -561,6 +564,10 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
         methods["target_only_unfused"] = lambda steps: without_fused_projections(
             models, lambda: backend_decode(models.target, prompt_ids, tokens(steps))
         )
+    if config.triton == "ab":
+        methods["target_only_no_triton"] = lambda steps: without_triton_kernels(
+            models, lambda: backend_decode(models.target, prompt_ids, tokens(steps))
+        )
     for name, setting in rsd_variant_settings(config, models).items():  # RSD with one setting changed
         methods[name] = lambda steps, setting=setting: setting(lambda: rsd(steps))
     if rewrite_rows < batch:  # else it is target-only's work, already timed
@@ -601,6 +608,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_cudnn": config.sdpa == "ab",
         "rsd_unfused": config.projections == "ab",
         "rsd_transformers_prefill": config.arena_prefill == "ab",
+        "rsd_no_triton": config.triton == "ab",
     }
     settings: dict[str, Callable[[Callable[[], Any]], Any]] = {
         "rsd_one_prefill": lambda work: with_one_prefill_forward(models, work),
@@ -612,6 +620,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_transformers_prefill": lambda work: with_transformers_prefill(models, work),
         "rsd_cudnn": with_cudnn_attention,
         "rsd_unfused": lambda work: without_fused_projections(models, work),
+        "rsd_no_triton": lambda work: without_triton_kernels(models, work),
     }
     return {name: setting for name, setting in settings.items() if wanted[name]}
 
@@ -686,6 +695,22 @@ def without_fused_projections(models: Models, work: Callable[[], Any]) -> Any:
     finally:
         for decoder in decoders:
             decoder.fuse_projections = True
+
+
+def without_triton_kernels(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with the draft's and target's decode tokens attending through SDPA and each layer's small
+    operations as torch operations, instead of rsd's Triton kernels. Each setting keeps its own CUDA graphs (twice
+    as many kept), so neither pays for capturing again."""
+    decoders = [d for d in (models.draft.static_decoder, models.target.static_decoder) if d is not None]
+    before = [(d.attention, d.layer_kernels) for d in decoders]
+    for decoder in decoders:
+        decoder.attention, decoder.layer_kernels = "sdpa", False
+        decoder.max_graphs = 2 * MAX_GRAPHS
+    try:
+        return work()
+    finally:
+        for decoder, (kind, layer_kernels) in zip(decoders, before, strict=True):
+            decoder.attention, decoder.layer_kernels = kind, layer_kernels
 
 
 def with_cudnn_attention(work: Callable[[], Any]) -> Any:
@@ -764,6 +789,8 @@ def summarize_batch(
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
     if runs["rsd_unfused"]:
         figures["target_only_over_unfused"] = t["target_only_unfused"] / t["target_only"]
+    if runs["rsd_no_triton"]:
+        figures["target_only_over_no_triton"] = t["target_only_no_triton"] / t["target_only"]
     return figures
 
 
@@ -1041,6 +1068,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         help="ab: also time RSD and target-only with each projection its own matrix product when decoding",
     )
     parser.add_argument(
+        "--triton",
+        choices=("on", "ab"),
+        help="ab: also time RSD and target-only decoding without rsd's Triton kernels (SDPA attention, torch's "
+        "operations in each layer; CUDA)",
+    )
+    parser.add_argument(
         "--kernels",
         choices=("fused", "ab"),
         help="ab: also time one decode token per model with the fused RMSNorm and rotation and with transformers' "
@@ -1150,6 +1183,12 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
                 f"batch {r['batch']}: projections one by one: RSD {r['rsd_unfused_s']:.2f} s, target-only "
                 f"{t['target_only_unfused']:.2f} s; fused (as shipped) makes RSD {r['rsd_over_rsd_unfused']:.2f}x and "
                 f"target-only {r['target_only_over_unfused']:.2f}x faster"
+            )
+        if "rsd_no_triton_s" in r:
+            print(
+                f"batch {r['batch']}: decoding without rsd's Triton kernels: RSD {r['rsd_no_triton_s']:.2f} s, "
+                f"target-only {t['target_only_no_triton']:.2f} s; the kernels (as shipped) make RSD "
+                f"{r['rsd_over_rsd_no_triton']:.2f}x and target-only {r['target_only_over_no_triton']:.2f}x faster"
             )
         if "rsd_cudnn_s" in r:
             print(

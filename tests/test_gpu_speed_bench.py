@@ -11,12 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import decode_kernels  # noqa: E402
 import gpu_speed  # noqa: E402
 import phase_profile  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
+from rsd.backends.split_attention import triton_available  # noqa: E402
 from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
 from rsd.core import TrajectoryStats  # noqa: E402
 
@@ -266,3 +268,38 @@ def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, 
     assert phases["target/decode forward (static, graphs on a GPU)"][0] <= phases["target/call"][0]
     assert json.loads((tmp_path / "phase_profile.json").read_text())["results"][0]["batch"] == 3
     assert [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES] == originals
+
+
+def test_decode_kernel_profile_reports_every_model_rows_and_attention(tmp_path):
+    report = decode_kernels.main(["--tiny", "--rows", "1", "2", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "decode_kernels.json").read_text())["results"] == report["results"]
+    seen = [(r["model"], r["rows"], r["variant"]) for r in report["results"]]
+    # Off CUDA rsd's kernels run through Triton's interpreter (conftest.py), where Triton is installed.
+    kinds = ("torch", "split", "triton") if triton_available() else ("torch",)
+    assert seen == [(m, n, a) for m in ("draft", "target") for n in (1, 2) for a in kinds]
+    for row in report["results"]:
+        assert row["token_ms"] > 0 and row["kernel_ms"] > 0 and row["launches"] > 0
+        assert row["top_kernels"] and sum(row["kinds_ms"].values()) == pytest.approx(row["kernel_ms"])
+        # The floor counts each weight once: the tied draft's embedding is its head, the target's is left out.
+        assert row["weight_gib"] > 0 and row["arena_gib"] > 0
+    assert decode_kernels.kernel_kind("sm90_xmma_gemm_bf16bf16") == "matrix products"
+    assert decode_kernels.kernel_kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert decode_kernels.kernel_kind("void at::native::indexFuncLargeIndex<>") == "rotation and arena writes"
+    assert decode_kernels.kernel_kind("attention_combine") == "attention"
+
+
+def test_triton_ab_times_rsd_and_target_only_without_the_kernels_and_both_write_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(DECODE_ENV, "static")  # the kernels are the static decode path's
+    result = variant_report("triton", "rsd_no_triton")
+    t = result["seconds_median"]
+    assert result["target_only_over_no_triton"] == pytest.approx(t["target_only_no_triton"] / t["target_only"])
+    if not triton_available():
+        return
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
+    decoders = [models.draft.static_decoder, models.target.static_decoder]
+    for decoder in decoders:  # as shipped on a GPU; here through Triton's interpreter
+        decoder.attention, decoder.layer_kernels = "split", True
+    seen = gpu_speed.without_triton_kernels(models, lambda: [(d.attention, d.layer_kernels) for d in decoders])
+    assert seen == [("sdpa", False)] * 2
+    assert all((d.attention, d.layer_kernels) == ("split", True) for d in decoders)  # put back
+    shipped_and_changed(models, 9, gpu_speed.without_triton_kernels)

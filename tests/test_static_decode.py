@@ -167,16 +167,27 @@ def test_buffers_grow_when_a_call_needs_more_columns(path, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "fused, projections",
-    [(True, True), (True, False), (False, False)],
-    ids=["fused-kernels-and-projections", "fused-kernels", "transformers-modules"],
+    "fused, projections, attention",
+    [
+        (True, True, "sdpa"),
+        (True, True, "split"),
+        (True, True, "triton"),
+        (True, False, "sdpa"),
+        (False, False, "sdpa"),
+    ],
+    ids=["fused-kernels-and-projections", "split-attention", "triton-kernels", "fused-kernels", "transformers-modules"],
 )
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
-def test_logits_match_transformers_within_float_error(tokenizer, kind, fused, projections):
+def test_logits_match_transformers_within_float_error(tokenizer, kind, fused, projections, attention):
+    if attention in ("split", "triton"):
+        pytest.importorskip("triton", reason="rsd's decode kernels need Triton: pip install -e '.[dev]'")
     model = build(kind, tokenizer)
     gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
     gen._static.fused_kernels = fused
     gen._static.fuse_projections = projections
+    # "triton": the split attention and, where the layout allows them (not Qwen3's), the layer kernels.
+    gen._static.attention = "split" if attention == "triton" else attention
+    gen._static.layer_kernels = attention == "triton" and gen._static.layer_kernels_problem() is None
     prompt = gen.encode(PROMPTS[0])
     out = gen.generate_steps([StepRequest("a", prompt, 6)], StepParams(delimiter=""))[0]
     ids = torch.tensor([prompt + out.token_ids[:-1]], device=DEVICE)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from rsd.backends.kv import RowCache, cache_layers
+from rsd.backends.layer_kernels import add_rms_norm, layer_kernels_problem, rotate_into_arena, silu_times_up
+from rsd.backends.split_attention import HALF_DTYPES, split_attention, split_attention_problem
 from rsd.core import RSDError
 from rsd.hf_loading import first_line
 
@@ -40,6 +42,7 @@ DECODE_ENV = "RSD_DECODE"  # overrides what "auto" picks: eager, static or graph
 COMPILE_ENV = "RSD_COMPILE_DECODE"  # "1": torch.compile the static decode forward's layers (experimental)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 WIDTH_BUCKET = 256  # cache columns are allocated, and graphs captured, in multiples of this
+ATTENTION_KINDS = ("split", "sdpa")  # how a decode token attends: rsd's split kernels (split_attention.py), SDPA
 MAX_GRAPHS = 24  # captured graphs kept per generator (least recently used dropped first)
 # A prefill's attention mask holds every query head of a key head per token: [rows, 1, groups x tokens, columns].
 # 1 GiB covers RSD's prefills at batch 64 in one chunk (a re-encoded 768-token trajectory of the 7B target is 0.7
@@ -138,13 +141,21 @@ class StaticDecoder:
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.shape = HeadShape(heads, int(config.num_key_value_heads), head_dim)
+        embedding = model.get_input_embeddings().weight
+        self.device, self.dtype = embedding.device, embedding.dtype
+        # How a decode token attends over the arena (`ATTENTION_KINDS`): split over the columns in rsd's Triton
+        # kernels where they run (CUDA, half-precision weights), else SDPA. Settable, for an A/B.
+        half_on_cuda = self.device.type == "cuda" and self.dtype in HALF_DTYPES
+        split_here = half_on_cuda and not split_attention_problem(self.device, self.dtype, head_dim)
+        self._attention = "split" if split_here else "sdpa"
+        # A layer's small operations in rsd's Triton kernels (layer_kernels.py) where they run (CUDA, half
+        # precision, a Llama/Qwen2 layout whose projections fused); False runs them as torch operations.
+        self._layer_kernels = half_on_cuda and self.layer_kernels_problem() is None
         # The per-layer code around the attention: plain functions, or their torch.compile'd versions.
         self._layer_head: Any = layer_head
         self._layer_tail: Any = layer_tail
         self.compiled = False
-        self._compiled_shapes: set[tuple[int, int, bool, bool]] = set()
-        embedding = model.get_input_embeddings().weight
-        self.device, self.dtype = embedding.device, embedding.dtype
+        self._compiled_shapes: set[tuple[int, int, bool, bool, str, bool]] = set()
         self.capacity = (0, 0)  # (rows, width) of the arena
         self.kv = torch.zeros((0,), dtype=self.dtype, device=self.device)  # the arena, made by `_reserve`
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
@@ -155,9 +166,41 @@ class StaticDecoder:
         self.width = 0  # columns of the current batch (a bucket)
         self.next_column = 0  # host copy of `column`
         self.tail_width = 0  # columns `begin` left for the tails, before `next_column`
-        self._graphs: OrderedDict[tuple[int, int, bool, bool], tuple[Any, torch.Tensor]] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, bool, bool, str, bool], tuple[Any, torch.Tensor]] = OrderedDict()
         if compile_layers:
             self.compile_layers()
+
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    @attention.setter
+    def attention(self, kind: str) -> None:
+        if kind not in ATTENTION_KINDS:
+            raise RSDError(f"unknown decode attention {kind!r}: choose one of {', '.join(ATTENTION_KINDS)}")
+        problem = split_attention_problem(self.device, self.dtype, self.shape.head_dim) if kind == "split" else None
+        if problem:
+            raise RSDError(f"decode attention 'split' cannot run here: {problem}; use 'sdpa'")
+        self._attention = kind
+
+    @property
+    def layer_kernels(self) -> bool:
+        return self._layer_kernels
+
+    @layer_kernels.setter
+    def layer_kernels(self, on: bool) -> None:
+        problem = self.layer_kernels_problem() if on else None
+        if problem:
+            raise RSDError(f"the Triton layer kernels cannot run this model: {problem}; set layer_kernels = False")
+        self._layer_kernels = on
+
+    def layer_kernels_problem(self) -> str | None:
+        """Why this model's decode layers cannot run through `layer_kernels`, or None."""
+        if self._projections is None:
+            return "its projections are not fused (quantized, adapted, hooked or offloaded layers)"
+        if getattr(self.body.norm, "variance_epsilon", None) is None:
+            return f"its final norm {type(self.body.norm).__name__} is not an RMSNorm with variance_epsilon"
+        return layer_kernels_problem(self.body, self.device, self.dtype, self.shape.head_dim)
 
     def compile_layers(self, backend: Any = "inductor") -> None:
         """Compile the code around each layer's attention with `torch.compile` (experimental). Every layer runs the
@@ -366,7 +409,7 @@ class StaticDecoder:
         self.capacity = (rows, width)
 
     def _run(self) -> torch.Tensor:
-        shape = (self.rows, self.width, self.fused_kernels, self.fuse_projections)
+        shape = self._settings()
         if self.compiled and shape not in self._compiled_shapes:
             # Compile (or check the compiled code) outside any graph capture, once per shape and settings.
             try:
@@ -378,7 +421,7 @@ class StaticDecoder:
             return self._forward(self.rows, self.width)
         # A graph holds the kernels of the settings it was captured with: one per shape and settings (an A/B
         # that switches them back and forth replays its own graphs).
-        key = (self.rows, self.width, self.fused_kernels, self.fuse_projections)
+        key = self._settings()
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -400,6 +443,10 @@ class StaticDecoder:
         graph.replay()
         return logits
 
+    def _settings(self) -> tuple[int, int, bool, bool, str, bool]:
+        """What a captured graph or a compiled shape holds: the bucket and the settings its kernels were made with."""
+        return (self.rows, self.width, self.fused_kernels, self.fuse_projections, self.attention, self.layer_kernels)
+
     def _capture(self, rows: int, width: int) -> tuple[Any, torch.Tensor]:
         # A forward is idempotent for given buffers (it rewrites the same column with the same keys), so the
         # warm-up run that capturing needs can use the live batch.
@@ -418,8 +465,12 @@ class StaticDecoder:
         """One decode token for `rows` rows over `width` cache columns; the next-token logits in float32."""
         mask = self.mask[:rows, :width]
         mask.index_fill_(1, self.column, True)
-        bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
-        bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)[:, None, None, :]
+        bias = None
+        if self.attention == "sdpa":  # the split kernels read the mask itself
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill(~mask, torch.finfo(self.dtype).min)[:, None, None, :]
+        if self.layer_kernels and self.fused_kernels and self.fuse_projections and not self.compiled:
+            return self._forward_by_layer_kernels(mask, bias)
         hidden = self.body.embed_tokens(self.ids[:rows])
         cos, sin = self.body.rotary_emb(hidden, self.positions[:rows])
         sin = signed_sin(sin) if self.fused_kernels else sin
@@ -429,9 +480,38 @@ class StaticDecoder:
         for index, layer in enumerate(self.body.layers):
             weights = projections[index] if projections else None
             query, key, value = self._layer_head(layer, weights, hidden, *rotary, self.shape, fused)
-            attention = self._attend(index, query, key, value, bias, layer.self_attn, width)
+            attention = self._attend(index, query, key, value, mask, bias, layer.self_attn)
             hidden = self._layer_tail(layer, weights, hidden, attention, fused)
         return self.model.lm_head(norm_of(self.body.norm, hidden, self.fused_kernels))[:, -1].float()
+
+    def _forward_by_layer_kernels(self, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`_forward` with each layer's small operations in rsd's Triton kernels (layer_kernels.py): per layer, the
+        two fused products and the two others, the rotation with the arena writes, the attention, two adds each with
+        the norm after it (the second with the next layer's input norm), and the SiLU gate."""
+        rows, width = mask.shape
+        heads, kv_heads, head_dim = self.shape
+        layers = self.body.layers
+        hidden = self.body.embed_tokens(self.ids[:rows, 0])  # [rows, hidden]: one token a row
+        cos, sin = self.body.rotary_emb(hidden[:, None], self.positions[:rows])
+        cos, sin = cos[:, 0], signed_sin(sin[:, 0])
+        x = rms_norm(layers[0].input_layernorm, hidden)
+        for index, layer in enumerate(layers):
+            weights = self._projections[index]
+            keys, values = self.kv[index, 0, :rows, :, :width], self.kv[index, 1, :rows, :, :width]
+            qkv = F.linear(x, weights.qkv, weights.qkv_bias)
+            query = rotate_into_arena(qkv, cos, sin, keys, values, self.column, heads, kv_heads)
+            scale = getattr(layer.self_attn, "scaling", head_dim**-0.5)
+            if self.attention == "split":
+                attention = split_attention(query, keys, values, mask, scale)
+            else:
+                attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+            norm = layer.post_attention_layernorm
+            update = layer.self_attn.o_proj(attention.reshape(rows, -1))
+            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
+            update = layer.mlp.down_proj(silu_times_up(F.linear(x, weights.gate_up, weights.gate_up_bias)))
+            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.body.norm
+            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
+        return self.model.lm_head(x).float()
 
     def _attend(
         self,
@@ -439,18 +519,20 @@ class StaticDecoder:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        bias: torch.Tensor,
+        mask: torch.Tensor,
+        bias: torch.Tensor | None,
         attn: Any,
-        width: int,
     ) -> torch.Tensor:
-        """Write the token's keys and values into the arena and attend over it (never compiled: it writes into
-        the arena in place)."""
-        rows = query.shape[0]
+        """Write the token's keys and values into the arena and attend over the columns `mask` shows (`bias` is
+        the same as an additive mask, for SDPA). Never compiled: it writes into the arena in place."""
+        rows, width = mask.shape
         keys = self.kv[layer, 0, :rows, :, :width]
         values = self.kv[layer, 1, :rows, :, :width]
         keys.index_copy_(2, self.column, key)
         values.index_copy_(2, self.column, value)
         scale = getattr(attn, "scaling", self.shape.head_dim**-0.5)
+        if self.attention == "split":
+            return split_attention(query, keys, values, mask, scale)
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
 
 
