@@ -14,6 +14,9 @@ so that it can be captured once per (rows, width) bucket as a CUDA graph and rep
   data, and the only host round trip per token is reading the sampled ids (which the stop checks need anyway);
 - grouped-query attention without copying keys: the query heads that share a key head are folded into the query
   length (one decode token per row), so the keys and values are read once per key head.
+- on CUDA in half precision, a decode token attends through rsd's split Triton kernels (`split_attention.py`) and
+  its layers' small operations run in three Triton kernels (`layer_kernels.py`; not with `compile_layers`, which
+  fuses them its own way). Both are settable per decoder (`attention`, `layer_kernels`) for an A/B.
 
 Supported: Llama, Mistral, Qwen2/2.5 and Qwen3 layouts with full attention and a rotary embedding that does not
 depend on the context length (default, linear, llama3, yarn). Anything else decodes through transformers' own
