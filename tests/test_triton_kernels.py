@@ -175,3 +175,20 @@ def test_static_decoding_with_the_kernels_decodes_what_transformers_decodes(kind
     no_delimiter = StepParams(delimiter="")
     got, want = fast.generate_steps(requests, no_delimiter), eager.generate_steps(requests, no_delimiter)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_kernels_that_fail_warn_once_and_decoding_goes_on_without_them(tokenizer, monkeypatch):
+    def no_toolchain():
+        raise RuntimeError("ptxas not found")
+
+    model = build("qwen2", tokenizer)
+    gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
+    gen._static.attention, gen._static.layer_kernels = "split", True
+    monkeypatch.setattr(split, "compiled_kernels", no_toolchain)
+    monkeypatch.setattr(kernels, "compiled_kernels", no_toolchain)
+    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
+    with pytest.warns(UserWarning, match="Triton decode kernels failed.*ptxas not found.*SDPA and torch") as seen:
+        got = trajectories(gen, [4, 6, 3, 5, 2], steps=2)
+    assert len([w for w in seen if "Triton" in str(w.message)]) == 1
+    assert (gen._static.attention, gen._static.layer_kernels) == ("sdpa", False)
+    assert got == trajectories(eager, [4, 6, 3, 5, 2], steps=2)

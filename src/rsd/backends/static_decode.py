@@ -154,6 +154,7 @@ class StaticDecoder:
         # A layer's small operations in rsd's Triton kernels (layer_kernels.py) where they run (CUDA, half
         # precision, a Llama/Qwen2 layout whose projections fused); False runs them as torch operations.
         self._layer_kernels = half_on_cuda and self.layer_kernels_problem() is None
+        self._kernels_checked = False  # whether a forward has run with the kernels (`_run`)
         # The per-layer code around the attention: plain functions, or their torch.compile'd versions.
         self._layer_head: Any = layer_head
         self._layer_tail: Any = layer_tail
@@ -215,6 +216,15 @@ class StaticDecoder:
         self._layer_tail = torch.compile(layer_tail, **options)
         self.compiled = True
         self._compiled_shapes.clear()
+        self._graphs.clear()
+
+    def _without_triton_kernels(self, error: BaseException) -> None:
+        warnings.warn(
+            f"rsd's Triton decode kernels failed ({type(error).__name__}: {first_line(error)}); this model decodes "
+            "with SDPA and torch operations from now on.",
+            stacklevel=3,
+        )
+        self._attention, self._layer_kernels = "sdpa", False
         self._graphs.clear()
 
     def _uncompile(self, error: BaseException) -> None:
@@ -412,6 +422,14 @@ class StaticDecoder:
         self.capacity = (rows, width)
 
     def _run(self) -> torch.Tensor:
+        if (self.layer_kernels or self.attention == "split") and not self._kernels_checked:
+            # The first forward with rsd's Triton kernels compiles them: outside any graph capture, so that a
+            # failure (no compiler toolchain, an unsupported card) is theirs and decoding can go on without them.
+            try:
+                self._forward(self.rows, self.width)
+            except Exception as exc:
+                self._without_triton_kernels(exc)
+            self._kernels_checked = True
         shape = self._settings()
         if self.compiled and shape not in self._compiled_shapes:
             # Compile (or check the compiled code) outside any graph capture, once per shape and settings.
