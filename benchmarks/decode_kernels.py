@@ -190,7 +190,7 @@ def report_lines(results: Sequence[dict]) -> str:
         kinds = [r["kinds_ms"].get(kind, 0.0) for kind, _ in KERNEL_KINDS] + [r["kinds_ms"].get("other", 0.0)]
         lines.append(
             f"{r['model']} | {r['rows']} | {r['variant']} | {r['token_ms']:.3f} | {r['kernel_ms']:.3f} | "
-            f"{r['launches']:.0f} | {share(r['floor_ms'], '.3f')} | {share(r['floor_share'], '.0%')} | "
+            f"{r['launches']:.0f} | {formatted(r['floor_ms'], '.3f')} | {formatted(r['floor_share'], '.0%')} | "
             + " | ".join(f"{ms:.3f}" for ms in kinds)
         )
     for r in results:
@@ -199,7 +199,7 @@ def report_lines(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def share(value: float | None, spec: str) -> str:
+def formatted(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dtype = getattr(torch, bench.dtype)
     started = time.perf_counter()
     bandwidth = copy_bandwidth_gbs(config.device)
-    print(f"copy bandwidth: {share(bandwidth, '.0f')} GB/s (read + write)", flush=True)
+    print(f"copy bandwidth: {formatted(bandwidth, '.0f')} GB/s (read + write)", flush=True)
     results = []
     with attention_without_cudnn(config.device):  # as the backend decodes
         for seed, name in enumerate(config.models):

@@ -88,6 +88,16 @@ def trajectories(gen: HFStepGenerator, caps: list[int], steps: int, params: Step
     return seen
 
 
+def assert_rows_leave_the_batch_alike(fast: HFStepGenerator, eager: HFStepGenerator) -> None:
+    """Five rows start in a bucket of 8; when four have finished, the last one moves to a bucket of 1. Both
+    generators write the same tokens."""
+    requests = [StepRequest(f"c{i}", fast.encode(text), 2 if i else 10) for i, text in enumerate(PROMPTS)]
+    no_delimiter = StepParams(delimiter="")
+    got, want = fast.generate_steps(requests, no_delimiter), eager.generate_steps(requests, no_delimiter)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert bucket_rows(5) == 8 and fast._static.rows == 1
+
+
 @pytest.mark.parametrize("prefill", ["arena", "transformers"])
 @pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
@@ -101,12 +111,7 @@ def test_fast_paths_decode_what_transformers_decodes(kind, path, prefill, tokeni
     fast.arena_prefill = prefill == "arena"
     caps = [2, 3, 9, 4, 12]
     assert trajectories(fast, caps, steps=4) == trajectories(eager, caps, steps=4)
-    # Five rows start in a bucket of 8; when four have finished, the last one moves to a bucket of 1.
-    requests = [StepRequest(f"c{i}", fast.encode(text), 2 if i else 10) for i, text in enumerate(PROMPTS)]
-    no_delimiter = StepParams(delimiter="")
-    got, want = fast.generate_steps(requests, no_delimiter), eager.generate_steps(requests, no_delimiter)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert bucket_rows(5) == 8 and fast._static.rows == 1
+    assert_rows_leave_the_batch_alike(fast, eager)
     sampling = StepParams(delimiter="\n\n", temperature=1.0, top_p=0.9, seed=7)
     assert trajectories(fast, caps, 2, sampling) == trajectories(eager, caps, 2, sampling)
 

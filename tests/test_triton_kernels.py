@@ -14,14 +14,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from test_static_decode import PROMPTS, build, trajectories  # noqa: E402
+from test_static_decode import assert_rows_leave_the_batch_alike, build, trajectories  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 from rsd.backends import layer_kernels as kernels  # noqa: E402
 from rsd.backends import split_attention as split  # noqa: E402
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.backends.static_decode import StaticDecoder, rms_norm, rotate, signed_sin  # noqa: E402
-from rsd.core import RSDError, StepParams, StepRequest  # noqa: E402
+from rsd.core import RSDError  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
 pytest.importorskip("triton", reason="Triton is not installed: pip install -e '.[dev]' brings it")
@@ -170,11 +170,7 @@ def test_static_decoding_with_the_kernels_decodes_what_transformers_decodes(kind
     fast._static.layer_kernels = layer_kernels
     caps = [2, 3, 9, 4, 12]
     assert trajectories(fast, caps, steps=2) == trajectories(eager, caps, steps=2)
-    # Rows leave the batch: five rows in a bucket of 8, then one row alone.
-    requests = [StepRequest(f"c{i}", fast.encode(text), 2 if i else 10) for i, text in enumerate(PROMPTS)]
-    no_delimiter = StepParams(delimiter="")
-    got, want = fast.generate_steps(requests, no_delimiter), eager.generate_steps(requests, no_delimiter)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert_rows_leave_the_batch_alike(fast, eager)
 
 
 def test_kernels_that_fail_warn_once_and_decoding_goes_on_without_them(tokenizer, monkeypatch):

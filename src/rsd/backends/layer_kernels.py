@@ -36,9 +36,10 @@ def layer_kernels_problem(model_body: Any, device: torch.device, dtype: torch.dt
             return "its attention normalises each head (Qwen3): the rotation kernel does not"
         if type(layer.mlp.act_fn).__name__ != "SiLUActivation" and not isinstance(layer.mlp.act_fn, torch.nn.SiLU):
             return f"its MLP's activation is {type(layer.mlp.act_fn).__name__}, not SiLU"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if getattr(norm, "weight", None) is None or getattr(norm, "variance_epsilon", None) is None:
-                return f"its norm {type(norm).__name__} is not an RMSNorm with a weight and variance_epsilon"
+    norms = [norm for layer in model_body.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    for norm in [*norms, model_body.norm]:
+        if getattr(norm, "weight", None) is None or getattr(norm, "variance_epsilon", None) is None:
+            return f"its norm {type(norm).__name__} is not an RMSNorm with a weight and variance_epsilon"
     return None
 
 

@@ -202,8 +202,6 @@ class StaticDecoder:
         """Why this model's decode layers cannot run through `layer_kernels`, or None."""
         if self._projections is None:
             return "its projections are not fused (quantized, adapted, hooked or offloaded layers)"
-        if getattr(self.body.norm, "variance_epsilon", None) is None:
-            return f"its final norm {type(self.body.norm).__name__} is not an RMSNorm with variance_epsilon"
         return layer_kernels_problem(self.body, self.device, self.dtype, self.shape.head_dim)
 
     def compile_layers(self, backend: Any = "inductor") -> None:
@@ -521,11 +519,7 @@ class StaticDecoder:
             keys, values = self.kv[index, 0, :rows, :, :width], self.kv[index, 1, :rows, :, :width]
             qkv = F.linear(x, weights.qkv, weights.qkv_bias)
             query = rotate_into_arena(qkv, cos, sin, keys, values, self.column, heads, kv_heads)
-            scale = getattr(layer.self_attn, "scaling", head_dim**-0.5)
-            if self.attention == "split":
-                attention = split_attention(query, keys, values, mask, scale)
-            else:
-                attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+            attention = self._attend_arena(query, keys, values, mask, bias, layer.self_attn)
             norm = layer.post_attention_layernorm
             update = layer.self_attn.o_proj(attention.reshape(rows, -1))
             hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
@@ -551,6 +545,18 @@ class StaticDecoder:
         values = self.kv[layer, 1, :rows, :, :width]
         keys.index_copy_(2, self.column, key)
         values.index_copy_(2, self.column, value)
+        return self._attend_arena(query, keys, values, mask, bias, attn)
+
+    def _attend_arena(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        bias: torch.Tensor | None,
+        attn: Any,
+    ) -> torch.Tensor:
+        """A decode token's attention over the arena's `keys` and `values`, the way `attention` says."""
         scale = getattr(attn, "scaling", self.shape.head_dim**-0.5)
         if self.attention == "split":
             return split_attention(query, keys, values, mask, scale)
