@@ -7,9 +7,14 @@ the overlap the decode loop relies on, so the phases of a profiled run add up to
 takes. Host-only phases (the stop checks) are timed without synchronising.
 
 For each (model, phase): seconds in all, host seconds (from the call to its return, before the closing
-synchronisation; a phase whose host seconds are close to its total is bound by the host) and calls.
+synchronisation; a phase whose host seconds are close to its total is bound by the host) and calls; and the
+shapes each model's arena prefills ran ([rows, tokens] over the arena's columns, with how often).
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=src python benchmarks/phase_profile.py --batches 64 16 --out $OUT
+`--kernels` also profiles the kernels of every arena prefill forward and of the PRM's scoring (torch.profiler, each
+call its own profile, so only those phases pay for it): GPU milliseconds per kind (matrix products, attention, ...)
+and the largest kernels, per model.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=src python benchmarks/phase_profile.py --batches 64 16 --kernels --out $OUT
     PYTHONPATH=src python benchmarks/phase_profile.py --tiny   # the CPU smoke test's sizes
 """
 
@@ -19,7 +24,7 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import decode_kernels  # noqa: E402
 import gpu_speed  # noqa: E402
 
 from rsd.backends import hf  # noqa: E402
@@ -39,7 +45,7 @@ GENERATOR_PHASES = (
     (hf.HFStepGenerator, "generate_steps", "call", True),
     (hf.HFStepGenerator, "_prefill_arena", "prefill", True),  # the static path: straight into the arena
     (StaticDecoder, "begin", "prefill: cached prefixes into the arena", True),
-    (StaticDecoder, "prefill", "prefill: own forward in the arena", True),
+    (StaticDecoder, "prefill_hidden", "prefill: own forward in the arena", True),
     (hf.HFStepGenerator, "_prefill", "prefill", True),  # transformers' forward (eager path, or arena_prefill off)
     (hf.HFStepGenerator, "_forward", "eager transformers forward", True),
     (StaticDecoder, "load", "arena load", True),
@@ -48,16 +54,33 @@ GENERATOR_PHASES = (
     (hf.HFStepGenerator, "_stop_reason", "stop checks (host)", False),
     (hf.HFStepGenerator, "_leave_arena", "row cache out", True),
     (HFRewardModel, "score_steps", "call", True),
+    (StaticDecoder, "row_cache", "row cache out (copy)", True),
 )
+# The phases whose kernels `--kernels` profiles, and how a call's shape is named for the shape counts.
+KERNEL_PHASES = ("prefill: own forward in the arena",)
+TOP_KERNELS = 8
+
+
+def prefill_shape(args: tuple) -> str:
+    """`StaticDecoder.prefill_hidden(self, first_slot, ids, ...)`: its [rows, tokens] and the arena's columns."""
+    static, ids = args[0], args[2]
+    return f"{ids.shape[0]}x{ids.shape[1]} over {static.width}"
+
+
+SHAPES = {"prefill: own forward in the arena": prefill_shape}
 
 
 class PhaseClock:
     """Seconds, host seconds and calls per (model, phase), from wrapped backend methods."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, kernels: bool = False) -> None:
         self.device = device
+        self.kernels = kernels  # profile the kernels of `KERNEL_PHASES`
         self.model = "?"  # the model whose call is running (set by the "call" phases)
         self.totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+        self.shapes: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+        # Per (model, phase): kernel name -> [milliseconds, launches], summed over the phase's calls.
+        self.kernel_ms: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(dict)
 
     def timed(self, phase: str, function: Callable, synchronised: bool, model: str | None = None) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,11 +89,16 @@ class PhaseClock:
                 self.model = model
             elif phase == "call":
                 self.model = getattr(args[0], "role", "prm")
+            if phase in SHAPES:
+                self.shapes[(self.model, phase)][SHAPES[phase](args)] += 1
             if synchronised:
                 gpu_speed.synchronize(self.device)
             start = time.perf_counter()
             try:
-                result = function(*args, **kwargs)
+                if self.kernels and phase in KERNEL_PHASES:
+                    result = self.with_kernels((self.model, phase), function, args, kwargs)
+                else:
+                    result = function(*args, **kwargs)
             finally:
                 issued = time.perf_counter()
                 if synchronised:
@@ -83,6 +111,38 @@ class PhaseClock:
             return result
 
         return wrapper
+
+    def with_kernels(self, key: tuple[str, str], function: Callable, args: tuple, kwargs: dict) -> Any:
+        """`function(*args, **kwargs)` under its own profile, its kernels added to `kernel_ms[key]`."""
+        result = []
+        table = decode_kernels.kernel_table(lambda: result.append(function(*args, **kwargs)), self.device, 1)
+        totals = self.kernel_ms[key]
+        for name, (ms, launches) in table.items():
+            entry = totals.setdefault(name, [0.0, 0.0])
+            entry[0] += ms
+            entry[1] += launches
+        return result[0]
+
+    def kernel_report(self) -> dict[str, dict]:
+        """Per model and phase: GPU milliseconds by kind of kernel, and the largest kernels."""
+        report = {}
+        for (model, phase), table in sorted(self.kernel_ms.items()):
+            kinds: dict[str, float] = defaultdict(float)
+            for name, (ms, _) in table.items():
+                kinds[decode_kernels.kernel_kind(name)] += ms
+            top = sorted(table.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+            report[f"{model}/{phase}"] = {
+                "kernel_ms": round(sum(ms for ms, _ in table.values()), 3),
+                "launches": int(sum(n for _, n in table.values())),
+                "kinds_ms": {kind: round(ms, 3) for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                "top_kernels": [[name[:90], round(ms, 3), int(n)] for name, (ms, n) in top],
+            }
+        return report
+
+    def shape_counts(self) -> dict[str, dict[str, int]]:
+        return {
+            f"{model}/{phase}": dict(counts.most_common()) for (model, phase), counts in sorted(self.shapes.items())
+        }
 
     def table(self) -> dict[str, list[float]]:
         return {
@@ -107,7 +167,7 @@ def profiled(clock: PhaseClock, prm_body: Any) -> Iterator[None]:
         prm_body.forward = body_forward
 
 
-def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch: int) -> dict:
+def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch: int, kernels: bool = False) -> dict:
     problems = gpu_speed.make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
     delta, _ = gpu_speed.calibrate(models, config, problems)
 
@@ -119,13 +179,20 @@ def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch
     clock = PhaseClock(config.device)
     with profiled(clock, models.prm.body):
         profiled_run = run()
-    return {
+    result = {
         "batch": batch,
         "seconds": plain.seconds,
         "seconds_profiled": profiled_run.seconds,
         "split_profiled": profiled_run.split,
         "phases [seconds, host seconds, calls]": clock.table(),
+        "prefill shapes": clock.shape_counts(),
     }
+    if kernels:  # a run of its own: the profiles' own cost would blur the phases above
+        kernel_clock = PhaseClock(config.device, kernels=True)
+        with profiled(kernel_clock, models.prm.body):
+            run()
+        result["prefill kernels"] = kernel_clock.kernel_report()
+    return result
 
 
 def lines(result: dict) -> str:
@@ -135,6 +202,12 @@ def lines(result: dict) -> str:
     ]
     for name, (total, host, calls) in result["phases [seconds, host seconds, calls]"].items():
         out.append(f"  {name:42s} {total:8.3f} {host:8.3f} {calls:7d}")
+    for name, counts in result["prefill shapes"].items():
+        out.append(f"  {name} shapes: " + ", ".join(f"{shape} x{n}" for shape, n in list(counts.items())[:12]))
+    for name, entry in result.get("prefill kernels", {}).items():
+        kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in entry["kinds_ms"].items())
+        out.append(f"  {name} kernels: {entry['kernel_ms']:.1f} ms in {entry['launches']} launches ({kinds})")
+        out.extend(f"      {ms:8.2f} ms x{n:<5d} {kernel}" for kernel, ms, n in entry["top_kernels"])
     return "\n".join(out)
 
 
@@ -142,13 +215,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 16])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke test)")
+    parser.add_argument(
+        "--kernels", action="store_true", help="also profile the kernels of the arena prefills (one more run)"
+    )
     parser.add_argument("--out", type=Path, help="folder for phase_profile.json")
     args = parser.parse_args(argv)
     config = gpu_speed.tiny_config(profile=False) if args.tiny else gpu_speed.BenchConfig(profile=False)
     models = gpu_speed.build_models(config)
     results = []
     for batch in args.batches:
-        results.append(profile_batch(models, config, batch))
+        results.append(profile_batch(models, config, batch, args.kernels))
         print(lines(results[-1]), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

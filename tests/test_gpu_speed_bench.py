@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -255,7 +256,7 @@ def test_projections_ab_times_rsd_and_target_only_unfused_and_both_write_the_sam
 def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, tmp_path):
     monkeypatch.setenv(DECODE_ENV, "static")
     originals = [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES]
-    (result,) = phase_profile.main(["--tiny", "--batches", "3", "--out", str(tmp_path)])
+    (result,) = phase_profile.main(["--tiny", "--batches", "3", "--kernels", "--out", str(tmp_path)])
     phases = result["phases [seconds, host seconds, calls]"]
     timed = ("call", "prefill", "prefill: own forward in the arena", "decode forward (static, graphs on a GPU)")
     for model in ("draft", "target"):
@@ -266,6 +267,15 @@ def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, 
     assert phases["prm/call"][2] == phases["prm/forward"][2] == steps  # one scoring call per step, one forward each
     # A phase inside a call is part of it.
     assert phases["target/decode forward (static, graphs on a GPU)"][0] <= phases["target/call"][0]
+    # Every arena prefill's shape is counted, [rows, tokens] over the arena's columns, once per forward.
+    for model in ("draft", "target"):
+        shapes = result["prefill shapes"][f"{model}/prefill: own forward in the arena"]
+        assert sum(shapes.values()) == phases[f"{model}/prefill: own forward in the arena"][2]
+        assert all(re.fullmatch(r"[1-3]x\d+ over \d+", shape) for shape in shapes)
+        # --kernels: the same forwards profiled in a run of their own (on the CPU, operators stand for kernels).
+        kernels = result["prefill kernels"][f"{model}/prefill: own forward in the arena"]
+        assert kernels["kernel_ms"] > 0 and kernels["launches"] > 0 and kernels["top_kernels"]
+        assert sum(kernels["kinds_ms"].values()) == pytest.approx(kernels["kernel_ms"], abs=0.01)
     assert json.loads((tmp_path / "phase_profile.json").read_text())["results"][0]["batch"] == 3
     assert [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES] == originals
 
