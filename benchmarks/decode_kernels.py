@@ -8,12 +8,7 @@ and values) over the copy bandwidth measured on the same card. Each `--variants`
 side in the same rounds: `torch` (SDPA attention, torch operations: the decoder before rsd's Triton kernels),
 `split` (the split attention kernels), `triton` (those and the layer kernels: as shipped on a GPU).
 
-`--concurrent` times instead what one token of each model costs when the draft's and the target's decode forwards
-run at the same time on two CUDA streams, against each alone and one after the other: what a controller that
-overlaps the two models on one GPU could gain per token.
-
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/decode_kernels.py --rows 1 16 64 --out $OUT
-    PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/decode_kernels.py --concurrent --rows 16 64 --out $OUT
     PYTHONPATH=src python benchmarks/decode_kernels.py --tiny   # the CPU smoke test's sizes
 """
 
@@ -185,67 +180,6 @@ def measure(model: Any, name: str, rows: int, config: argparse.Namespace, bandwi
     return results
 
 
-def concurrent_ms(decoders: Sequence[StaticDecoder], device: str, replays: int, together: bool) -> float:
-    """Milliseconds per token of every decoder's forward: each on its own stream, all launched before any is
-    waited for (`together`), or one after the other on the current stream. Each token joins all streams before
-    the next, as a controller that feeds the tokens back would."""
-    if not together:
-        seconds, _ = gpu_speed.timed(device, lambda: [d.replay() for _ in range(replays) for d in decoders])
-        return 1e3 * seconds / replays
-    main = torch.cuda.current_stream()
-    streams = [torch.cuda.Stream() for _ in decoders]
-
-    def tokens() -> None:
-        for _ in range(replays):
-            for stream, decoder in zip(streams, decoders, strict=True):
-                stream.wait_stream(main)
-                with torch.cuda.stream(stream):
-                    decoder.replay()
-            for stream in streams:
-                main.wait_stream(stream)
-
-    seconds, _ = gpu_speed.timed(device, tokens)
-    return 1e3 * seconds / replays
-
-
-def measure_concurrent(models: dict[str, Any], rows: int, config: argparse.Namespace) -> dict:
-    """One decode token of the draft and of the target alone, one after the other, and at the same time on two
-    streams (median of rounds, interleaved)."""
-    decoders = {}
-    for name, model in models.items():
-        static = StaticDecoder(model, use_graphs=True)
-        static.load_blank(rows, filled=config.width // 2, new_tokens=config.width - config.width // 2)
-        static.replay()  # captures
-        decoders[name] = static
-    ways = {
-        "draft": ([decoders["draft"]], False),
-        "target": ([decoders["target"]], False),
-        "sequential": (list(decoders.values()), False),
-        "concurrent": (list(decoders.values()), True),
-    }
-    times: dict[str, list[float]] = defaultdict(list)
-    for _ in range(config.rounds):
-        for way, (chosen, together) in ways.items():
-            times[way].append(concurrent_ms(chosen, config.device, config.replays, together))
-    result = {"rows": rows, "width": decoders["draft"].width}
-    result.update({f"{way}_ms": statistics.median(values) for way, values in times.items()})
-    result["concurrent_over_target"] = result["concurrent_ms"] / result["target_ms"]
-    result["concurrent_over_sequential"] = result["concurrent_ms"] / result["sequential_ms"]
-    return result
-
-
-def concurrent_lines(results: Sequence[dict]) -> str:
-    lines = [
-        "rows | draft ms | target ms | one after the other ms | at the same time ms | / target | / one after other"
-    ]
-    for r in results:
-        lines.append(
-            f"{r['rows']} | {r['draft_ms']:.3f} | {r['target_ms']:.3f} | {r['sequential_ms']:.3f} | "
-            f"{r['concurrent_ms']:.3f} | {r['concurrent_over_target']:.2f} | {r['concurrent_over_sequential']:.2f}"
-        )
-    return "\n".join(lines)
-
-
 def report_lines(results: Sequence[dict]) -> str:
     lines = [
         "model | rows | variant | ms/token | kernels ms | launches | floor ms | floor/token | "
@@ -279,11 +213,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds, each kind in each (default 5)")
     parser.add_argument("--replays", type=int, default=50, help="tokens per round (default 50)")
     parser.add_argument("--top", type=int, default=10, help="largest kernels listed per row (default 10)")
-    parser.add_argument(
-        "--concurrent",
-        action="store_true",
-        help="time the draft's and target's decode tokens at the same time on two streams instead (CUDA)",
-    )
     parser.add_argument("--device", default=None, help="torch device (default cuda; cpu with --tiny)")
     parser.add_argument("--out", type=Path, help="folder for decode_kernels.json")
     args = parser.parse_args(argv)
@@ -306,8 +235,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bandwidth = copy_bandwidth_gbs(config.device)
     print(f"copy bandwidth: {formatted(bandwidth, '.0f')} GB/s (read + write)", flush=True)
     results = []
-    if config.concurrent:
-        return run_concurrent(config, bench, shapes, tokenizer, dtype, started)
     with attention_without_cudnn(config.device):  # as the backend decodes
         for seed, name in enumerate(config.models):
             model = gpu_speed.build_lm(shapes[name], tokenizer, config.device, dtype, seed)
@@ -329,32 +256,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if config.out:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "decode_kernels.json").write_text(json.dumps(report, indent=1))
-    return report
-
-
-def run_concurrent(
-    config: argparse.Namespace, bench: Any, shapes: dict, tokenizer: Any, dtype: torch.dtype, started: float
-) -> dict:
-    if not config.device.startswith("cuda"):
-        sys.exit("--concurrent needs a CUDA device: CUDA streams are what it times")
-    models = {
-        name: gpu_speed.build_lm(shapes[name], tokenizer, config.device, dtype, seed)
-        for seed, name in enumerate(("draft", "target"))
-    }
-    results = []
-    for rows in config.rows:
-        results.append(measure_concurrent(models, rows, config))
-        print(json.dumps(results[-1]), flush=True)
-    report = {
-        "environment": gpu_speed.environment(bench),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()},
-        "seconds": time.perf_counter() - started,
-        "concurrent": results,
-    }
-    print(concurrent_lines(results))
-    if config.out:
-        config.out.mkdir(parents=True, exist_ok=True)
-        (config.out / "decode_concurrent.json").write_text(json.dumps(report, indent=1))
     return report
 
 

@@ -71,11 +71,11 @@ GOAL_BATCHES = (16, 64)  # the batch sizes the goals are stated for
 REPLAY_VARIANTS = ("modules", "fused", "projections", "compiled")
 # BenchConfig fields that a command-line flag of the same name sets.
 FLAG_SETTINGS = ("repeats", "steps", "warmup_steps", "deadline_s", "device", "sdpa", "decode", "prefill", "ride")
-FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections", "arena_prefill", "triton")
+FLAG_SETTINGS += ("overlap", "kernels", "prefill_scale", "projections", "arena_prefill", "triton", "packed_prefill")
 # RSD runs with one setting changed, timed side by side with RSD as shipped (`rsd_eager` with --decode ab, the
 # others from `rsd_variant_settings`).
 RSD_VARIANTS = ("rsd_cudnn", "rsd_eager", "rsd_one_prefill", "rsd_no_ride", "rsd_no_overlap", "rsd_prefill_scaled")
-RSD_VARIANTS += ("rsd_unfused", "rsd_transformers_prefill", "rsd_no_triton")
+RSD_VARIANTS += ("rsd_unfused", "rsd_transformers_prefill", "rsd_no_triton", "rsd_padded_prefill")
 COMMIT_ENV = "RSD_BENCH_COMMIT"  # the commit a run measured, recorded in its environment
 ONE_FORWARD = 10**12  # a price per prefill forward, in tokens, that no padding reaches: never split
 RUN_IDS = itertools.count(1)  # makes every decoder run's trajectory keys new
@@ -126,6 +126,8 @@ class BenchConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     profile: bool = True  # per-forward wall time against GPU kernel time and a CUDA-graph replay
+    # The target alone in transformers' own lean loop, for reference (about 10 s a round at real sizes).
+    lean_reference: bool = True
     # The backend keeps SDPA off cuDNN (rsd.hf_loading.attention_without_cudnn). "no-cudnn" also takes cuDNN out
     # for the lean loops here; "ab" adds the method `rsd_cudnn`: RSD with cuDNN allowed, side by side in every
     # round, which is how the backend's choice was measured.
@@ -156,6 +158,7 @@ class BenchConfig:
     # "ab" adds RSD and target-only decoding without rsd's Triton kernels (`rsd_no_triton`, `target_only_no_triton`:
     # attention through SDPA, each layer's small operations as torch operations), side by side with them as shipped.
     triton: str = "on"
+    packed_prefill: str = "on"  # ab: also RSD with padded arena prefills (torch operations, SDPA), side by side
     tiny: bool = False
 
     @property
@@ -550,12 +553,13 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, started: floa
 
     methods: dict[str, Callable[[int], Any]] = {
         "target_only": lambda steps: backend_decode(models.target, prompt_ids, tokens(steps)),
-        "target_only_hf": lambda steps: greedy_decode(models.target.model, prompts, tokens(steps)),
         "rsd": rsd,
         "lockstep": lambda steps: rsd(steps, lockstep=True),
         "draft_alone": lambda steps: backend_decode(models.draft, prompt_ids, tokens(steps)),
         "prm_alone": lambda steps: prm_scoring(models.prm, chunks[:steps]),
     }
+    if config.lean_reference:
+        methods["target_only_hf"] = lambda steps: greedy_decode(models.target.model, prompts, tokens(steps))
     if config.decode == "ab":
         eager = models.eager()
         methods["target_only_eager"] = lambda steps: backend_decode(eager.target, prompt_ids, tokens(steps))
@@ -609,6 +613,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_unfused": config.projections == "ab",
         "rsd_transformers_prefill": config.arena_prefill == "ab",
         "rsd_no_triton": config.triton == "ab",
+        "rsd_padded_prefill": config.packed_prefill == "ab",
     }
     settings: dict[str, Callable[[Callable[[], Any]], Any]] = {
         "rsd_one_prefill": lambda work: with_one_prefill_forward(models, work),
@@ -621,6 +626,7 @@ def rsd_variant_settings(config: BenchConfig, models: Models) -> dict[str, Calla
         "rsd_cudnn": with_cudnn_attention,
         "rsd_unfused": lambda work: without_fused_projections(models, work),
         "rsd_no_triton": lambda work: without_triton_kernels(models, work),
+        "rsd_padded_prefill": lambda work: with_padded_prefills(models, work),
     }
     return {name: setting for name, setting in settings.items() if wanted[name]}
 
@@ -713,6 +719,22 @@ def without_triton_kernels(models: Models, work: Callable[[], Any]) -> Any:
             decoder.attention, decoder.layer_kernels = kind, layer_kernels
 
 
+def with_padded_prefills(models: Models, work: Callable[[], Any]) -> Any:
+    """Run `work` with every arena prefill (the draft's, the target's, the PRM's) padded to its longest tail and run
+    through torch operations and SDPA, in forwards grouped by tail length, instead of packed through rsd's Triton
+    kernels."""
+    decoders = [d for d in (models.draft.static_decoder, models.target.static_decoder) if d is not None]
+    if models.prm.arena_prefill:
+        decoders.append(models.prm.arena_decoder())
+    for decoder in decoders:
+        decoder.pack_prefill = False
+    try:
+        return work()
+    finally:
+        for decoder in decoders:
+            decoder.pack_prefill = True
+
+
 def with_cudnn_attention(work: Callable[[], Any]) -> Any:
     """Run `work` with the backend leaving SDPA's choice alone, cuDNN attention included."""
     previous = os.environ.get(CUDNN_ATTENTION_ENV)
@@ -782,9 +804,10 @@ def summarize_batch(
         "rsd_over_lockstep": t["lockstep"] / t["rsd"],
         "peak_memory_gib": peaks,
         "rounds": len(seconds["rsd"]),
-        "target_only_hf_over_backend": t["target_only_hf"] / t["target_only"],
         **{key: value for name in RSD_VARIANTS for key, value in variant_figures(t, runs[name], name).items()},
     }
+    if "target_only_hf" in t:
+        figures["target_only_hf_over_backend"] = t["target_only_hf"] / t["target_only"]
     if runs["rsd_eager"]:
         figures["target_only_over_eager"] = t["target_only_eager"] / t["target_only"]
     if runs["rsd_unfused"]:
@@ -1025,6 +1048,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     parser.add_argument("--warmup-steps", type=int, help="steps per problem of each warm-up run (default 8)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-forward profile")
     parser.add_argument(
+        "--no-lean-reference", action="store_true", help="skip the target alone in transformers' own lean loop"
+    )
+    parser.add_argument(
         "--sdpa",
         choices=("default", "no-cudnn", "ab"),
         help="no-cudnn: keep the lean loops off cuDNN too; ab: also time RSD with cuDNN allowed, side by side",
@@ -1074,6 +1100,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
         "operations in each layer; CUDA)",
     )
     parser.add_argument(
+        "--packed-prefill",
+        choices=("on", "ab"),
+        help="ab: also time RSD with its arena prefills padded to the longest tail through torch operations and "
+        "SDPA instead of packed through rsd's Triton kernels (CUDA)",
+    )
+    parser.add_argument(
         "--kernels",
         choices=("fused", "ab"),
         help="ab: also time one decode token per model with the fused RMSNorm and rotation and with transformers' "
@@ -1089,6 +1121,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
             overrides[name] = getattr(args, name)
     if args.no_profile:
         overrides["profile"] = False
+    if args.no_lean_reference:
+        overrides["lean_reference"] = False
     config = tiny_config(**overrides) if args.tiny else BenchConfig(**overrides)
     return config, args.out
 
@@ -1138,10 +1172,18 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
         print(replay_lines(report["replay_ms"]))
     for r in report["results"]:
         t = r["seconds_median"]
-        print(
-            f"batch {r['batch']}: target-only {t['target_only']:.2f} s through the backend, "
-            f"{t['target_only_hf']:.2f} s in transformers' lean loop ({r['target_only_hf_over_backend']:.2f}x)"
-        )
+        if "target_only_hf" in t:
+            print(
+                f"batch {r['batch']}: target-only {t['target_only']:.2f} s through the backend, "
+                f"{t['target_only_hf']:.2f} s in transformers' lean loop ({r['target_only_hf_over_backend']:.2f}x)"
+            )
+        if "rsd_padded_prefill_s" in r:
+            print(
+                f"batch {r['batch']}: padded prefills: RSD {r['rsd_padded_prefill_s']:.2f} s (PRM "
+                f"{r['rsd_padded_prefill_split_s']['prm']:.2f} s, kept {r['rsd_padded_prefill_kept_share']:.0%}); "
+                f"packed: {t['rsd']:.2f} s (PRM {r['rsd_split_s']['prm']:.2f} s, kept {r['rsd_kept_share']:.0%}): "
+                f"{r['rsd_over_rsd_padded_prefill']:.2f}x"
+            )
         if "rsd_eager_s" in r:
             print(
                 f"batch {r['batch']}: eager decode: RSD {r['rsd_eager_s']:.2f} s, target-only "

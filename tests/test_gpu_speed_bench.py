@@ -313,3 +313,20 @@ def test_triton_ab_times_rsd_and_target_only_without_the_kernels_and_both_write_
     assert seen == [("sdpa", False)] * 2
     assert all((d.attention, d.layer_kernels) == ("split", True) for d in decoders)  # put back
     shipped_and_changed(models, 9, gpu_speed.without_triton_kernels)
+
+
+def test_packed_prefill_ab_times_rsd_with_padded_prefills_and_both_write_the_same_tokens(monkeypatch):
+    monkeypatch.setenv(DECODE_ENV, "static")  # the packed prefill is the static path's
+    variant_report("packed-prefill", "rsd_padded_prefill")
+    if not triton_available():
+        return
+    models = gpu_speed.build_models(gpu_speed.tiny_config())
+    models.prm.arena_prefill = True  # as on a GPU; here through Triton's interpreter
+    decoders = [models.draft.static_decoder, models.target.static_decoder, models.prm.arena_decoder()]
+    for decoder in decoders:
+        decoder.attention, decoder.layer_kernels = "split", True
+    assert all(d.packed_prefill for d in decoders)
+    seen = gpu_speed.with_padded_prefills(models, lambda: [d.packed_prefill for d in decoders])
+    assert seen == [False] * 3
+    assert all(d.packed_prefill for d in decoders)  # put back
+    shipped_and_changed(models, 10, gpu_speed.with_padded_prefills)

@@ -147,14 +147,18 @@ def load(path: Path, scoring: str = "transformers", **kwargs):
     (the CUDA default)."""
     prm = load_prm(str(path), device="cpu", dtype="float32", **kwargs)
     assert prm.arena_prefill is False  # the CPU default
-    if scoring == "arena" and prm.arena_problem is not None:
+    if scoring != "transformers" and prm.arena_problem is not None:
         # Mistral's sliding window: test_a_sliding_window_prm_refuses_the_arena checks the refusal.
         pytest.skip(f"{prm.prm_format}'s body scores through transformers only ({prm.arena_problem})")
-    prm.arena_prefill = scoring == "arena"
+    prm.arena_prefill = scoring in ("arena", "arena-packed")
+    if scoring == "arena-packed":  # as on a GPU in half precision: tails packed through rsd's Triton kernels
+        pytest.importorskip("triton", reason="Triton is not installed: pip install -e '.[dev]' brings it")
+        prm.arena_decoder().layer_kernels = True
+        assert prm.arena_decoder().packed_prefill
     return prm
 
 
-SCORING = ["transformers", "arena"]
+SCORING = ["transformers", "arena", "arena-packed"]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -224,7 +228,9 @@ def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoint
     outputs = prm.score_steps(requests)
     expected = [reference(path, r.question, list(r.steps))[1][-1] for r in requests]
     assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
-    assert len(forwards) == (1 if split == "one-forward" else len({o.prefill_tokens for o in outputs}))
+    # Packed tails have no padding to save: one forward whatever the price.
+    one = split == "one-forward" or scoring == "arena-packed"
+    assert len(forwards) == (1 if one else len({o.prefill_tokens for o in outputs}))
     # The caches the padded batch left behind, one per key, carry on correctly.
     follow_up = [RewardRequest("a", QUESTION, STEPS + ["Thus 7."]), RewardRequest("b2", QUESTION, STEPS[:2])]
     outputs = prm.score_steps(follow_up)

@@ -19,7 +19,9 @@ from tiny import make_tokenizer  # noqa: E402
 
 from rsd.backends import layer_kernels as kernels  # noqa: E402
 from rsd.backends import split_attention as split  # noqa: E402
+from rsd.backends import static_decode  # noqa: E402
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.backends.prefill_attention import packed_attention  # noqa: E402
 from rsd.backends.static_decode import StaticDecoder, rms_norm, rotate, signed_sin  # noqa: E402
 from rsd.core import RSDError  # noqa: E402
 
@@ -188,3 +190,94 @@ def test_kernels_that_fail_warn_once_and_decoding_goes_on_without_them(tokenizer
     assert len([w for w in seen if "Triton" in str(w.message)]) == 1
     assert (gen._static.attention, gen._static.layer_kernels) == ("sdpa", False)
     assert got == trajectories(eager, [4, 6, 3, 5, 2], steps=2)
+
+
+# -- packed prefills: every row's tail after the previous row's, no padding ------------------------------------------
+
+
+def test_packed_plan_places_every_token_and_never_lets_a_tile_or_chunk_cross_a_row_or_limit():
+    # Rows of 5, 1 and 7 tokens after 3, 0 and 6 cached ones (prefixes right-aligned before column 10, tails in
+    # columns 10..16), in chunks of at most 6 tokens and tiles of at most 4.
+    plan = static_decode.packed_plan([5, 1, 7], [3, 0, 6], 2, (10, 17), chunk_tokens=6, tile=4)
+    assert plan.positions == [3, 4, 5, 6, 7] + [0] + [6, 7, 8, 9, 10, 11, 12]
+    assert plan.slots == [2] * 5 + [3] + [4] * 7
+    assert plan.columns == list(range(12, 17)) + [16] + list(range(10, 17))
+    assert [(c.first, c.end) for c in plan.chunks] == [(0, 6), (6, 12), (12, 13)]
+    # [arena row, first token in the chunk, tokens, first real column, last token's column + 1]
+    assert [c.tiles for c in plan.chunks] == [
+        [[2, 0, 4, 7, 16], [2, 4, 1, 7, 17], [3, 5, 1, 16, 17]],
+        [[4, 0, 4, 4, 14], [4, 4, 2, 4, 16]],
+        [[4, 0, 1, 4, 17]],
+    ]
+    assert [(c.rows_ending, c.last_tokens) for c in plan.chunks] == [([0, 1], [4, 5]), ([], []), ([2], [0])]
+    with pytest.raises(ValueError, match="row 1 has no token"):
+        static_decode.packed_plan([2, 0], [0, 0], 0, (0, 2), 8, 4)
+
+
+def packed_reference(query, keys, values, mask, plan, scale):
+    """Each token alone through SDPA: its row's real columns up to its own."""
+    heads, groups = query.shape[1], query.shape[1] // keys.shape[1]
+    out = []
+    for token, (slot, column) in enumerate(zip(plan.slots, plan.columns, strict=True)):
+        seen = mask[slot].clone()
+        seen[column + 1 :] = False
+        k = keys[slot].repeat_interleave(groups, 0).float()  # [heads, width, head_dim]
+        v = values[slot].repeat_interleave(groups, 0).float()
+        bias = torch.zeros(seen.shape, device=seen.device).masked_fill(~seen, -1e30)
+        q = query[token].float()[:, None]  # [heads, 1, head_dim]
+        out.append(F.scaled_dot_product_attention(q, k, v, bias[None, None], scale=scale)[:, 0])
+    assert out[0].shape[0] == heads
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "kv_heads, groups, head_dim, lengths, reused",
+    [(2, 6, 32, [5, 1, 40, 17], [3, 0, 20, 9]), (1, 7, 16, [9, 2], [0, 30]), (2, 1, 64, [70, 3], [5, 1])],
+    ids=["draft-like-groups-6", "target-like-groups-7", "one-query-head-per-key-head"],
+)
+def test_packed_attention_equals_each_token_alone_over_its_rows_columns(kv_heads, groups, head_dim, lengths, reused):
+    rows, width = len(lengths) + 1, 128
+    start, end = 40, 40 + max(lengths)
+    plan = static_decode.packed_plan(lengths, reused, 1, (start, end), chunk_tokens=10**6, tile=4)
+    (chunk,) = plan.chunks
+    generator = torch.Generator().manual_seed(sum(lengths))
+    arena = torch.randn((2, rows, kv_heads, width + 30, head_dim), generator=generator).to(DEVICE)
+    keys, values = arena[0, :, :, :width], arena[1, :, :, :width]  # column slices of a wider arena
+    mask = torch.zeros((rows, width), dtype=torch.bool)
+    for row, (length, past) in enumerate(zip(lengths, reused, strict=True)):
+        mask[row + 1, start - past : start] = torch.rand(past, generator=generator) < 0.8  # holes in the prefix
+        mask[row + 1, end - length : end] = True
+    mask = mask.to(DEVICE)
+    tokens = len(plan.slots)
+    query = torch.randn((tokens, kv_heads * groups, head_dim), generator=generator).to(DEVICE)
+    columns = torch.tensor(plan.columns, device=DEVICE)
+    tiles = torch.tensor(chunk.tiles, dtype=torch.int32, device=DEVICE)
+    out = packed_attention(query, keys, values, mask, columns, tiles, scale=0.3)
+    assert out.shape == query.shape
+    torch.testing.assert_close(out, packed_reference(query, keys, values, mask, plan, 0.3), atol=2e-5, rtol=2e-5)
+
+
+def test_a_packed_prefill_in_chunks_computes_what_the_padded_prefill_computes(tokenizer):
+    """Logits, every key and value written, positions: the same with the tails packed (in chunks of 5 tokens, so
+    that rows cross chunks) as padded to the longest, both in float32 through the same arena."""
+    model = build("qwen2", tokenizer)
+    tails = [[5, 9, 14, 3, 8, 20, 11], [7], [30, 2, 6, 12]]
+    reused = [4, 0, 9]
+    results = []
+    for packed in (False, True):
+        static = StaticDecoder(model, use_graphs=False)
+        static.attention, static.layer_kernels = "split", True
+        static.pack_prefill, static.packed_prefill_tokens = packed, 5
+        assert static.packed_prefill is packed
+        shape = (static.layers, 2, static.shape.kv_heads, 0, static.shape.head_dim)
+        prefixes = [torch.randn(shape[:3] + (past,) + shape[4:], generator=torch.Generator().manual_seed(past))
+                    for past in reused]  # fmt: skip
+        static.begin(prefixes, max(map(len, tails)), new_tokens=3)
+        logits, columns = static.run_tails(0, tails, reused, pad_id=0)
+        kv = [static.kv[:, :, slot, :, row_columns] for slot, row_columns in enumerate(columns)]
+        results.append((logits, kv, static.positions[:3, 0].tolist(), columns))
+    (logits, kv, positions, columns), (packed_logits, packed_kv, packed_positions, packed_columns) = results
+    assert packed_columns == columns and packed_positions == positions == [11, 1, 13]
+    torch.testing.assert_close(packed_logits, logits, atol=1e-4, rtol=1e-4)
+    for got, want in zip(packed_kv, kv, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -243,7 +243,10 @@ class HFStepGenerator:
         assert static is not None
         cached = [self._take_cache(row) for row in rows]
         tails = [len(row.tail) for row in rows]
-        groups = group_by_length(tails, self.prefill_forward_tokens, overlapped=launches_overlap(self.device))
+        if static.packed_prefill:  # no padding to save: one packed forward
+            groups = [list(range(len(rows)))]
+        else:
+            groups = group_by_length(tails, self.prefill_forward_tokens, overlapped=launches_overlap(self.device))
         order = [i for group in groups for i in group]
         rows = [rows[i] for i in order]
         new_tokens = max(row.request.max_tokens for row in rows) - 1  # the last token is sampled, never fed

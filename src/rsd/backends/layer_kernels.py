@@ -52,20 +52,26 @@ def rotate_into_arena(
     column: torch.Tensor,
     heads: int,
     kv_heads: int,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """From one projection's output `qkv` ([rows, (heads + 2 kv_heads) x head_dim], query heads, key heads, value
     heads): the rotated query, [rows, kv_heads, groups, head_dim]; the rotated key and the value are written into
     `keys` and `values` ([rows, kv_heads, width, head_dim]) at the arena column `column` (a one-element device
     tensor, so a CUDA graph replays it at the next column). `cos` and `sin_signed` are [rows, head_dim]
-    (`static_decode.signed_sin`)."""
+    (`static_decode.signed_sin`).
+
+    With `slots`, the rows of `qkv` are tokens of a packed prefill (several per arena row, no padding): token i
+    writes into arena row `slots[i]` at column `column[i]`, and the query comes back [tokens, heads, head_dim]."""
     rows, head_dim = qkv.shape[0], cos.shape[-1]
     query = torch.empty((rows, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    packed = slots is not None
     compiled_kernels().rotate[(rows, heads + 2 * kv_heads)](
-        qkv, cos, sin_signed, query, keys, values, column,
+        qkv, cos, sin_signed, query, keys, values, column, slots if packed else column,
         qkv.stride(0), cos.stride(0), sin_signed.stride(0), *keys.stride()[:3], *values.stride()[:3],
-        heads, kv_heads, HEAD_DIM=head_dim,
+        heads, kv_heads, HEAD_DIM=head_dim, PACKED=packed,
+        num_warps=1 if packed else 4,  # a head is head_dim elements: one warp, for the many programs of a prefill
     )  # fmt: skip
-    return query.view(rows, kv_heads, heads // kv_heads, head_dim)
+    return query if packed else query.view(rows, kv_heads, heads // kv_heads, head_dim)
 
 
 def add_rms_norm(
@@ -106,15 +112,20 @@ def compiled_kernels() -> Kernels:
 
     @triton.jit
     def rotate_write(
-        qkv_ptr, cos_ptr, sin_ptr, query_ptr, keys_ptr, values_ptr, column_ptr,
+        qkv_ptr, cos_ptr, sin_ptr, query_ptr, keys_ptr, values_ptr, column_ptr, slot_ptr,
         qkv_row, cos_row, sin_row, k_row, k_head, k_col, v_row, v_head, v_col,
-        heads, kv_heads, HEAD_DIM: tl.constexpr,
+        heads, kv_heads, HEAD_DIM: tl.constexpr, PACKED: tl.constexpr,
     ):  # fmt: skip
         row, head = tl.program_id(0), tl.program_id(1)  # head: query heads, then key heads, then value heads
         d = tl.arange(0, HEAD_DIM)
         source = qkv_ptr + row * qkv_row + head * HEAD_DIM
         x = tl.load(source + d)
-        column = tl.load(column_ptr)
+        if PACKED:  # a prefill token: its own arena row and column
+            column = tl.load(column_ptr + row)
+            slot = tl.load(slot_ptr + row)
+        else:  # a decode token: the row's own arena row, the column every row writes
+            column = tl.load(column_ptr)
+            slot = row
         if head < heads + kv_heads:
             # x * cos + rotate_half(x) * sin == x * cos + roll(x, half) * signed sin, rounded as
             # torch.addcmul(x * cos, roll(x), signed sin) rounds (static_decode.rotate).
@@ -127,10 +138,10 @@ def compiled_kernels() -> Kernels:
                 tl.store(query_ptr + (row * heads + head) * HEAD_DIM + d, rotated)
             else:
                 kv = head - heads
-                tl.store(keys_ptr + row * k_row + kv * k_head + column * k_col + d, rotated)
+                tl.store(keys_ptr + slot * k_row + kv * k_head + column * k_col + d, rotated)
         else:
             kv = head - heads - kv_heads
-            tl.store(values_ptr + row * v_row + kv * v_head + column * v_col + d, x)
+            tl.store(values_ptr + slot * v_row + kv * v_head + column * v_col + d, x)
 
     @triton.jit
     def add_rms_norm_rows(

@@ -29,6 +29,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from rsd.backends.kv import RowCache, cache_layers
 from rsd.backends.layer_kernels import add_rms_norm, layer_kernels_problem, rotate_into_arena, silu_times_up
+from rsd.backends.prefill_attention import TILE_FIELDS, packed_attention, tile_tokens
 from rsd.backends.split_attention import HALF_DTYPES, split_attention, split_attention_problem
 from rsd.core import RSDError
 from rsd.hf_loading import first_line
@@ -51,6 +53,8 @@ MAX_GRAPHS = 24  # captured graphs kept per generator (least recently used dropp
 # 1 GiB covers RSD's prefills at batch 64 in one chunk (a re-encoded 768-token trajectory of the 7B target is 0.7
 # GiB) and keeps a long prompt from asking for tens of GiB.
 PREFILL_MASK_BYTES = 1 << 30
+# The most tokens one forward of a packed prefill runs: a 7B model's MLP product for them is about 600 MB.
+PACKED_PREFILL_TOKENS = 8192
 
 
 def static_decode_problem(model: Any) -> str | None:
@@ -154,7 +158,12 @@ class StaticDecoder:
         # A layer's small operations in rsd's Triton kernels (layer_kernels.py) where they run (CUDA, half
         # precision, a Llama/Qwen2 layout whose projections fused); False runs them as torch operations.
         self._layer_kernels = half_on_cuda and self.layer_kernels_problem() is None
-        self._kernels_checked = False  # whether a forward has run with the kernels (`_run`)
+        self._kernels_checked = False  # whether a decode forward has run with the kernels (`_run`)
+        self._packed_checked = False  # whether a packed prefill has run (`_checked_packed_prefill`)
+        # Tails run packed, without padding, through the Triton kernels where they run (`packed_prefill`); False
+        # pads them to the longest and runs the torch operations and SDPA (for an A/B).
+        self.pack_prefill = True
+        self.packed_prefill_tokens = PACKED_PREFILL_TOKENS  # tokens per chunk of a packed prefill (settable)
         # The per-layer code around the attention: plain functions, or their torch.compile'd versions.
         self._layer_head: Any = layer_head
         self._layer_tail: Any = layer_tail
@@ -300,20 +309,83 @@ class StaticDecoder:
         """`prefill` from token lists: row i (slot `first_slot + i`) runs `tails[i]` after its `reused` cached
         tokens. Returns the logits (or with `head=False` the final hidden states) at each row's last token, and
         each row's real arena columns (its prefix's, then its tail's)."""
+        end, start = self.next_column, self.next_column - self.tail_width
+        columns = [
+            list(range(start - past, start)) + list(range(end - len(tail), end))
+            for tail, past in zip(tails, reused, strict=True)
+        ]
+        if self.packed_prefill:
+            hidden = self._checked_packed_prefill(first_slot, tails, reused)
+            if hidden is not None:
+                return (self.model.lm_head(hidden).float() if head else hidden), columns
         width = max(len(tail) for tail in tails)
         ids = torch.full((len(tails), width), pad_id, dtype=torch.long)
         positions = torch.zeros((len(tails), width), dtype=torch.long)
         real = torch.zeros((len(tails), width), dtype=torch.bool)
-        end, start = self.next_column, self.next_column - self.tail_width
-        columns = []
         for b, (tail, past) in enumerate(zip(tails, reused, strict=True)):
             ids[b, width - len(tail) :] = torch.tensor(list(tail))
             positions[b, width - len(tail) :] = torch.arange(past, past + len(tail))
             real[b, width - len(tail) :] = True
-            columns.append(list(range(start - past, start)) + list(range(end - len(tail), end)))
         inputs = [to_device(t, self.device) for t in (ids, positions, real)]
         run = self.prefill if head else self.prefill_hidden
         return run(first_slot, *inputs), columns
+
+    @property
+    def packed_prefill(self) -> bool:
+        """Whether `run_tails` runs its tails packed (no padding) through rsd's Triton kernels (`prefill_packed`):
+        where the decode layer kernels run, unless `pack_prefill` is off (for an A/B)."""
+        return self.pack_prefill and self._layer_kernels and self.fused_kernels and self.fuse_projections
+
+    def prefill_packed(self, first_slot: int, tails: Sequence[Sequence[int]], reused: Sequence[int]) -> torch.Tensor:
+        """`prefill_hidden` with every row's tail packed after the previous row's, no padding: the matrix products
+        and the layers' small operations run on the real tokens only, the attention in `packed_attention`. Long
+        calls run in chunks of `packed_prefill_tokens` tokens, each seeing the columns the chunks before it wrote.
+        Returns the final-normed hidden states at each row's last token, [rows, hidden]."""
+        end = self.next_column
+        plan = packed_plan(
+            [len(tail) for tail in tails], reused, first_slot, (end - self.tail_width, end),
+            self.packed_prefill_tokens, tile_tokens(self.shape.heads // self.shape.kv_heads),
+        )  # fmt: skip
+        ids = [token for tail in tails for token in tail]
+        ids, positions, slots, columns = to_device(torch.tensor([ids, *plan.token_fields()]), self.device)
+        self.mask[slots, columns] = True  # every tail column at once: causality keeps later tokens unseen
+        last = torch.empty((len(tails), self.body.norm.weight.shape[0]), dtype=self.dtype, device=self.device)
+        for chunk in plan.chunks:
+            part = slice(chunk.first, chunk.end)
+            x = self._packed_chunk(ids[part], positions[part], slots[part], columns[part], chunk.tiles)
+            ending = host_to_device(chunk.last_tokens, self.device)
+            last.index_copy_(0, host_to_device(chunk.rows_ending, self.device), x.index_select(0, ending))
+        rows = slice(first_slot, first_slot + len(tails))
+        self.positions[rows, 0] = host_to_device([past + len(t) for past, t in zip(reused, tails, strict=True)],
+                                                 self.device)  # fmt: skip
+        return last
+
+    def _packed_chunk(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, columns: torch.Tensor, tiles: list
+    ) -> torch.Tensor:
+        """One chunk of `prefill_packed`: every layer over its tokens, their keys and values written into the
+        arena; the final-normed hidden states, [tokens, hidden]."""
+        heads, kv_heads, _ = self.shape
+        layers = self.body.layers
+        tile_table = to_device(torch.tensor(tiles, dtype=torch.int32), self.device)
+        hidden = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(hidden[None], positions[None])
+        cos, sin = cos[0], signed_sin(sin[0])
+        x = rms_norm(layers[0].input_layernorm, hidden)
+        for index, layer in enumerate(layers):
+            weights = self._projections[index]
+            keys, values = self.kv[index, 0], self.kv[index, 1]
+            qkv = F.linear(x, weights.qkv, weights.qkv_bias)
+            query = rotate_into_arena(qkv, cos, sin, keys, values, columns, heads, kv_heads, slots)
+            scale = getattr(layer.self_attn, "scaling", self.shape.head_dim**-0.5)
+            attention = packed_attention(query, keys, values, self.mask, columns, tile_table, scale)
+            norm = layer.post_attention_layernorm
+            update = layer.self_attn.o_proj(attention.view(len(ids), -1))
+            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
+            update = layer.mlp.down_proj(silu_times_up(F.linear(x, weights.gate_up, weights.gate_up_bias)))
+            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.body.norm
+            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
+        return x
 
     def prefill(self, first_slot: int, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Run the tails of the rows at slots `first_slot`, `first_slot + 1`, ... after `begin`: `ids`, `positions`
@@ -365,6 +437,22 @@ class StaticDecoder:
             scale = getattr(layer.self_attn, "scaling", self.shape.head_dim**-0.5)
             attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
             hidden = layer_tail(layer, weights, hidden, unfold_heads(attention, end - start), fused)
+        return hidden
+
+    def _checked_packed_prefill(
+        self, first_slot: int, tails: Sequence[Sequence[int]], reused: Sequence[int]
+    ) -> torch.Tensor | None:
+        """`prefill_packed`, or None after turning rsd's Triton kernels off when they fail to compile here (the
+        padded forward then rewrites the same columns). Compiling happens at the first call, outside any graph."""
+        if self._packed_checked:
+            return self.prefill_packed(first_slot, tails, reused)
+        try:
+            hidden = self.prefill_packed(first_slot, tails, reused)
+        except Exception as exc:
+            self._without_triton_kernels(exc)
+            return None
+        finally:
+            self._packed_checked = True
         return hidden
 
     def replay(self) -> torch.Tensor:
@@ -561,6 +649,74 @@ class StaticDecoder:
         if self.attention == "split":
             return split_attention(query, keys, values, mask, scale)
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+
+
+# -- a packed prefill's layout ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedChunk:
+    """Tokens [first, end) of a packed prefill: one forward. `tiles` are `packed_attention`'s rows (token indices
+    within the chunk); `last_tokens` (within the chunk) are the last tokens of the rows `rows_ending` (call rows)."""
+
+    first: int
+    end: int
+    tiles: list[list[int]] = field(default_factory=list)
+    last_tokens: list[int] = field(default_factory=list)
+    rows_ending: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PackedPlan:
+    """Where every token of a packed prefill goes: its position, arena row and column, in the order the rows' tails
+    are packed, and the chunks they run in."""
+
+    positions: list[int]
+    slots: list[int]
+    columns: list[int]
+    chunks: list[PackedChunk]
+
+    def token_fields(self) -> list[list[int]]:
+        return [self.positions, self.slots, self.columns]
+
+
+def packed_plan(
+    lengths: Sequence[int],
+    reused: Sequence[int],
+    first_slot: int,
+    tail_columns: tuple[int, int],
+    chunk_tokens: int,
+    tile: int,
+) -> PackedPlan:
+    """The layout of a packed prefill: row i (arena row `first_slot + i`) runs `lengths[i]` tokens after its
+    `reused` cached ones, which sit right-aligned before `tail_columns[0]`; its tail fills the last columns before
+    `tail_columns[1]`. Chunks hold at most `chunk_tokens` tokens, tiles at most `tile` tokens of one row."""
+    start, end = tail_columns
+    positions, slots, columns = [], [], []
+    chunks = [PackedChunk(0, 0)]
+    for row, (length, past) in enumerate(zip(lengths, reused, strict=True)):
+        if length < 1:
+            raise ValueError(f"packed prefill: row {row} has no token to run")
+        first_column = end - length
+        lo = start - past if past else first_column  # the row's first real column
+        positions.extend(range(past, past + length))
+        slots.extend([first_slot + row] * length)
+        columns.extend(range(first_column, end))
+        done = 0
+        while done < length:
+            chunk = chunks[-1]
+            if chunk.end - chunk.first == chunk_tokens:
+                chunk = PackedChunk(chunk.end, chunk.end)
+                chunks.append(chunk)
+            count = min(tile, length - done, chunk_tokens - (chunk.end - chunk.first))
+            last_column = first_column + done + count
+            chunk.tiles.append([first_slot + row, chunk.end - chunk.first, count, lo, last_column])
+            chunk.end += count
+            done += count
+        chunk.last_tokens.append(chunk.end - chunk.first - 1)
+        chunk.rows_ending.append(row)
+    assert all(len(t) == TILE_FIELDS for c in chunks for t in c.tiles)
+    return PackedPlan(positions, slots, columns, chunks)
 
 
 def host_to_device(values: Sequence[int], device: torch.device | str) -> torch.Tensor:

@@ -113,9 +113,7 @@ class HFRewardModel:
         for wave in self.waves([r.key for r in requests]):
             rows = [self.row(requests[i].key, ids[i]) for i in wave]
             # Rows of similar tail lengths share a forward (rsd.backends.packing), at most max_batch_size each.
-            tails = [len(row.tail) for row in rows]
-            overlapped = launches_overlap(str(self.device))
-            for group in group_by_length(tails, self.prefill_forward_tokens, self.max_batch_size, overlapped):
+            for group in self.forward_groups(rows):
                 for j, out in zip(group, self.run([rows[j] for j in group]), strict=True):
                     outputs[wave[j]] = out
         return outputs  # type: ignore[return-value]
@@ -123,6 +121,16 @@ class HFRewardModel:
     def release(self, keys: Sequence[Hashable]) -> None:
         for key in keys:
             self.prefixes.pop(key, None)
+
+    def forward_groups(self, rows: list[Row]) -> list[list[int]]:
+        """Which rows share a forward, at most `max_batch_size` each: rows of similar tail lengths (padding is
+        computed), or, where the arena runs tails packed without padding, rows in their order."""
+        size = max(1, self.max_batch_size)
+        if self.arena_prefill and self.arena_decoder().packed_prefill:
+            return [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
+        tails = [len(row.tail) for row in rows]
+        overlapped = launches_overlap(str(self.device))
+        return group_by_length(tails, self.prefill_forward_tokens, size, overlapped)
 
     @staticmethod
     def waves(keys: list[Hashable]) -> list[list[int]]:
