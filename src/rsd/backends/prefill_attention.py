@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from rsd.backends.split_attention import online_softmax_block
+
 QUERY_BLOCK = 128  # query rows (tokens x folded query heads) per program
 BLOCK_COLUMNS = 64  # columns a program reads per iteration
 TILE_FIELDS = 5  # a tile: arena row, first token, tokens, first column, last token's column + 1
@@ -77,6 +79,10 @@ def compiled_kernel() -> Any:
     import triton
     import triton.language as tl
 
+    # A module global, not a local: Triton's interpreter runs a kernel's source against its module's globals only.
+    global attend_block
+    attend_block = online_softmax_block()
+
     @triton.jit
     def packed_prefill_attention(
         q_ptr, k_ptr, v_ptr, mask_ptr, column_ptr, tile_ptr, out_ptr,
@@ -108,22 +114,11 @@ def compiled_kernel() -> Any:
             seen = shown[None, :] & (col[None, :] <= own[:, None])
             key = tl.load(k_ptr + row * k_row + kv_head * k_head + col[:, None] * k_col + d[None, :],
                           mask=inside[:, None], other=0.0)  # fmt: skip
-            if IEEE:  # float32 tensors: full-precision products, not TF32's
-                scores = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
-            else:
-                scores = tl.dot(query, tl.trans(key)) * scale
-            scores = tl.where(seen, scores, -1.0e30)
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            weights = tl.where(seen, tl.exp(scores - new_max[:, None]), 0.0)
-            rescale = tl.exp(running_max - new_max)
-            running_sum = running_sum * rescale + tl.sum(weights, 1)
             value = tl.load(v_ptr + row * v_row + kv_head * v_head + col[:, None] * v_col + d[None, :],
                             mask=inside[:, None], other=0.0)  # fmt: skip
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(weights, value, input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
-            running_max = new_max
+            running_max, running_sum, acc = attend_block(
+                query, key, value, seen, running_max, running_sum, acc, scale, IEEE
+            )
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         tl.store(out_ptr + token[:, None] * out_token + head[:, None] * out_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=real[:, None])  # fmt: skip
