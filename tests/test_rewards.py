@@ -204,6 +204,8 @@ def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(che
 
     prm.release(["t"])
     assert score(STEPS[:1]).prefill_tokens == first.prefill_tokens
+    if scoring == "arena-packed":  # the packed kernels ran throughout: no fallback to the padded forward
+        assert prm.arena_decoder().packed_prefill
 
 
 @pytest.mark.parametrize("scoring", SCORING)

@@ -274,6 +274,7 @@ def test_a_packed_prefill_in_chunks_computes_what_the_padded_prefill_computes(to
                     for past in reused]  # fmt: skip
         static.begin(prefixes, max(map(len, tails)), new_tokens=3)
         logits, columns = static.run_tails(0, tails, reused, pad_id=0)
+        assert static.packed_prefill is packed  # the kernels ran: no fallback to the padded forward
         kv = [static.kv[:, :, slot, :, row_columns] for slot, row_columns in enumerate(columns)]
         results.append((logits, kv, static.positions[:3, 0].tolist(), columns))
     (logits, kv, positions, columns), (packed_logits, packed_kv, packed_positions, packed_columns) = results

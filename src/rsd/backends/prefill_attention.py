@@ -1,11 +1,12 @@
 """A packed prefill's attention over the KV arena, in one Triton kernel.
 
-RSD's prefills are short and ragged: at batch 64 the draft reads the target's rewritten step on 19 rows (64 tokens)
-and one token on the other 45; the PRM reads 65 tokens on some rows and 130 on others. Padded to [rows, longest
-tail], the draft's prefill computed 3.2 times its tokens, and its attention went through SDPA with an additive mask
-built per forward ([rows, query heads x tokens, columns]) and query, key and output copies around it: on an H200
-the three models' arena prefills spent 544 ms of kernels per batch-64 run in attention and elementwise copies
-against 663 ms in matrix products (`benchmarks/phase_profile.py --kernels`, docs/benchmarks.md).
+RSD's prefills are short and ragged: at batch 64 the draft reads the target's rewritten step (64 tokens) on the
+rows it rejected, about 19, and one token on the others; the PRM reads 65 tokens on some rows and 130 on others.
+Padded to [rows, longest tail], the draft's prefill computed about 3 times its tokens, and its attention went
+through SDPA with an additive mask built per forward ([rows, query heads x tokens, columns]) and query, key and
+output copies around it: on an H200 the three models' arena prefills spent 545 ms of kernels per batch-64 run in
+attention and elementwise copies against 663 ms in matrix products (`benchmarks/phase_profile.py --kernels`,
+docs/benchmarks.md).
 
 Here the tokens of every row are packed one after another, without padding (`static_decode.PackedPlan`), so the
 matrix products run on the real tokens only. This kernel takes the queries as the projections left them, [tokens,
@@ -23,11 +24,11 @@ from typing import Any
 
 import torch
 
-from rsd.backends.split_attention import online_softmax_block
-
 QUERY_BLOCK = 128  # query rows (tokens x folded query heads) per program
 BLOCK_COLUMNS = 64  # columns a program reads per iteration
-TILE_FIELDS = 5  # a tile: arena row, first token, tokens, first column, last token's column + 1
+# A tile, `TILE_FIELDS` int32s (the kernel reads them at offsets 0-4): arena row, first token, tokens, first real
+# column, last token's column + 1.
+TILE_FIELDS = 5
 
 
 def tile_tokens(groups: int) -> int:
@@ -60,6 +61,8 @@ def packed_attention(
     groups = heads // kv_heads
     if query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("packed_attention: the head dimension must be contiguous")
+    if tiles.dim() != 2 or tiles.shape[1] != TILE_FIELDS or not tiles.is_contiguous():
+        raise ValueError(f"packed_attention: tiles must be a contiguous [n, {TILE_FIELDS}] table (PackedPlan)")
     out = torch.empty_like(query)
     visible = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     group_rows = group_block(groups)
@@ -78,10 +81,6 @@ def compiled_kernel() -> Any:
     """The kernel, defined on first use: Triton decides at definition whether it is interpreted."""
     import triton
     import triton.language as tl
-
-    # A module global, not a local: Triton's interpreter runs a kernel's source against its module's globals only.
-    global attend_block
-    attend_block = online_softmax_block()
 
     @triton.jit
     def packed_prefill_attention(
@@ -114,11 +113,22 @@ def compiled_kernel() -> Any:
             seen = shown[None, :] & (col[None, :] <= own[:, None])
             key = tl.load(k_ptr + row * k_row + kv_head * k_head + col[:, None] * k_col + d[None, :],
                           mask=inside[:, None], other=0.0)  # fmt: skip
+            if IEEE:  # float32 tensors: full-precision products, not TF32's
+                scores = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(query, tl.trans(key)) * scale
+            scores = tl.where(seen, scores, -1.0e30)
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            weights = tl.where(seen, tl.exp(scores - new_max[:, None]), 0.0)
+            rescale = tl.exp(running_max - new_max)
+            running_sum = running_sum * rescale + tl.sum(weights, 1)
             value = tl.load(v_ptr + row * v_row + kv_head * v_head + col[:, None] * v_col + d[None, :],
                             mask=inside[:, None], other=0.0)  # fmt: skip
-            running_max, running_sum, acc = attend_block(
-                query, key, value, seen, running_max, running_sum, acc, scale, IEEE
-            )
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(weights, value, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
+            running_max = new_max
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         tl.store(out_ptr + token[:, None] * out_token + head[:, None] * out_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=real[:, None])  # fmt: skip

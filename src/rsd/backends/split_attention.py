@@ -118,43 +118,10 @@ class Kernels:
 
 
 @functools.cache
-def online_softmax_block() -> Any:
-    """One block of columns into a running softmax: the update the decode and the prefill attention kernels
-    (`prefill_attention`) share, defined on first use like them."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def attend_block(query, key, value, seen, running_max, running_sum, acc, scale, IEEE: tl.constexpr):
-        """`seen` [query rows, columns] (or broadcast to it): which scores count. Returns the new running maximum,
-        sum and weighted values."""
-        if IEEE:  # float32 tensors: full-precision products, not TF32's
-            scores = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
-        else:
-            scores = tl.dot(query, tl.trans(key)) * scale
-        scores = tl.where(seen, scores, -1.0e30)
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        weights = tl.where(seen, tl.exp(scores - new_max[:, None]), 0.0)
-        rescale = tl.exp(running_max - new_max)
-        running_sum = running_sum * rescale + tl.sum(weights, 1)
-        if IEEE:
-            acc = acc * rescale[:, None] + tl.dot(weights, value, input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
-        return new_max, running_sum, acc
-
-    return attend_block
-
-
-@functools.cache
 def compiled_kernels() -> Kernels:
     """The two kernels, defined on first use: Triton decides at definition whether they are interpreted."""
     import triton
     import triton.language as tl
-
-    # A module global, not a local: Triton's interpreter runs a kernel's source against its module's globals only.
-    global attend_block
-    attend_block = online_softmax_block()
 
     @triton.jit
     def partial_attention(
@@ -180,11 +147,22 @@ def compiled_kernels() -> Kernels:
             seen = tl.load(mask_ptr + row * mask_row + col, mask=inside, other=0) != 0
             key = tl.load(k_ptr + row * k_row + head * k_head + col[:, None] * k_col + d[None, :],
                           mask=inside[:, None], other=0.0)  # fmt: skip
+            if IEEE:  # float32 tensors: full-precision products, not TF32's
+                scores = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(query, tl.trans(key)) * scale
+            scores = tl.where(seen[None, :], scores, -1.0e30)
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            weights = tl.where(seen[None, :], tl.exp(scores - new_max[:, None]), 0.0)
+            rescale = tl.exp(running_max - new_max)
+            running_sum = running_sum * rescale + tl.sum(weights, 1)
             value = tl.load(v_ptr + row * v_row + head * v_head + col[:, None] * v_col + d[None, :],
                             mask=inside[:, None], other=0.0)  # fmt: skip
-            running_max, running_sum, acc = attend_block(
-                query, key, value, seen[None, :], running_max, running_sum, acc, scale, IEEE
-            )
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(weights, value, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
+            running_max = new_max
         slot = pair * tl.num_programs(1) + split
         tl.store(acc_ptr + (slot * GROUPS + g[:, None]) * HEAD_DIM + d[None, :], acc)
         tl.store(max_ptr + slot * GROUPS + g, running_max)

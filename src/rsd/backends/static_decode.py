@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from rsd.backends.kv import RowCache, cache_layers
 from rsd.backends.layer_kernels import add_rms_norm, layer_kernels_problem, rotate_into_arena, silu_times_up
-from rsd.backends.prefill_attention import TILE_FIELDS, packed_attention, tile_tokens
+from rsd.backends.prefill_attention import packed_attention, tile_tokens
 from rsd.backends.split_attention import HALF_DTYPES, split_attention, split_attention_problem
 from rsd.core import RSDError
 from rsd.hf_loading import first_line
@@ -379,12 +379,7 @@ class StaticDecoder:
             query = rotate_into_arena(qkv, cos, sin, keys, values, columns, heads, kv_heads, slots)
             scale = getattr(layer.self_attn, "scaling", self.shape.head_dim**-0.5)
             attention = packed_attention(query, keys, values, self.mask, columns, tile_table, scale)
-            norm = layer.post_attention_layernorm
-            update = layer.self_attn.o_proj(attention.view(len(ids), -1))
-            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
-            update = layer.mlp.down_proj(silu_times_up(F.linear(x, weights.gate_up, weights.gate_up_bias)))
-            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.body.norm
-            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
+            hidden, x = self._layer_rest_by_kernels(index, weights, hidden, attention.view(len(ids), -1))
         return x
 
     def prefill(self, first_slot: int, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -608,13 +603,22 @@ class StaticDecoder:
             qkv = F.linear(x, weights.qkv, weights.qkv_bias)
             query = rotate_into_arena(qkv, cos, sin, keys, values, self.column, heads, kv_heads)
             attention = self._attend_arena(query, keys, values, mask, bias, layer.self_attn)
-            norm = layer.post_attention_layernorm
-            update = layer.self_attn.o_proj(attention.reshape(rows, -1))
-            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
-            update = layer.mlp.down_proj(silu_times_up(F.linear(x, weights.gate_up, weights.gate_up_bias)))
-            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.body.norm
-            hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
+            hidden, x = self._layer_rest_by_kernels(index, weights, hidden, attention.reshape(rows, -1))
         return self.model.lm_head(x).float()
+
+    def _layer_rest_by_kernels(
+        self, index: int, weights: FusedProjections, hidden: torch.Tensor, attention: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index` after its attention ([tokens, heads x head_dim]), through the layer kernels: the output
+        projection and the MLP, each added to the residual `hidden` (in place) with the norm after it, the second the
+        next layer's input norm (the body's final norm after the last layer). Returns (residual, its norm)."""
+        layers = self.body.layers
+        layer = layers[index]
+        norm = layer.post_attention_layernorm
+        hidden, x = add_rms_norm(hidden, layer.self_attn.o_proj(attention), norm.weight, norm.variance_epsilon)
+        update = layer.mlp.down_proj(silu_times_up(F.linear(x, weights.gate_up, weights.gate_up_bias)))
+        norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.body.norm
+        return add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
 
     def _attend(
         self,
@@ -715,7 +719,6 @@ def packed_plan(
             done += count
         chunk.last_tokens.append(chunk.end - chunk.first - 1)
         chunk.rows_ending.append(row)
-    assert all(len(t) == TILE_FIELDS for c in chunks for t in c.tiles)
     return PackedPlan(positions, slots, columns, chunks)
 
 
