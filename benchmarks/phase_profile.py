@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode_kernels  # noqa: E402
@@ -45,7 +47,8 @@ GENERATOR_PHASES = (
     (hf.HFStepGenerator, "generate_steps", "call", True),
     (hf.HFStepGenerator, "_prefill_arena", "prefill", True),  # the static path: straight into the arena
     (StaticDecoder, "begin", "prefill: cached prefixes into the arena", True),
-    (StaticDecoder, "prefill_hidden", "prefill: own forward in the arena", True),
+    (StaticDecoder, "prefill_hidden", "prefill: own forward in the arena", True),  # padded tails
+    (StaticDecoder, "prefill_packed", "prefill: own forward in the arena", True),  # packed tails (CUDA)
     (hf.HFStepGenerator, "_prefill", "prefill", True),  # transformers' forward (eager path, or arena_prefill off)
     (hf.HFStepGenerator, "_forward", "eager transformers forward", True),
     (StaticDecoder, "load", "arena load", True),
@@ -62,9 +65,12 @@ TOP_KERNELS = 8
 
 
 def prefill_shape(args: tuple) -> str:
-    """`StaticDecoder.prefill_hidden(self, first_slot, ids, ...)`: its [rows, tokens] and the arena's columns."""
-    static, ids = args[0], args[2]
-    return f"{ids.shape[0]}x{ids.shape[1]} over {static.width}"
+    """An arena prefill's shape and the arena's columns: `StaticDecoder.prefill_hidden(self, first_slot, ids, ...)`
+    runs [rows, tokens] padded; `prefill_packed(self, first_slot, tails, reused)` runs its rows' tokens packed."""
+    static, tokens = args[0], args[2]
+    if isinstance(tokens, torch.Tensor):
+        return f"{tokens.shape[0]}x{tokens.shape[1]} over {static.width}"
+    return f"{len(tokens)} rows, {sum(len(tail) for tail in tokens)} tokens packed over {static.width}"
 
 
 SHAPES = {"prefill: own forward in the arena": prefill_shape}

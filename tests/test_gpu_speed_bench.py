@@ -9,6 +9,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -16,8 +17,10 @@ import decode_kernels  # noqa: E402
 import gpu_speed  # noqa: E402
 import phase_profile  # noqa: E402
 import pytest  # noqa: E402
+import row_copies  # noqa: E402
 import torch  # noqa: E402
 
+from rsd.backends import static_decode  # noqa: E402
 from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
 from rsd.backends.split_attention import triton_available  # noqa: E402
 from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
@@ -276,6 +279,9 @@ def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, 
         kernels = result["prefill kernels"][f"{model}/prefill: own forward in the arena"]
         assert kernels["kernel_ms"] > 0 and kernels["launches"] > 0 and kernels["top_kernels"]
         assert sum(kernels["kinds_ms"].values()) == pytest.approx(kernels["kernel_ms"], abs=0.01)
+    # A packed prefill (on CUDA) counts its rows and their tokens, as the padded one counts its [rows, tokens].
+    packed = (SimpleNamespace(width=512), 0, [[1, 2], [3]], [0, 4])
+    assert phase_profile.prefill_shape(packed) == "2 rows, 3 tokens packed over 512"
     assert json.loads((tmp_path / "phase_profile.json").read_text())["results"][0]["batch"] == 3
     assert [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES] == originals
 
@@ -330,3 +336,17 @@ def test_packed_prefill_ab_times_rsd_with_padded_prefills_and_both_write_the_sam
     assert seen == [False] * 3
     assert all(d.packed_prefill for d in decoders)  # put back
     shipped_and_changed(models, 10, gpu_speed.with_padded_prefills)
+
+
+def test_row_copies_time_the_gather_and_the_slices_side_by_side(tmp_path):
+    report = row_copies.main(["--tiny", "--rows", "3", "5", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "row_copies.json").read_text())["results"] == report["results"]
+    for result, rows in zip(report["results"], (3, 5), strict=True):  # both copied the same values (else it raises)
+        assert result["rows"] == rows and result["mib_per_call"] > 0
+        for method in ("gather", "slices"):
+            assert 0 < result[f"{method}_host_ms"] <= result[f"{method}_ms"]
+        assert result["gather_over_slices"] == pytest.approx(result["gather_ms"] / result["slices_ms"], abs=0.01)
+    # Each row as RSD leaves it: a prefix right-aligned to one column, a hole, then its tail and decoded tokens.
+    for columns in row_copies.row_columns(20, prefix_end=100, tail_end=300, seed=1):
+        assert columns == sorted(set(columns)) and columns[-1] == 300 + 62
+        assert len(static_decode.column_runs(columns)) == 2

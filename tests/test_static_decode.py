@@ -18,11 +18,13 @@ import torch  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.backends.kv import common_prefix_length  # noqa: E402
 from rsd.backends.static_decode import (  # noqa: E402
     DECODE_ENV,
     WIDTH_BUCKET,
     StaticDecoder,
     bucket_rows,
+    column_runs,
     resolve_decode_mode,
     static_decode_problem,
 )
@@ -142,6 +144,47 @@ def test_a_blank_batch_replays_the_same_forward_until_it_advances(path, tokenize
         assert torch.equal(first, again) and static.next_column == 100  # the same column, rewritten
         static.advance(first.argmax(dim=-1))
     assert static.next_column == 101 and int(static.positions[0, 0]) == 101
+
+
+def test_column_runs_find_every_stretch_of_consecutive_columns():
+    assert column_runs([]) == []
+    assert column_runs([5]) == [(5, 6)]
+    assert column_runs(list(range(3, 700))) == [(3, 700)]
+    assert column_runs([0, 1, 2, 5, 6, 9, 11, 12, 13]) == [(0, 3), (5, 7), (9, 10), (11, 14)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):  # random subsets: the runs cover exactly the columns, in order, none touching the next
+        columns = torch.nonzero(torch.rand(300, generator=generator) < 0.8).squeeze(-1).tolist()
+        runs = column_runs(columns)
+        assert [c for start, end in runs for c in range(start, end)] == columns
+        assert all(end < start for (_, end), (start, _) in zip(runs, runs[1:], strict=False))
+
+
+def test_common_prefix_length_finds_the_first_difference():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        a = torch.randint(0, 3, (int(torch.randint(0, 40, (1,), generator=generator)),), generator=generator).tolist()
+        b = a[: int(torch.randint(0, len(a) + 1, (1,), generator=generator))] + [7] * 3
+        b = b if torch.rand(1, generator=generator) < 0.5 else list(a)
+        want = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        assert common_prefix_length(a, b) == want == common_prefix_length(tuple(a), b)
+    assert common_prefix_length([], [1]) == 0 and common_prefix_length([1, 2], [1, 2, 3]) == 2
+
+
+def test_a_row_cache_is_its_real_columns_copied_out_of_the_arena(tokenizer):
+    """Any set of columns (a prefix, a tail, decoded tokens, holes between them) comes out as `index_select`
+    would take it, in memory of its own: the next batch may overwrite the arena."""
+    static = StaticDecoder(build("qwen2", tokenizer), use_graphs=False)
+    static.load_blank(rows=3, filled=100, new_tokens=20)
+    static.kv.copy_(torch.randn(static.kv.shape, generator=torch.Generator().manual_seed(1)))
+    for columns in ([], [7], list(range(10, 60)), list(range(0, 20)) + list(range(40, 90)) + [99, 101, 102]):
+        cache = static.row_cache(1, list(range(len(columns))), columns)
+        want = static.kv[:, :, 1].index_select(3, torch.tensor(columns, dtype=torch.long, device=static.kv.device))
+        assert torch.equal(cache.kv, want) and cache.kv.is_contiguous()
+        assert cache.kv.data_ptr() != static.kv.data_ptr()
+        static.kv.add_(1.0)  # the arena takes another batch: the copy keeps its values
+        assert torch.equal(cache.kv, want)
+    with pytest.raises(AssertionError, match="2 cached columns for 3 tokens"):
+        static.row_cache(0, [1, 2, 3], [4, 5])
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)

@@ -187,13 +187,13 @@ class HFRewardModel:
             )
         last = torch.tensor([len(r.tail) - 1 for r in rows], device=self.device)
         hidden = out.last_hidden_state[torch.arange(len(rows), device=self.device), last]
-        rewards = self.head(hidden).float().tolist()
+        scores = self.head(hidden).float()
         batch_kv = stacked_layers(cache)  # updated in place by the forward pass; one copy, one slice per row
         for i, row in enumerate(rows):
             start, end = past_width - row.past_len, past_width + len(row.tail)
             # Clone, so the row's cache owns its memory instead of pinning the whole padded batch.
             self.prefixes[row.key] = CachedPrefix(row.ids, batch_kv[:, :, i, :, start:end].clone())
-        return [reward_output(row, reward) for row, reward in zip(rows, rewards, strict=True)]
+        return self.outputs(rows, scores)
 
     def run_in_arena(self, rows: list[Row]) -> list[RewardOutput]:
         """`run` in the KV arena: the cached prefixes copied in, the tails through rsd's own forward there, each
@@ -202,10 +202,16 @@ class HFRewardModel:
         arena.begin([row.past for row in rows], max(len(row.tail) for row in rows), new_tokens=0)
         with attention_without_cudnn(self.device):
             hidden, columns = arena.run_tails(0, [row.tail for row in rows], [row.past_len for row in rows], 0, False)
-        rewards = self.head(hidden).float().tolist()
+        scores = self.head(hidden).float()
         for slot, (row, row_columns) in enumerate(zip(rows, columns, strict=True)):
             self.prefixes[row.key] = CachedPrefix(row.ids, arena.row_cache(slot, row.ids, row_columns).kv)
-        return [reward_output(row, reward) for row, reward in zip(rows, rewards, strict=True)]
+        return self.outputs(rows, scores)
+
+    @staticmethod
+    def outputs(rows: list[Row], scores: torch.Tensor) -> list[RewardOutput]:
+        """Each row's reward from the head's `scores`. Read last: reading them waits for the GPU, and the rows'
+        cache copies are queued before it, so the host issues them while the forward still runs."""
+        return [reward_output(row, reward) for row, reward in zip(rows, scores.tolist(), strict=True)]
 
     def arena_decoder(self) -> StaticDecoder:
         if self.arena_problem is not None:
