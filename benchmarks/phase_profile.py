@@ -16,6 +16,7 @@ and the largest kernels, per model.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python benchmarks/phase_profile.py --batches 64 16 --kernels --out $OUT
     PYTHONPATH=src python benchmarks/phase_profile.py --tiny   # the CPU smoke test's sizes
+    PYTHONPATH=src python benchmarks/phase_profile.py --tiny --real-lengths --batches 64   # host work, real lengths
 """
 
 from __future__ import annotations
@@ -217,6 +218,18 @@ def lines(result: dict) -> str:
     return "\n".join(out)
 
 
+def profile_config(tiny: bool, real_lengths: bool, batches: Sequence[int]) -> gpu_speed.BenchConfig:
+    """The benchmark's setup; tiny models on the CPU, at the smoke test's lengths or the real ones (decoding in the
+    arena as on a GPU). The PRM takes every row of the largest batch in one forward, as in `gpu_speed.py`."""
+    if not tiny:
+        return gpu_speed.BenchConfig(profile=False, batches=tuple(batches))
+    if not real_lengths:
+        return gpu_speed.tiny_config(profile=False, batches=tuple(batches))
+    real = gpu_speed.BenchConfig()
+    lengths = dict(prompt_tokens=real.prompt_tokens, step_tokens=real.step_tokens, steps=real.steps)
+    return gpu_speed.tiny_config(profile=False, batches=tuple(batches), decode="static", **lengths)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 16])
@@ -224,10 +237,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--kernels", action="store_true", help="also profile the kernels of the arena prefills (one more run)"
     )
+    parser.add_argument(
+        "--real-lengths",
+        action="store_true",
+        help="with --tiny: the real lengths (256-token prompts, 8 steps of 64) and every model in its KV arena, as "
+        "on a GPU, so the phases show the host's work at those lengths",
+    )
     parser.add_argument("--out", type=Path, help="folder for phase_profile.json")
     args = parser.parse_args(argv)
-    config = gpu_speed.tiny_config(profile=False) if args.tiny else gpu_speed.BenchConfig(profile=False)
+    if args.real_lengths and not args.tiny:
+        parser.error("--real-lengths goes with --tiny: the real models run at the real lengths already")
+    config = profile_config(args.tiny, args.real_lengths, args.batches)
     models = gpu_speed.build_models(config)
+    models.prm.arena_prefill = models.prm.arena_prefill or args.real_lengths
     results = []
     for batch in args.batches:
         results.append(profile_batch(models, config, batch, args.kernels))

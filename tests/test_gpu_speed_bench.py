@@ -279,6 +279,12 @@ def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, 
         kernels = result["prefill kernels"][f"{model}/prefill: own forward in the arena"]
         assert kernels["kernel_ms"] > 0 and kernels["launches"] > 0 and kernels["top_kernels"]
         assert sum(kernels["kinds_ms"].values()) == pytest.approx(kernels["kernel_ms"], abs=0.01)
+    # --real-lengths: the tiny models at the benchmark's lengths, decoding in the arena as on a GPU.
+    real = phase_profile.profile_config(tiny=True, real_lengths=True, batches=[64])
+    assert (real.tiny, real.device, real.decode, real.batches) == (True, "cpu", "static", (64,))
+    assert (real.prompt_tokens, real.step_tokens, real.steps) == (256, 64, 8)
+    with pytest.raises(SystemExit):
+        phase_profile.main(["--real-lengths"])
     # A packed prefill (on CUDA) counts its rows and their tokens, as the padded one counts its [rows, tokens].
     packed = (SimpleNamespace(width=512), 0, [[1, 2], [3]], [0, 4])
     assert phase_profile.prefill_shape(packed) == "2 rows, 3 tokens packed over 512"
