@@ -13,7 +13,12 @@ random rejections (each draft step rejected with probability 1 - keep_share, ind
   can run), so that its calls carry more rows; rows waiting for it skip draft rounds;
 - overlap(s): each model its own worker that takes every row waiting for it as one call as soon as it is free,
   draft and target running at the same time on the GPU, each slowed by s while the other runs (s = 1: perfect
-  overlap, which one GPU cannot do; the `overlap-experiment` branch's design).
+  overlap, which one GPU cannot do; the `overlap-experiment` branch's design);
+- continuous(s, PRM waits for q): batching at the token, as vLLM and SGLang serve: each model decodes one token
+  per forward for every row in its phase, and a row joins or leaves between any two forwards, so it never waits
+  for another row's step to end. The PRM scores, on the draft's card between two draft forwards, the rows whose
+  draft step ended, once they are at least a share q of the rows drafting or waiting (q = 0: at once; q = 1: when
+  no row is left drafting). s as in overlap; s = 1 is the target on a card of its own (the two-GPU layout).
 
 A call's time grows linearly with its rows, along the line through the two points measured for the target: alone
 on all rows (`target_only`) and on the rejected share of them (`target_rewrite_rows`). The draft and the PRM were
@@ -26,6 +31,7 @@ out (free), so every makespan here is a lower bound on what that schedule would 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -38,6 +44,8 @@ from pathlib import Path
 DRAWS = 200  # random rejection patterns per batch size
 DEFER_SHARES = (0.25, 0.5)
 OVERLAP_SLOWDOWNS = (1.0, 1.3)
+CONTINUOUS_PRM_SHARES = (0.0, 1.0)  # continuous(s): the share of the draft's rows the PRM waits for
+STEP_TOKENS = 64  # gpu_speed.py's step cap, where its JSON does not say
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class CallCosts:
     target_full: float
     fixed_share: float
     batch: int
+    step_tokens: int = STEP_TOKENS  # tokens per step: a call is that many decode forwards
 
     def scale(self, full: float, rows: int) -> float:
         return full * (self.fixed_share + (1.0 - self.fixed_share) * rows / self.batch)
@@ -144,16 +153,85 @@ def overlap(costs: CallCosts, rejected: Rejections, slowdown: float) -> float:
                 queues["draft"].add(r)
 
 
+def continuous(costs: CallCosts, rejected: Rejections, slowdown: float, prm_share: float = 0.0) -> float:
+    """Event simulation at the token: each card runs one forward at a time over the rows in its phase then (a
+    draft or target forward costs its call's time on those rows over `step_tokens`; a PRM call its call's time); a
+    forward started while the other card is busy runs `slowdown` times slower. The draft's card scores the rows
+    waiting for the PRM once they are at least `prm_share` of the rows drafting or waiting (or nothing else is
+    left to draft): a PRM call costs much the same for 3 rows as for 30, so scoring each row as soon as its step
+    ends makes many near-empty calls. Rows in a phase advance together, so each is filed under the forward count
+    at which its step ends."""
+    batch, steps, tokens = len(rejected), len(rejected[0]), costs.step_tokens
+    done = [0] * batch
+    forwards = {"draft": 0, "target": 0}  # forwards run so far, per model
+    ending: dict[str, dict[int, list[int]]] = {"draft": {tokens: list(range(batch))}, "target": {}}
+    active = {"draft": batch, "target": 0}  # rows in each model's phase
+    scoring: list[int] = []  # rows whose draft step ended, waiting for the PRM
+    busy: dict[str, tuple[float, str, list[int]] | None] = {"draft": None, "target": None}
+    now = 0.0
+
+    def start(model: str) -> None:
+        other_busy = busy["target" if model == "draft" else "draft"] is not None
+        if model == "draft" and scoring and len(scoring) >= prm_share * (len(scoring) + active["draft"]):
+            work, rows, cost = "prm", list(scoring), costs.prm(len(scoring))
+            scoring.clear()
+        elif active[model]:
+            work, rows = "forward", []
+            full = costs.draft(active[model]) if model == "draft" else costs.target(active[model])
+            cost = full / tokens
+        else:
+            return
+        busy[model] = (now + cost * (slowdown if other_busy else 1.0), work, rows)
+
+    def enter(model: str, row: int) -> None:
+        ending[model].setdefault(forwards[model] + tokens, []).append(row)
+        active[model] += 1
+
+    while True:
+        for model in ("draft", "target"):
+            if busy[model] is None:
+                start(model)
+        running = [(entry[0], model) for model, entry in busy.items() if entry is not None]
+        if not running:
+            return now
+        now, model = min(running)
+        _, work, rows = busy[model]  # type: ignore[misc]
+        busy[model] = None
+        if work == "prm":
+            for r in rows:
+                if rejected[r][done[r]]:
+                    enter("target", r)
+                    continue
+                done[r] += 1
+                if done[r] < steps:
+                    enter("draft", r)
+            continue
+        forwards[model] += 1
+        for r in ending[model].pop(forwards[model], []):
+            active[model] -= 1
+            if model == "draft":
+                scoring.append(r)
+                continue
+            done[r] += 1
+            if done[r] < steps:
+                enter("draft", r)
+
+
 def schedules() -> dict[str, Callable[[CallCosts, Rejections], float]]:
     table: dict[str, Callable[[CallCosts, Rejections], float]] = {"lockstep-rounds": lockstep_rounds}
     for share in DEFER_SHARES:
         table[f"defer-target({share:g})"] = lambda c, r, share=share: defer_target(c, r, share)
     for slowdown in OVERLAP_SLOWDOWNS:
         table[f"overlap({slowdown:g})"] = lambda c, r, slowdown=slowdown: overlap(c, r, slowdown)
+    for slowdown in OVERLAP_SLOWDOWNS:
+        for share in CONTINUOUS_PRM_SHARES:
+            table[f"continuous({slowdown:g}, PRM waits for {share:.0%})"] = (
+                lambda c, r, slowdown=slowdown, share=share: continuous(c, r, slowdown, share)
+            )
     return table
 
 
-def costs_from_result(result: dict, steps: int, keep_share: float) -> CallCosts:
+def costs_from_result(result: dict, steps: int, keep_share: float, step_tokens: int = STEP_TOKENS) -> CallCosts:
     t = result["seconds_median"]
     batch = result["batch"]
     few_rows = max(1, math.ceil((1.0 - keep_share) * batch))  # as gpu_speed.py times `target_rewrite_rows`
@@ -164,6 +242,7 @@ def costs_from_result(result: dict, steps: int, keep_share: float) -> CallCosts:
         target_full=t["target_only"] / steps,
         fixed_share=fixed_share(t["target_only"], few, batch, few_rows),
         batch=batch,
+        step_tokens=step_tokens,
     )
 
 
@@ -175,11 +254,15 @@ def is_gpu_speed_report(report: object) -> bool:
     return isinstance(results, list) and all(isinstance(r, dict) and "seconds_median" in r for r in results)
 
 
-def analyse(report: dict, draws: int = DRAWS) -> list[dict]:
+def analyse(report: dict, draws: int = DRAWS, prm_scale: float = 1.0) -> list[dict]:
+    """Every schedule's median makespan per batch size; `prm_scale` multiplies the PRM's calls (0: a free PRM, to
+    see what the PRM's calls cost a schedule). The bound keeps the PRM as measured."""
     steps, keep = report["config"]["steps"], report["config"]["keep_share"]
+    step_tokens = report["config"].get("step_tokens", STEP_TOKENS)
     rows = []
     for result in sorted(report["results"], key=lambda r: r["batch"]):
-        costs = costs_from_result(result, steps, keep)
+        costs = costs_from_result(result, steps, keep, step_tokens)
+        costs = dataclasses.replace(costs, prm_full=costs.prm_full * prm_scale)
         t = result["seconds_median"]
         bound_time = t["draft_alone"] + t["prm_alone"] + (1.0 - keep) * t["target_only"]
         patterns = [draw_rejections(result["batch"], steps, 1.0 - keep, seed) for seed in range(draws)]
@@ -219,13 +302,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a gpu_speed.json (gpu_speed.py --out, or benchmarks/results/)")
     parser.add_argument("--draws", type=int, default=DRAWS, help="random rejection patterns per batch size")
+    parser.add_argument(
+        "--prm-scale", type=float, default=1.0, help="multiply the PRM's calls by this (0: free); the bound is kept"
+    )
     args = parser.parse_args(argv)
+    if args.prm_scale < 0:
+        parser.error(f"--prm-scale {args.prm_scale}: a PRM call cannot cost less than nothing; pass 0 or more")
     if not args.results.is_file():
         sys.exit(f"{args.results}: no such file; pass a gpu_speed.json, e.g. one in benchmarks/results/")
     report = json.loads(args.results.read_text())
     if not is_gpu_speed_report(report):
         sys.exit(f"{args.results} is not gpu_speed.py output (no config and timed results); pass a gpu_speed.json.")
-    rows = analyse(report, args.draws)
+    rows = analyse(report, args.draws, args.prm_scale)
     print(lines(rows))
     return rows
 

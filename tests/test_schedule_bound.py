@@ -55,6 +55,14 @@ def test_the_command_reads_a_results_file_and_refuses_a_missing_one(tmp_path, ca
     path.write_text(json.dumps(report(3.0)))
     rows = schedule_bound.main([str(path)])
     assert "lockstep-rounds" in capsys.readouterr().out and rows[0]["batch"] == 16
+    # --prm-scale 0: a free PRM shortens every schedule with a PRM call and leaves the bound as measured.
+    free = schedule_bound.main([str(path), "--prm-scale", "0", "--draws", "20"])
+    full = schedule_bound.analyse(report(3.0), draws=20)
+    assert free[0]["bound"] == full[0]["bound"]
+    assert all(free[0]["schedules"][n]["seconds"] < s["seconds"] for n, s in full[0]["schedules"].items())
+    with pytest.raises(SystemExit):
+        schedule_bound.main([str(path), "--prm-scale", "-1"])
+    assert "cannot cost less than nothing" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no such file"):
         schedule_bound.main([str(tmp_path / "missing.json")])
     other = tmp_path / "phase_profile.json"
@@ -74,3 +82,30 @@ def test_committed_gpu_results_replay():
             continue
         for row in schedule_bound.analyse(report, draws=20):
             assert row["schedules"] and row["bound"] > 0
+
+
+def test_continuous_batching_lets_a_kept_row_draft_on_while_the_target_rewrites_another():
+    # Two rows, two steps, costs that do not depend on the rows; row 0's first step is rejected. Row 1 drafts and
+    # is scored again while the target (on its own card) rewrites row 0's step; row 0 then drafts its second
+    # step alone: draft + PRM + target + draft + PRM.
+    costs = schedule_bound.CallCosts(draft_full=1.0, prm_full=0.25, target_full=3.0, fixed_share=1.0, batch=2)
+    rejected = [[True, False], [False, False]]
+    assert schedule_bound.continuous(costs, rejected, 1.0) == pytest.approx(1.0 + 0.25 + 3.0 + 1.0 + 0.25)
+    # Rounds make row 1 wait for the rewrite: draft + PRM + target, then draft + PRM for both.
+    assert schedule_bound.lockstep_rounds(costs, rejected) == pytest.approx(2 * (1.0 + 0.25) + 3.0)
+    # Without rejections every row stays in step: the calls of lock-step rounds, at any share the PRM waits for.
+    kept = [[False] * 3 for _ in range(4)]
+    for share in (0.0, 1.0):
+        assert schedule_bound.continuous(costs, kept, 1.0, share) == pytest.approx(3 * 1.25)
+
+
+def test_continuous_batching_is_held_to_the_slowest_row_and_fuller_prm_calls_help_it():
+    rejected = schedule_bound.draw_rejections(64, 8, 0.3, seed=5)
+    result = report(3.0)["results"][0]
+    costs = schedule_bound.costs_from_result({**result, "batch": 64}, steps=8, keep_share=0.7)
+    slowest = max(8 * (costs.draft(1) + costs.prm(1)) + sum(r) * costs.target(1) for r in rejected)
+    at_once, all_rows = (schedule_bound.continuous(costs, rejected, 1.0, share) for share in (0.0, 1.0))
+    assert min(at_once, all_rows) >= slowest - 1e-9
+    # A PRM call costs much the same for few rows as for many: scoring each row as its step ends costs more.
+    assert all_rows < at_once
+    assert schedule_bound.continuous(costs, rejected, 1.0, 1.0) <= schedule_bound.continuous(costs, rejected, 1.3, 1.0)
