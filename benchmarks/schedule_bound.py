@@ -22,10 +22,13 @@ random rejections (each draft step rejected with probability 1 - keep_share, ind
 
 A call's time grows linearly with its rows, along the line through the two points measured for the target: alone
 on all rows (`target_only`) and on the rejected share of them (`target_rewrite_rows`). The draft and the PRM were
-timed on all rows; their row-independent share is taken to be the target's. Prefills after a rejection are left
-out (free), so every makespan here is a lower bound on what that schedule would measure.
+timed on all rows; their row-independent share is taken to be the target's, or with `--own-shares` each their
+own, from their times alone on one row (the report's batch-1 result). Prefills after a rejection are left out
+(free), so every makespan here is a lower bound on what that schedule would measure.
 
-    python benchmarks/schedule_bound.py benchmarks/results/2026-11-28-h200.json
+    python benchmarks/schedule_bound.py benchmarks/results/2026-12-04-h200-packed-prefill.json
+    python benchmarks/schedule_bound.py benchmarks/results/2026-12-04-h200-packed-prefill.json --own-shares
+    python benchmarks/schedule_bound.py benchmarks/results/2026-12-04-h200-packed-prefill.json --prm-scale 0
 """
 
 from __future__ import annotations
@@ -59,15 +62,19 @@ class CallCosts:
     fixed_share: float
     batch: int
     step_tokens: int = STEP_TOKENS  # tokens per step: a call is that many decode forwards
+    # The draft's and the PRM's own row-independent shares (`--own-shares`); None: the target's.
+    draft_fixed: float | None = None
+    prm_fixed: float | None = None
 
-    def scale(self, full: float, rows: int) -> float:
-        return full * (self.fixed_share + (1.0 - self.fixed_share) * rows / self.batch)
+    def scale(self, full: float, rows: int, share: float | None = None) -> float:
+        fixed = self.fixed_share if share is None else share
+        return full * (fixed + (1.0 - fixed) * rows / self.batch)
 
     def draft(self, rows: int) -> float:
-        return self.scale(self.draft_full, rows)
+        return self.scale(self.draft_full, rows, self.draft_fixed)
 
     def prm(self, rows: int) -> float:
-        return self.scale(self.prm_full, rows)
+        return self.scale(self.prm_full, rows, self.prm_fixed)
 
     def target(self, rows: int) -> float:
         return self.scale(self.target_full, rows)
@@ -254,15 +261,30 @@ def is_gpu_speed_report(report: object) -> bool:
     return isinstance(results, list) and all(isinstance(r, dict) and "seconds_median" in r for r in results)
 
 
-def analyse(report: dict, draws: int = DRAWS, prm_scale: float = 1.0) -> list[dict]:
-    """Every schedule's median makespan per batch size; `prm_scale` multiplies the PRM's calls (0: a free PRM, to
-    see what the PRM's calls cost a schedule). The bound keeps the PRM as measured."""
+def own_shares(result: dict, one_row: dict) -> dict[str, float]:
+    """The draft's and the PRM's row-independent shares at `result`'s batch, each from its own line through its
+    time alone on one row (`one_row`, the batch-1 result) and on the whole batch."""
+    t, one, batch = result["seconds_median"], one_row["seconds_median"], result["batch"]
+    return {
+        "draft_fixed": fixed_share(t["draft_alone"], one["draft_alone"], batch, 1),
+        "prm_fixed": fixed_share(t["prm_alone"], one["prm_alone"], batch, 1),
+    }
+
+
+def analyse(report: dict, draws: int = DRAWS, prm_scale: float = 1.0, own: bool = False) -> list[dict]:
+    """Every schedule's median makespan per batch size. `prm_scale` multiplies the PRM's calls (0: a free PRM, to
+    see what the PRM's calls cost a schedule); the bound keeps the PRM as measured. `own`: the draft and the PRM
+    each scale with their rows by their own share, from the report's batch-1 result, not the target's."""
     steps, keep = report["config"]["steps"], report["config"]["keep_share"]
     step_tokens = report["config"].get("step_tokens", STEP_TOKENS)
+    one_row = next((r for r in report["results"] if r["batch"] == 1), None)
+    if own and one_row is None:
+        raise ValueError("own row-independent shares need the draft and PRM timed on one row: a batch-1 result")
     rows = []
     for result in sorted(report["results"], key=lambda r: r["batch"]):
         costs = costs_from_result(result, steps, keep, step_tokens)
-        costs = dataclasses.replace(costs, prm_full=costs.prm_full * prm_scale)
+        shares = own_shares(result, one_row) if own and one_row is not None else {}
+        costs = dataclasses.replace(costs, prm_full=costs.prm_full * prm_scale, **shares)
         t = result["seconds_median"]
         bound_time = t["draft_alone"] + t["prm_alone"] + (1.0 - keep) * t["target_only"]
         patterns = [draw_rejections(result["batch"], steps, 1.0 - keep, seed) for seed in range(draws)]
@@ -272,6 +294,7 @@ def analyse(report: dict, draws: int = DRAWS, prm_scale: float = 1.0) -> list[di
             "bound_s": bound_time,
             "bound": t["target_only"] / bound_time,
             "fixed_share": costs.fixed_share,
+            "draft_prm_fixed_shares": [costs.draft_fixed, costs.prm_fixed] if own else None,
             "measured_rsd_s": t.get("rsd"),
             "schedules": {},
         }
@@ -292,9 +315,11 @@ def lines(rows: Sequence[dict]) -> str:
     for r in rows:
         cells = [f"{s['seconds']:.2f} ({s['of_bound']:.0%})" for s in r["schedules"].values()]
         measured = f"{r['measured_rsd_s']:.2f}" if r["measured_rsd_s"] is not None else "-"
-        out.append(
-            f"{r['batch']} | {r['fixed_share']:.0%} | {r['bound']:.2f}x | " + " | ".join(cells) + f" | {measured}"
-        )
+        shares = f"{r['fixed_share']:.0%}"
+        if r.get("draft_prm_fixed_shares"):
+            draft, prm = r["draft_prm_fixed_shares"]
+            shares += f" (draft {draft:.0%}, PRM {prm:.0%})"
+        out.append(f"{r['batch']} | {shares} | {r['bound']:.2f}x | " + " | ".join(cells) + f" | {measured}")
     return "\n".join(out)
 
 
@@ -305,6 +330,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--prm-scale", type=float, default=1.0, help="multiply the PRM's calls by this (0: free); the bound is kept"
     )
+    parser.add_argument(
+        "--own-shares",
+        action="store_true",
+        help="the draft and the PRM scale with their rows by their own row-independent shares (from the batch-1 "
+        "result), not the target's",
+    )
     args = parser.parse_args(argv)
     if args.prm_scale < 0:
         parser.error(f"--prm-scale {args.prm_scale}: a PRM call cannot cost less than nothing; pass 0 or more")
@@ -313,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     report = json.loads(args.results.read_text())
     if not is_gpu_speed_report(report):
         sys.exit(f"{args.results} is not gpu_speed.py output (no config and timed results); pass a gpu_speed.json.")
-    rows = analyse(report, args.draws, args.prm_scale)
+    if args.own_shares and not any(r["batch"] == 1 for r in report["results"]):
+        sys.exit(f"{args.results} has no batch-1 result: --own-shares needs one (gpu_speed.py --batches ... 1)")
+    rows = analyse(report, args.draws, args.prm_scale, args.own_shares)
     print(lines(rows))
     return rows
 

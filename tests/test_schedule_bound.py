@@ -109,3 +109,25 @@ def test_continuous_batching_is_held_to_the_slowest_row_and_fuller_prm_calls_hel
     # A PRM call costs much the same for few rows as for many: scoring each row as its step ends costs more.
     assert all_rows < at_once
     assert schedule_bound.continuous(costs, rejected, 1.0, 1.0) <= schedule_bound.continuous(costs, rejected, 1.3, 1.0)
+
+
+def test_own_shares_scale_the_draft_and_prm_by_their_own_lines_through_one_row():
+    one = {"batch": 1, "seconds_median": {"target_only": 3.0, "draft_alone": 2.0 / 16, "prm_alone": 0.1}}
+    two = {"config": {"steps": 8, "keep_share": 0.7}, "results": [report(3.0)["results"][0], one]}
+    by_batch = {r["batch"]: r for r in schedule_bound.analyse(two, draws=20, own=True)}
+    # The draft's time alone grows in proportion to its rows; the PRM's line through 0.1 s on 1 row and 0.2 s on 16
+    # rises 0.1 / 15 s a row, so 16 rows of it are 0.107 s and the rest, 47% of 0.2 s, is fixed.
+    draft, prm = by_batch[16]["draft_prm_fixed_shares"]
+    assert draft == pytest.approx(0.0, abs=1e-9) and prm == pytest.approx((0.2 - 16 * 0.1 / 15) / 0.2)
+    shared = schedule_bound.analyse(report(3.0), draws=20)[0]
+    # Cheaper calls on few rows than the target's share gives them: no schedule gets slower.
+    assert all(by_batch[16]["schedules"][n]["seconds"] <= s["seconds"] + 1e-9 for n, s in shared["schedules"].items())
+    with pytest.raises(ValueError, match="batch-1 result"):
+        schedule_bound.analyse(report(3.0), draws=20, own=True)
+
+
+def test_own_shares_without_a_batch_1_result_is_one_clear_error(tmp_path):
+    path = tmp_path / "gpu_speed.json"
+    path.write_text(json.dumps(report(3.0)))
+    with pytest.raises(SystemExit, match="no batch-1 result: --own-shares needs one"):
+        schedule_bound.main([str(path), "--own-shares"])
