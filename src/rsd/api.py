@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from rsd.core import RewardModel, RSDError, StepGenerator, Trajectory
-from rsd.loop import Prompted, RunConfig, StepwiseDecoder
-from rsd.policies import Policy, make_policy
+from rsd.core import Prompted, RewardModel, RSDError, RunConfig, StepGenerator, Trajectory
+from rsd.loop import StepwiseDecoder
+from rsd.policies import DEFAULT_DELTA, Policy, make_policy
 
 if TYPE_CHECKING:
     from rsd.calibration import Calibration
@@ -102,7 +102,7 @@ class RSD:
         target: str | StepGenerator,
         prm: str | RewardModel | Callable,
         policy: str | Policy = "threshold",
-        delta: float = 0.7,
+        delta: float = DEFAULT_DELTA,
         alpha: float = 10.0,
         p: float = 0.5,
         prm_format: str | None = None,

@@ -21,24 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rsd.core import (
-    RewardOutput,
-    RSDError,
-    StepGenerator,
-    StepOutput,
-    StepRequest,
-    Trajectory,
-)
-from rsd.loop import (
+from rsd.controller import (
     Controller,
-    Prompted,
     commit_rsd_step,
     commit_single_model_step,
-    decide,
     record_generation,
     record_scoring,
-    reward_request,
 )
+from rsd.core import Prompted, RewardOutput, RSDError, StepGenerator, StepOutput, Trajectory
 
 
 class AsyncStepwiseDecoder(Controller):
@@ -72,7 +62,7 @@ class AsyncStepwiseDecoder(Controller):
         problems: Sequence[Prompted],
         on_finish: Callable[[Trajectory], None] | None = None,
     ) -> list[Trajectory]:
-        trajectories = [self._start(p) for p in problems]  # checks every problem before any request goes out
+        trajectories = [self.start(p) for p in problems]  # checks every problem before any request goes out
         slots = asyncio.Semaphore(self.config.batch_size)
         self._locks = {}
         try:
@@ -86,54 +76,42 @@ class AsyncStepwiseDecoder(Controller):
         return trajectories
 
     # -- one trajectory -----------------------------------------------------------------------------------------
-    def _start(self, problem: Prompted) -> Trajectory:
-        if not problem.question.strip():
-            raise RSDError(f"problem {problem.key!r} has an empty question; give every problem some text.")
-        return Trajectory(problem.key, problem.question, problem.prompt, self.proposer.encode(problem.prompt))
-
     async def _solve(
         self, traj: Trajectory, slots: asyncio.Semaphore, on_finish: Callable[[Trajectory], None] | None
     ) -> None:
         async with slots:
             while not traj.finished:
                 await self._advance(traj)
-            self._release(traj)
+            self.release(traj)
         if on_finish is not None:
             on_finish(traj)
 
     async def _advance(self, traj: Trajectory) -> None:
+        if any(self.room(g, traj) < 1 for g in self.generators):
+            traj.finish("context")
+            return
         proposal = await self._generate(self.proposer, self.proposer_role, traj)
         if self.reward_model is None:
-            commit_single_model_step(traj, proposal, self.proposer_role, self.config)
+            commit_single_model_step(traj, proposal, self.proposer_role)
             return
         reward = await self._score(traj, proposal)
-        kept = decide(self.policy, self.config.seed, traj, reward)
-        rewrite = None if kept else await self._generate(self.fallback, "target", traj)
-        commit_rsd_step(traj, proposal, reward, rewrite, self.config)
+        rewrite = None if self.decide(traj, reward) else await self._generate(self.fallback, "target", traj)
+        commit_rsd_step(traj, proposal, reward, rewrite)
 
     # -- model calls, with their accounting ------------------------------------------------------------------------
-    def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
-        if self.shared_ids or generator is self.proposer:
-            return traj.prompt_ids + traj.generated_ids
-        return generator.encode(traj.prompt + traj.text)
-
     async def _generate(self, generator: StepGenerator, role: str, traj: Trajectory) -> StepOutput:
-        request = StepRequest(
-            key=traj.key,
-            prefix_ids=self._prefix_ids(generator, traj),
-            max_tokens=min(self.config.step_max_tokens, self.config.max_new_tokens - traj.num_generated_tokens),
-        )
-        params = self.config.step_params()
+        request = self.step_request(generator, traj)
+        params = traj.config.step_params()
         start = time.perf_counter()
         out = await self._call(generator, "agenerate_step", "generate_steps", request, params)
         record_generation(traj, role, generator, out, time.perf_counter() - start)
         return out
 
     async def _score(self, traj: Trajectory, proposal: StepOutput) -> float:
-        request = reward_request(traj, proposal.text, self.config.delimiter)
+        request = self.reward_request(traj, proposal.text)
         start = time.perf_counter()
         out: RewardOutput = await self._call(self.reward_model, "ascore", "score_steps", request)
-        record_scoring(traj, self.reward_model, out, time.perf_counter() - start)
+        record_scoring(traj.stats, self.reward_model, out, time.perf_counter() - start)
         return out.reward
 
     async def _call(self, backend: Any, async_name: str, batch_name: str, request: Any, *args: Any) -> Any:
@@ -146,11 +124,6 @@ class AsyncStepwiseDecoder(Controller):
         async with lock:
             [out] = await asyncio.to_thread(getattr(backend, batch_name), [request], *args)
         return out
-
-    def _release(self, traj: Trajectory) -> None:
-        for backend in (self.proposer, self.fallback, self.reward_model):
-            if backend is not None:
-                backend.release([traj.key])
 
     async def _close_backends(self) -> None:
         for backend in {id(b): b for b in (self.proposer, self.fallback, self.reward_model) if b}.values():

@@ -56,7 +56,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config(args: argparse.Namespace):
-    from rsd.loop import RunConfig
+    from rsd.core import RunConfig
 
     return RunConfig(
         delimiter=args.delimiter.encode().decode("unicode_escape") if "\\" in args.delimiter else args.delimiter,

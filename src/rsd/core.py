@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from rsd.policies import Policy
 
 DEFAULT_DELIMITER = "\n\n"
 
@@ -34,23 +37,56 @@ class StepParams:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """How long trajectories may grow and how steps are sampled. Saved with every result."""
+
+    delimiter: str = DEFAULT_DELIMITER  # ends a step; the only place it is defined for a run
+    step_max_tokens: int = 256  # a step that reaches this many tokens ends there
+    max_new_tokens: int = 2048  # generated-token budget of a trajectory
+    max_steps: int = 64  # step budget of a trajectory
+    temperature: float = 0.0  # 0: greedy, the paper's setting
+    top_p: float = 1.0
+    seed: int = 0  # seeds sampling and the soft weighting functions' draws
+    batch_size: int = 32  # trajectories advanced together in one round
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            raise RSDError("the step delimiter is empty; pass a non-empty --delimiter such as '\\n\\n'.")
+        for name in ("step_max_tokens", "max_new_tokens", "max_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RSDError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0 <= self.temperature < float("inf") or not 0 < self.top_p <= 1:
+            raise RSDError("temperature must be a finite number >= 0 and top-p in (0, 1].")
+
+    def step_params(self) -> StepParams:
+        return StepParams(self.delimiter, self.temperature, self.top_p, self.seed)
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """A problem ready to decode: its key, its raw question (for the PRM) and the generators' prompt text.
+
+    `config` and `policy` replace the controller's for this problem alone (a server's per-request settings); the
+    step delimiter and batch size stay the controller's."""
+
+    key: Hashable
+    question: str
+    prompt: str
+    config: RunConfig | None = None
+    policy: Policy | None = None
+
+
+@dataclass(frozen=True)
 class StepRequest:
     """Ask a generator for the next step of one trajectory.
 
     `prefix_ids` is the whole prefix (prompt + accepted steps) in the generator's own tokenization. The backend
     compares it with what it has cached for `key` and only processes the new tail.
-
-    A `cache_only` request (with `max_tokens` 0) asks for no step: it tells a generator that reports
-    `rides_along` which prefix the trajectory will bring next, so that it can run the tail while it decodes the
-    call's other rows, where one more row costs next to nothing. Its output is empty, with no tokens: the generator
-    counts what it ran in the trajectory's next step, which would have run it otherwise. Any other generator
-    returns the same empty output and runs nothing.
     """
 
     key: Hashable
     prefix_ids: Sequence[int]
-    max_tokens: int  # the step cap, already clipped to the trajectory's remaining token budget
-    cache_only: bool = False
+    max_tokens: int  # the step cap, already clipped to the trajectory's remaining token budget and context
 
 
 @dataclass
@@ -257,8 +293,13 @@ class Trajectory:
     prompt_ids: list[int]
     steps: list[Step] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "eos", "max_new_tokens" or "max_steps"
+    finish_reason: str | None = None  # "eos", "max_new_tokens", "max_steps" or "context"
     stats: TrajectoryStats = field(default_factory=TrajectoryStats)
+    config: RunConfig = field(default_factory=lambda: RunConfig())  # its budgets and sampling (`Prompted.config`)
+    policy: Policy | None = None  # its weighting function, when it is not the controller's
+
+    def finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
 
     @property
     def generated_ids(self) -> list[int]:

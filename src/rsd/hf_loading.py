@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -106,3 +107,11 @@ def attention_without_cudnn(device: str | Any) -> Iterator[None]:
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         yield
+
+
+def vocabulary_fingerprint(tokenizer: Any) -> str:
+    """A hash of id -> token string, added and special tokens included, and of which ids are special."""
+    vocab = sorted((index, token) for token, index in tokenizer.get_vocab().items())
+    special = sorted(tokenizer.all_special_ids)
+    digest = hashlib.sha256(repr((vocab, special)).encode("utf-8"))
+    return digest.hexdigest()

@@ -10,7 +10,7 @@ read twice. Each round writes between 1 and k + 1 tokens, and the output distrib
 (greedy: the target's own greedy text, token for token).
 
 The tokens are committed through the same step rule as RSD's generators (a step ends at EOS, once its text holds
-the delimiter, or at its token cap) and `rsd.loop.append_step`, so a trajectory ends for the same reasons and
+the delimiter, or at its token cap) and `rsd.controller.append_step`, so a trajectory ends for the same reasons and
 reports look the same: every step is the target's (`source="target"`, `kept=True`, no reward).
 
 Accounting, per trajectory (`traj.stats`):
@@ -43,8 +43,8 @@ from typing import Any, Protocol
 
 import torch
 
-from rsd.core import ModelCost, ModelUsage, RSDError, Step, StopReason, Trajectory
-from rsd.loop import Prompted, RunConfig, append_step
+from rsd.controller import append_step
+from rsd.core import ModelCost, ModelUsage, Prompted, RSDError, RunConfig, Step, StopReason, Trajectory
 
 DEFAULT_K = 4
 
@@ -287,6 +287,7 @@ class SpeculativeDecoder:
             question=problem.question,
             prompt=problem.prompt,
             prompt_ids=prompt_ids,
+            config=self.config,
             speculative=SpeculativeStats(k=self.k),
         )
         sampling = self.config.temperature > 0
@@ -412,7 +413,7 @@ class SpeculativeDecoder:
         ids, state.open_step = state.open_step, []
         step = Step("target", self._decode(ids), ids, None, True, stop=stop)
         state.traj.stats.steps_target_only += 1
-        append_step(state.traj, step, self.config)
+        append_step(state.traj, step)
 
     def _decode(self, ids: list[int]) -> str:
         return self.target.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -13,7 +13,6 @@ they are exact only while contexts stay within the window.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 from collections.abc import Hashable, Sequence
@@ -42,6 +41,7 @@ from rsd.hf_loading import (
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    vocabulary_fingerprint,
 )
 
 # Extra tokens decoded around a delimiter: covers a leading space a SentencePiece decode strips, a special token.
@@ -58,7 +58,6 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # generated so far; the last one is not yet in the cache
     context_sum: int = 0
     stop: StopReason | None = None
-    forced: list[int] | None = None  # a rider (cache-only request): the tail it feeds instead of sampling
     columns: list[int] = field(default_factory=list)  # the arena columns its prefix fills (static decoding)
 
     @property
@@ -120,6 +119,8 @@ class HFStepGenerator:
         self.eos_token_ids = collect_eos_token_ids(model, tokenizer)
         self.cost = model_cost(model)
         self._vocab_rows = model.get_input_embeddings().weight.shape[0]
+        # The longest sequence the model was built for: a trajectory that reaches it ends ("context").
+        self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_id = pad if pad is not None and pad < self._vocab_rows else 0
         forward_args = inspect.signature(model.forward).parameters
@@ -127,16 +128,10 @@ class HFStepGenerator:
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_args
         self._caches: dict[Hashable, RowCache] = {}
-        # Per trajectory, the positions [start, end) that riding ran into its cache and no step has needed yet.
-        self._ridden: dict[Hashable, tuple[int, int]] = {}
         self._fingerprint: tuple[int, str] | None = None
         self._completers: dict[tuple[int, str], bool] = {}  # (token, delimiter): can the token complete it
         # Tokens of compute one more prefill forward is worth (rsd.backends.packing); settable.
         self.prefill_forward_tokens = forward_cost_tokens(self.cost.parameters, self.device)
-        # Whether cache-only requests ride along a call's decoding (settable). On a GPU a decode forward reads all
-        # the weights whatever its rows, so a few more rows cost little; on a CPU every row costs its compute, and
-        # riding would only run early what a later step may never need.
-        self.ride_along = self.device.startswith("cuda")
         # Whether static decoding queues each forward before the host reads the tokens before it (settable, for
         # an A/B): the host's stop checks then run while the GPU computes.
         self.overlap_decode = True
@@ -170,34 +165,21 @@ class HFStepGenerator:
     def release(self, keys: Sequence[Hashable]) -> None:
         for key in keys:
             self._caches.pop(key, None)
-            self._ridden.pop(key, None)
 
     @property
     def static_decoder(self) -> StaticDecoder | None:
         """The decode forward over static buffers (None on the eager path), for its settings and A/Bs."""
         return self._static
 
-    @property
-    def rides_along(self) -> bool:
-        """Whether cache-only requests (`StepRequest.cache_only`) run: their tails are fed one token per decode
-        forward next to the rows that write steps, on the static decode path, when `ride_along` is set."""
-        return self._static is not None and self.ride_along
-
     def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
         self._check_requests(requests)
         outputs: list[StepOutput | None] = [None] * len(requests)
-        rows, riders = [], []
+        rows = []
         for i, request in enumerate(requests):
-            if request.cache_only or request.max_tokens < 1:
-                # No step asked, or no budget left: nothing runs (but a rider may, below); the cache stays.
+            if request.max_tokens < 1:  # no budget left: nothing runs, the cache stays
                 outputs[i] = StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
-                if request.cache_only:
-                    riders.append((i, request))
             else:
                 rows.append(_Row(i, request))
-        if rows and riders and self.rides_along:
-            window = max(row.request.max_tokens for row in rows)
-            rows += [row for i, request in riders if (row := self._rider_row(i, request, window)) is not None]
         if rows:
             with torch.inference_mode(), attention_without_cudnn(self.device):
                 if self._static is None:
@@ -209,20 +191,6 @@ class HFStepGenerator:
         return outputs  # type: ignore[return-value]
 
     # -- one call --------------------------------------------------------------------------------------------
-
-    def _rider_row(self, index: int, request: StepRequest, window: int) -> _Row | None:
-        """A cache-only request as a row that feeds its uncached tail instead of sampling: the tail's last
-        `window` tokens one per decode forward (the call decodes up to `window` tokens), anything before them in
-        the prefill. None when nothing is left to run."""
-        prefix = list(request.prefix_ids)
-        entry = self._caches.get(request.key)
-        cached = common_prefix_length(entry.ids, prefix) if entry is not None else 0
-        if len(prefix) - cached <= 1:  # the last token runs anyway, at the head of the next step's tail
-            return None
-        split = max(cached + 1, len(prefix) - window)
-        row = _Row(index, StepRequest(request.key, prefix[:split], len(prefix) - split), forced=prefix[split:])
-        self._check_token_ids(row, prefix[split:])
-        return row
 
     def _prefill(self, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
         """Run every row's uncached tail, in one forward per group of similar tail lengths (`packing`); returns
@@ -326,9 +294,7 @@ class HFStepGenerator:
         drawn = 0  # tokens each live row has drawn so far
         while True:
             choice.send_to_host(chosen)
-            queued = self.overlap_decode and any(
-                row.forced is None and len(row.tokens) + 1 < row.request.max_tokens for row, _ in live
-            )
+            queued = self.overlap_decode and any(len(row.tokens) + 1 < row.request.max_tokens for row, _ in live)
             if queued:
                 following = choice.choose(static.advance(chosen), drawn + 1)  # queued, not waited for
             tokens = choice.receive()
@@ -340,9 +306,7 @@ class HFStepGenerator:
                     still.append((row, slot))
                 else:
                     self._leave_arena(row, slot, first_decode_column, outputs)
-            if all(row.forced is not None for row, _ in still):  # only riders left: they stop where they are
-                for row, slot in still:
-                    self._leave_arena(row, slot, first_decode_column, outputs)
+            if not still:
                 return
             for row, _ in still:
                 row.context_sum += row.length
@@ -362,7 +326,7 @@ class HFStepGenerator:
         ids = cached_ids(row)
         fed = range(first_decode_column, first_decode_column + len(row.tokens) - 1)
         self._caches[row.request.key] = self._static.row_cache(slot, ids, row.columns + list(fed))
-        outputs[row.index] = self._output(row) if row.forced is None else self._ride_output(row)
+        outputs[row.index] = self._output(row)
 
     def _feed_last_tokens(self, batch: _Batch) -> torch.Tensor:
         input_ids = torch.tensor([[row.tokens[-1]] for row in batch.rows])
@@ -395,8 +359,6 @@ class HFStepGenerator:
         return sample_top_p(logits / params.temperature, params.top_p, uniforms).tolist()
 
     def _stop_reason(self, row: _Row, params: StepParams) -> StopReason | None:
-        if row.forced is not None:
-            return StopReason.LENGTH if len(row.tokens) >= len(row.forced) else None
         if row.tokens[-1] in self.eos_token_ids:
             return StopReason.EOS
         if params.delimiter and self._completes_delimiter(row.tokens, params.delimiter):
@@ -447,33 +409,14 @@ class HFStepGenerator:
         return self._output(row)
 
     def _output(self, row: _Row) -> StepOutput:
-        ridden, ridden_context = self._claim_ridden(row)
         return StepOutput(
             token_ids=row.tokens,
             text=self._decode_text(row.tokens),
             stop=row.stop or StopReason.LENGTH,
-            prefill_tokens=len(row.request.prefix_ids) - row.reused + ridden,
+            prefill_tokens=len(row.request.prefix_ids) - row.reused,
             decode_tokens=len(row.tokens),
-            context_sum=row.context_sum + ridden_context,
+            context_sum=row.context_sum,
         )
-
-    def _ride_output(self, row: _Row) -> StepOutput:
-        """No step, and no tokens: what a rider ran (its prefill tail and the tail tokens it fed; the last one it
-        holds was never fed, like a sampled token) is counted in the trajectory's next step, which would have run
-        it without riding. So counts and FLOPs are the same with or without riding, and tokens that no step needs
-        (the trajectory ends first) ran in forwards that decoded other rows anyway, and are not counted."""
-        start, end = row.reused, len(cached_ids(row))
-        if row.request.key in self._ridden:  # an earlier ride's positions from `start` on were run again
-            start = min(start, self._ridden[row.request.key][0])
-        self._ridden[row.request.key] = (start, end)
-        return StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
-
-    def _claim_ridden(self, row: _Row) -> tuple[int, int]:
-        """Tokens and context sum of the ridden positions this step reused from the cache: what it would have run
-        without riding. Position p attends to p + 1 positions."""
-        start, end = self._ridden.pop(row.request.key, (0, 0))
-        end = max(start, min(end, row.reused))
-        return end - start, (end * (end + 1) - start * (start + 1)) // 2
 
     @staticmethod
     def _without(batch: _Batch, done: list[int]) -> _Batch:
@@ -575,11 +518,3 @@ def model_cost(model: Any) -> ModelCost:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelCost(parameters=parameters, layers=config.num_hidden_layers, attention_width=heads * head_dim)
-
-
-def vocabulary_fingerprint(tokenizer: Any) -> str:
-    """A hash of id -> token string, added and special tokens included, and of which ids are special."""
-    vocab = sorted((index, token) for token, index in tokenizer.get_vocab().items())
-    special = sorted(tokenizer.all_special_ids)
-    digest = hashlib.sha256(repr((vocab, special)).encode("utf-8"))
-    return digest.hexdigest()

@@ -15,23 +15,14 @@ from rsd.core import StepParams
 
 class DeviceChoice:
     """The next token of every slot of the arena, chosen on the device: the argmax, or a top-p sample with the
-    position's own uniform draw (`position_uniform`), and a rider's next tail token in its place. The host reads
-    the tokens through a pinned buffer after the next forward is queued."""
+    position's own uniform draw (`position_uniform`). The host reads the tokens through a pinned buffer after the
+    next forward is queued."""
 
     def __init__(self, rows: list[Any], params: StepParams, bucket: int, device: str) -> None:
-        """`rows`: the batch's rows in slot order, each with its `request` and, for a rider, the `forced` tokens."""
+        """`rows`: the batch's rows in slot order, each with its `request`."""
         self.params = params
         self.cuda = torch.device(device).type == "cuda"
         self.slots: list[Any] = [*rows, *[None] * (bucket - len(rows))]
-        self.rider: torch.Tensor | None = None
-        riders = [(slot, row.forced) for slot, row in enumerate(rows) if row.forced is not None]
-        if riders:
-            table = torch.zeros((bucket, max(len(forced) for _, forced in riders)), dtype=torch.long)
-            for slot, forced in riders:
-                table[slot, : len(forced)] = torch.tensor(forced)
-            rider = torch.zeros(bucket, dtype=torch.bool)
-            rider[[slot for slot, _ in riders]] = True
-            self.forced, self.rider = table.to(device), rider.to(device)
         self.host = torch.empty(bucket, dtype=torch.long, pin_memory=self.cuda)
         self.sent = 0
         self.ready: Any = None
@@ -44,7 +35,7 @@ class DeviceChoice:
         else:
             draws = [
                 position_uniform(self.params.seed, row.request.key, len(row.request.prefix_ids) + drawn)
-                if row is not None and row.forced is None
+                if row is not None
                 else 0.0
                 for row in self.slots[: logits.shape[0]]
             ]
@@ -52,10 +43,7 @@ class DeviceChoice:
             uniforms = uniforms.pin_memory() if self.cuda else uniforms
             uniforms = uniforms.to(logits.device, non_blocking=True)
             chosen = sample_top_p(logits / self.params.temperature, self.params.top_p, uniforms)
-        chosen = torch.nn.functional.pad(chosen, (0, len(self.slots) - chosen.shape[0]))
-        if self.rider is not None:
-            chosen = torch.where(self.rider, self.forced[:, min(drawn, self.forced.shape[1] - 1)], chosen)
-        return chosen
+        return torch.nn.functional.pad(chosen, (0, len(self.slots) - chosen.shape[0]))
 
     def send_to_host(self, chosen: torch.Tensor) -> None:
         self.sent = chosen.shape[0]
@@ -78,8 +66,6 @@ class DeviceChoice:
             return torch.cat([kept, kept.new_zeros((bucket - len(slots), *kept.shape[1:]))])
 
         self.slots = [*[self.slots[s] for s in slots], *[None] * (bucket - len(slots))]
-        if self.rider is not None:
-            self.rider, self.forced = moved(self.rider), moved(self.forced)
         return moved(chosen)
 
 

@@ -250,7 +250,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """The delta for a target share, from a keep-all pass over the problems (`rsd.calibration`)."""
     from rsd.calibration import calibrate, check_target_share
     from rsd.cli import build_rsd
-    from rsd.loop import Prompted
+    from rsd.core import Prompted
 
     check_target_share(args.target_share)  # before minutes of loading models
     fill_model_defaults(args)

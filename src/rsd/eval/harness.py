@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsd.core import RSDError, Trajectory, TrajectoryStats
-from rsd.loop import Prompted, RunConfig, StepwiseDecoder
+from rsd.controller import record_scoring, reward_request
+from rsd.core import Prompted, RSDError, RunConfig, Trajectory, TrajectoryStats
+from rsd.loop import StepwiseDecoder
 from rsd.policies import Policy
 
 METHODS = ("rsd", "target", "draft", "sd", "best-of-n", "majority", "rsd-best-of-n", "rsd-majority")
@@ -183,23 +184,20 @@ def select_sample(ctx: EvalContext, spec: MethodSpec, problem: EvalProblem, samp
 
 def score_all_steps(ctx: EvalContext, samples: list[Trajectory], stats: TrajectoryStats) -> list[list[float]]:
     """The PRM's reward of every step of every sample, scored incrementally (one new step per call)."""
-    from rsd.core import ModelUsage, RewardRequest, strip_delimiter
-
     prm = ctx.rsd.prm
     delimiter = ctx.config.delimiter
-    steps = [[strip_delimiter(s.text, delimiter) for s in t.steps] for t in samples]
+    steps = [[s.text for s in t.steps] for t in samples]
     rewards: list[list[float]] = [[] for _ in samples]
     keys = [f"score|{t.key}" for t in samples]
     for k in range(1, max((len(s) for s in steps), default=0) + 1):
         rows = [j for j, s in enumerate(steps) if len(s) >= k]
         start = time.perf_counter()
-        outputs = prm.score_steps([RewardRequest(keys[j], samples[j].question, steps[j][:k]) for j in rows])
+        requests = [reward_request(keys[j], samples[j].question, steps[j][:k], delimiter) for j in rows]
+        outputs = prm.score_steps(requests)
         seconds = (time.perf_counter() - start) / len(rows)  # one batched call: each row its share
         for j, out in zip(rows, outputs, strict=True):
             rewards[j].append(out.reward)
-            flops = prm.cost.flops(out.prefill_tokens, out.context_sum)
-            stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 1))
-            stats.prm_tokens += out.prefill_tokens
+            record_scoring(stats, prm, out, seconds)
     prm.release(keys)
     return rewards
 
