@@ -132,15 +132,23 @@ def reward_request(key: Hashable, question: str, step_texts: Sequence[str], deli
 
 # -- what a model call cost ---------------------------------------------------------------------------------------
 def record_generation(traj: Trajectory, role: str, generator: StepGenerator, out: StepOutput, seconds: float) -> None:
+    """A step's cost: the tokens and FLOPs of the model that wrote it and, where it speculated, of the draft."""
     tokens = out.prefill_tokens + out.decode_tokens
     usage = ModelUsage(out.prefill_tokens, out.decode_tokens, generator.cost.flops(tokens, out.context_sum), seconds, 1)
-    traj.stats.models[role].add(usage)
+    stats = traj.stats
+    stats.models[role].add(usage)
+    if role == "target":
+        stats.target_forwards += out.forwards
+    if out.speculation is not None:
+        stats.speculation.add(out.speculation)
+        stats.models["draft"].add(out.speculation.draft)
 
 
 def record_scoring(stats: TrajectoryStats, reward_model: RewardModel, out: RewardOutput, seconds: float) -> None:
     flops = reward_model.cost.flops(out.prefill_tokens, out.context_sum)
     stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 1))
     stats.prm_tokens += out.prefill_tokens
+    stats.prm_inputs_truncated += out.truncated
 
 
 # -- committing a step ----------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,9 +86,6 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-CUDNN_ATTENTION_ENV = "RSD_CUDNN_ATTENTION"
-
-
 @contextlib.contextmanager
 def attention_without_cudnn(device: str | Any) -> Iterator[None]:
     """Keep SDPA off cuDNN's attention on CUDA; elsewhere, change nothing.
@@ -98,9 +94,9 @@ def attention_without_cudnn(device: str | Any) -> Iterator[None]:
     torch >= 2.11 on Hopper prefers cuDNN attention, which builds an execution plan for every new (batch, length)
     shape: every decode step is a new length. Measured on an H200 at batch 16 (docs/benchmarks.md), RSD took
     29.0 s this way against 50.4 s with cuDNN allowed. Flash attention takes no mask, so masked calls go to the
-    memory-efficient kernel. RSD_CUDNN_ATTENTION=1 leaves SDPA's own choice alone (the benchmark's A/B).
+    memory-efficient kernel.
     """
-    if not str(device).startswith("cuda") or os.environ.get(CUDNN_ATTENTION_ENV) == "1":
+    if not str(device).startswith("cuda"):
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
