@@ -53,6 +53,14 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=0, help="seeds sampling and soft weighting draws")
     group.add_argument("--batch-size", type=int, default=32, help="problems decoded together")
+    group.add_argument(
+        "--rewrite",
+        default="auto",
+        choices=("auto", "speculative", "plain"),
+        help="how the target writes a rejected step: verifying it, then token-level speculation with the draft "
+        "(speculative: the same step in fewer target forwards; needs both in process with one tokenizer), one "
+        "forward per token (plain), or speculative wherever it can run (auto, the default)",
+    )
 
 
 def run_config(args: argparse.Namespace):
@@ -96,6 +104,7 @@ def build_rsd(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        rewrite=args.rewrite,
         tokenizers={
             "draft": args.draft_tokenizer,
             "target": args.target_tokenizer,
@@ -171,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(gen, required=True)
     add_decoding_arguments(gen)
     gen.add_argument("--question", action="append", required=True, help="the problem (repeat for a batch)")
-    gen.add_argument("--method", default="rsd", choices=("rsd", "draft", "target"), help="rsd, or one model alone")
+    gen.add_argument(
+        "--method",
+        default="rsd",
+        choices=("rsd", "draft", "target", "sd"),
+        help="rsd, one model alone, or sd (the target alone with token-level speculation from the draft)",
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object (a list for several questions)")
     gen.set_defaults(func=cmd_generate)
 

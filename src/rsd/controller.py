@@ -84,10 +84,14 @@ class Controller:
             traj.finish("context")
         return traj
 
-    def step_request(self, generator: StepGenerator, traj: Trajectory) -> StepRequest:
-        """The next step's request: the prefix in the generator's tokens, the step cap clipped to the budget."""
+    def step_request(
+        self, generator: StepGenerator, traj: Trajectory, proposal: StepOutput | None = None
+    ) -> StepRequest:
+        """The next step's request: the prefix in the generator's tokens, the step cap clipped to the budget, and
+        a rejected draft step as the proposal to verify first, where both models read the same ids."""
         prefix = self.prefix_ids(generator, traj)
-        return StepRequest(traj.key, prefix, self.room(generator, traj, len(prefix)))
+        guess = proposal.token_ids if proposal is not None and self.shared_ids else ()
+        return StepRequest(traj.key, prefix, self.room(generator, traj, len(prefix)), guess)
 
     def room(self, generator: StepGenerator, traj: Trajectory, prefix_length: int | None = None) -> int:
         """Tokens the next step may take: its cap, the trajectory's token budget and the model's context."""

@@ -20,6 +20,7 @@ on with torch operations.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -94,9 +95,13 @@ class Feed:
                 first += len(row)
         return feed
 
-    def last_tokens(self) -> list[int]:
-        """Index of each row's last token."""
-        return [first + count - 1 for _, first, count in self.rows]
+    def kept_tokens(self, last: Sequence[int] | None) -> list[int]:
+        """Indices of every token (`last` None), or of each fed row's last `last[slot]` tokens, row after row."""
+        if last is None:
+            return list(range(len(self.ids)))
+        return [
+            t for slot, first, count in self.rows for t in range(first + count - min(count, last[slot]), first + count)
+        ]
 
 
 class ModelForward:

@@ -77,20 +77,26 @@ class ModelRunner:
         return self.arena.rows
 
     # -- a call ---------------------------------------------------------------------------------------------------
-    def open(self, prefixes: Sequence[torch.Tensor | None], tails: list[list[int]], room: int) -> torch.Tensor:
+    def open(
+        self,
+        prefixes: Sequence[torch.Tensor | None],
+        tails: list[list[int]],
+        room: int,
+        logits_of: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Start a call: row i's cached keys and values `prefixes[i]` (`RowCache.kv`, or None), then its `tails[i]`
         run (at least one token each), with `room` more columns a row for what it feeds later. Returns the logits
-        (float32) at each row's last tail token, or with a bare body the hidden states."""
+        (float32) of each row's last tail token (or of its last `logits_of[i]`, row after row); with a bare body
+        the hidden states."""
         self.arena.open(prefixes, max(len(t) for t in tails) + room)
-        return self.extend(tails, last_only=True)
+        return self.extend(tails, [1] * len(tails) if logits_of is None else logits_of)
 
-    def extend(self, tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
-        """Feed `tokens[slot]` to each slot (none to slots with an empty list, or beyond the list): the logits of every
-        fed token, row after row (`last_only`: of each row's last token only)."""
+    def extend(self, tokens: list[list[int]], logits_of: Sequence[int] | None = None) -> torch.Tensor:
+        """Feed `tokens[slot]` to each slot (none to slots with an empty list, or beyond the list): the logits of
+        every fed token, row after row, or of each row's last `logits_of[slot]` tokens."""
         feed = Feed.placed(self.arena, tokens)
         self.arena.sync()
-        keep = feed.last_tokens() if last_only else list(range(len(feed.ids)))
-        hidden = self.forward.hidden(self.arena, feed, keep)
+        hidden = self.forward.hidden(self.arena, feed, feed.kept_tokens(logits_of))
         return self.forward.logits(hidden) if self.forward.lm_head is not None else hidden
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

@@ -124,17 +124,23 @@ class StepModel:
         self.stop_rule = StopRule(tokenizer, eos_token_ids)
         self.vocab_rows = int(model.get_input_embeddings().weight.shape[0])
 
-    def open(self, rows: list[Row], room: int) -> torch.Tensor:
+    def open(self, rows: list[Row], room: int, appended: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """Start a call: each row's cache taken back (cut to its common prefix), its uncached tail run. Returns the
-        logits at each row's last prefix token; the runner then holds every prefix token."""
+        logits at each row's last prefix token; the runner then holds every prefix token. With `appended`, row i also
+        runs `appended[i]` after its prefix in the same forward, and the logits of its last prefix token and of each
+        appended token come back, row after row."""
+        appended = appended or [[] for _ in rows]
         cached = [self.prefixes.take(row.request.key, row.prefix) for row in rows]
-        for row, cache in zip(rows, cached, strict=True):
+        tails = []
+        for row, cache, extra in zip(rows, cached, appended, strict=True):
             row.reused = len(cache.ids) if cache is not None else 0
-            self.check_token_ids(row, row.prefix[row.reused :])
-            row.count_run(row.reused, len(row.prefix) - row.reused)
+            tail = [*row.prefix[row.reused :], *extra]
+            self.check_token_ids(row, tail)
+            row.count_run(row.reused, len(tail))
             row.forwards += 1
-        tails = [list(row.prefix[row.reused :]) for row in rows]
-        return self.runner.open([c.kv if c is not None else None for c in cached], tails, room)
+            tails.append(tail)
+        logits_of = [1 + len(extra) for extra in appended]
+        return self.runner.open([c.kv if c is not None else None for c in cached], tails, room, logits_of)
 
     def leave(self, row: Row, slot: int, ids: list[int]) -> None:
         """The row's keys and values for `ids` back to its trajectory's cache."""

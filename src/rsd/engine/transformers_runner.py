@@ -40,7 +40,13 @@ class TransformersRunner:
     def slots(self) -> int:
         return len(self.columns)
 
-    def open(self, prefixes: Sequence[torch.Tensor | None], tails: list[list[int]], room: int) -> torch.Tensor:
+    def open(
+        self,
+        prefixes: Sequence[torch.Tensor | None],
+        tails: list[list[int]],
+        room: int,
+        logits_of: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         lengths = [0 if kv is None else int(kv.shape[3]) for kv in prefixes]
         width = max(lengths, default=0)
         self.cache = dynamic_cache(stack_kv(prefixes, width))
@@ -49,11 +55,11 @@ class TransformersRunner:
             self.mask[row, width - length :] = 1
         self.columns = [list(range(width - length, width)) for length in lengths]
         self.positions = list(lengths)
-        return self.extend(tails, last_only=True)
+        return self.extend(tails, [1] * len(tails) if logits_of is None else logits_of)
 
-    def extend(self, tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
+    def extend(self, tokens: list[list[int]], logits_of: Sequence[int] | None = None) -> torch.Tensor:
         """Feed `tokens[row]` to each row (right-aligned in new columns shared by all rows): the logits of every fed
-        token, row after row (`last_only`: of each row's last token only)."""
+        token, row after row, or of each row's last `logits_of[row]` tokens."""
         tokens = list(tokens) + [[]] * (self.slots - len(tokens))
         count = max(len(t) for t in tokens)
         ids = torch.full((self.slots, count), self._pad_id, dtype=torch.long)
@@ -69,10 +75,9 @@ class TransformersRunner:
             self.columns[row] += range(start + first, start + count)
             self.positions[row] += len(fed)
         self.mask = torch.cat([self.mask, new.to(self.device)], dim=1)
-        logits = self._forward(ids, positions, 1 if last_only else count)
-        if last_only:
-            return logits[[row for row, fed in enumerate(tokens) if fed], -1]
-        return torch.cat([logits[row, count - len(fed) :] for row, fed in enumerate(tokens) if fed])
+        wanted = [min(len(fed), logits_of[row]) if fed and logits_of else len(fed) for row, fed in enumerate(tokens)]
+        logits = self._forward(ids, positions, max(wanted))
+        return torch.cat([logits[row, logits.shape[1] - n :] for row, n in enumerate(wanted) if n])
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.mask.shape[1]

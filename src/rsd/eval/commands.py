@@ -54,7 +54,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample-temperature", type=float, default=0.7, help="their temperature when --temperature 0")
     group.add_argument("--sample-model", default="draft", choices=("draft", "target"), help="who samples (non-RSD)")
     group.add_argument("--aggregate", default="min", choices=AGGREGATES, help="step rewards -> solution score")
-    group.add_argument("--sd-lookahead", type=int, default=4, help="draft tokens per target check in `sd`")
 
 
 # -- building the run -----------------------------------------------------------------------------------------
@@ -148,7 +147,6 @@ def make_context(args: argparse.Namespace, rsd_models, pool) -> EvalContext:
         sample_temperature=args.sample_temperature,
         sample_model=args.sample_model,
         aggregate=args.aggregate,
-        sd_lookahead=args.sd_lookahead,
         grader=grader,
         voter=voter,
     )

@@ -34,7 +34,8 @@ def summarize_method(method: str, records: Sequence[dict]) -> dict:
             flops[role] += stats["flops"].get(role, 0.0)
             wall[role] += stats["wall_time_s"].get(role, 0.0)
     proposed = totals["steps_kept"] + totals["steps_rejected"]
-    speculative = [r["speculative"] for r in records if "speculative" in r]
+    speculation = [r["stats"]["speculation"] for r in records if r["stats"].get("speculation", {}).get("rounds")]
+    target_forwards = sum(r["stats"].get("target_forwards", 0) for r in records)
     generated = tokens["draft_kept"] + tokens["target"]
     return {
         "method": method,
@@ -49,19 +50,30 @@ def summarize_method(method: str, records: Sequence[dict]) -> dict:
         "flops": {**flops, "total": sum(flops.values())},
         "wall_time_s": round(sum(wall.values()), 4),
         "wall_time_by_model_s": {r: round(t, 4) for r, t in wall.items()},
-        **({"speculative": speculative_summary(speculative)} if speculative else {}),
+        "target_forwards": target_forwards,
+        "target_forwards_per_target_token": target_forwards / tokens["target"] if tokens["target"] else None,
+        **({"speculation": speculation_summary(speculation)} if speculation else {}),
     }
 
 
-def speculative_summary(per_problem: Sequence[dict]) -> dict:
-    proposed = sum(s["draft_tokens_proposed"] for s in per_problem)
-    accepted = sum(s["draft_tokens_accepted"] for s in per_problem)
+def speculation_summary(per_problem: Sequence[dict]) -> dict:
+    """Token-level speculation over a method's problems: tokens taken from rejected steps and from the draft's
+    proposals, and the draft's token acceptance."""
+    total = {key: sum(s[key] for s in per_problem) for key in SPECULATION_COUNTS}
+    written = total["tokens_from_proposal"] + total["tokens_from_draft"]
     return {
-        "rounds": sum(s["rounds"] for s in per_problem),
-        "draft_tokens_proposed": proposed,
-        "draft_tokens_accepted": accepted,
-        "token_acceptance_rate": accepted / proposed if proposed else None,
+        **total,
+        "token_acceptance_rate": total["tokens_from_draft"] / total["draft_tokens_proposed"]
+        if total["draft_tokens_proposed"]
+        else None,
+        "proposal_acceptance_rate": total["tokens_from_proposal"] / total["proposal_tokens"]
+        if total["proposal_tokens"]
+        else None,
+        "tokens_from_speculation": written,
     }
+
+
+SPECULATION_COUNTS = ("proposal_tokens", "tokens_from_proposal", "draft_tokens_proposed", "tokens_from_draft", "rounds")
 
 
 def summarize(records: Sequence[dict], methods: Sequence[str]) -> list[dict]:
