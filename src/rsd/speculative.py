@@ -169,25 +169,42 @@ class SpeculativeStepGenerator:
         while live:
             k = self.round_size()
             limits = [max(0, min(k, row.cap - len(row.written) - 1)) for row in live]
-            proposals = self._propose(live, draft_logits, max(limits), params)
+            table = self._propose(live, draft_logits, max(limits), params)
+            counts, ids, draws = self._verification_feed(live, table, limits)
+            logits = self.target.runner.extend_ids(counts, ids)
+            choices = choose(logits, params, draws)
+            read = (choices if table is None else torch.cat([choices, table.flatten()])).tolist()  # the round's wait
+            choices_read, table_read = read[: len(draws)], read[len(draws) :]
+            slots = self.draft.runner.slots
             proposals = [
-                cut_at_eos(p[:limit], self.target.stop_rule.eos_token_ids)
-                for p, limit in zip(proposals, limits, strict=True)
+                [table_read[j * slots + row.draft_slot] for j in range(limit)]
+                for row, limit in zip(live, limits, strict=True)
             ]
             feeds = [[row.written[-1], *proposal] for row, proposal in zip(live, proposals, strict=True)]
-            logits = self.target.runner.extend(
-                by_slot(feeds, [row.target_slot for row in live], self.target.runner.slots)
-            )
-            draws = [
-                (row.request.key, row.position - 1 + j)
-                for row, feed in zip(live, feeds, strict=True)
-                for j in range(1, len(feed) + 1)
-            ]
-            choices = choose(logits, params, draws).tolist()
-            live = self._verify_round(live, proposals, feeds, choices, max(limits), params, outputs)
+            live = self._verify_round(live, proposals, feeds, choices_read, max(limits), params, outputs)
             if live:
                 self._roll_target_back(live)
                 draft_logits = self._catch_up_draft(live)
+
+    def _verification_feed(
+        self, live: list[Rewrite], table: torch.Tensor | None, limits: list[int]
+    ) -> tuple[list[int], torch.Tensor, list[Draw | None]]:
+        """What the target reads this round, without waiting for the draft's proposals: per target slot a count, the
+        ids on the device (each row's last written token, then its proposals), and each fed token's draw."""
+        runner = self.target.runner
+        if [row.target_slot for row in live] != sorted(row.target_slot for row in live):
+            raise AssertionError("speculation bookkeeping: rows out of their slots' order")
+        counts = [0] * runner.slots
+        last = torch.tensor([row.written[-1] for row in live], dtype=torch.long)
+        index, draws = [], []
+        slots = self.draft.runner.slots
+        for i, (row, limit) in enumerate(zip(live, limits, strict=True)):
+            counts[row.target_slot] = 1 + limit
+            index += [i, *(len(live) + j * slots + row.draft_slot for j in range(limit))]
+            draws += [(row.request.key, row.position + j) for j in range(1 + limit)]
+        device = self.target.runner.device
+        source = last.to(device) if table is None else torch.cat([last.to(device), table.flatten().to(device)])
+        return counts, source[torch.tensor(index, device=device)], draws
 
     def _verify_round(
         self,
@@ -281,10 +298,13 @@ class SpeculativeStepGenerator:
             usage.calls += 1
         return logits
 
-    def _propose(self, live: list[Rewrite], logits: torch.Tensor, count: int, params: StepParams) -> list[list[int]]:
-        """`count` draft tokens for every row (its first from `logits`, one decode forward each after), read once."""
+    def _propose(
+        self, live: list[Rewrite], logits: torch.Tensor, count: int, params: StepParams
+    ) -> torch.Tensor | None:
+        """`count` draft tokens for every row, [count, draft slots] on the device (the first from `logits`, one decode
+        forward each after): nothing waits for them."""
         if count < 1:
-            return [[] for _ in live]
+            return None
         runner = self.draft.runner
         slots = runner.slots
         first = choose(logits, params, self._draft_draws(live, 0))  # row after row
@@ -299,8 +319,7 @@ class SpeculativeStepGenerator:
                 usage = row.speculation.draft
                 usage.decode_tokens += 1
                 usage.calls += 1
-        table = torch.stack(chosen).tolist()  # [count, slots]: the one wait of the proposals
-        return [[table[j][row.draft_slot] for j in range(count)] for row in live]
+        return torch.stack(chosen)
 
     def _draft_draws(self, live: list[Rewrite], ahead: int, slots: int | None = None) -> list[Draw | None]:
         """Each row's draw for its proposed token `ahead` past its next one: row after row, or with `slots` by the
@@ -372,11 +391,3 @@ def reorder(logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
     for r, i in enumerate(order):
         index[i] = r
     return logits[torch.tensor(index, device=logits.device)]
-
-
-def cut_at_eos(proposal: list[int], eos_ids: set[int]) -> list[int]:
-    """Nothing after an EOS could be kept: the proposal ends with it."""
-    for i, token in enumerate(proposal):
-        if token in eos_ids:
-            return proposal[: i + 1]
-    return proposal

@@ -74,31 +74,40 @@ class HeadShape(NamedTuple):
 
 @dataclass
 class Feed:
-    """The tokens of one forward, row after row: each token's id, arena row, column and position, and per row
-    (slot, index of its first token, tokens)."""
+    """The tokens of one forward, row after row: each token's id (host ids, or already on the device), arena row,
+    column and position, and per row (slot, index of its first token, tokens)."""
 
-    ids: list[int] = field(default_factory=list)
+    ids: list[int] | torch.Tensor = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     columns: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     rows: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
-    def placed(cls, arena: Arena, tokens: list[list[int]]) -> Feed:
-        """`tokens[slot]` fed at each slot's next columns (moving the arena's rows on past them)."""
-        slots, columns, positions = arena.place([len(t) for t in tokens])
-        feed = cls([t for row in tokens for t in row], slots, columns, positions)
+    def placed(cls, arena: Arena, counts: Sequence[int], ids: list[int] | torch.Tensor) -> Feed:
+        """`counts[slot]` tokens fed at each slot's next columns (moving the arena's rows on past them); `ids` holds
+        them all, slot after slot."""
+        slots, columns, positions = arena.place(counts)
+        feed = cls(ids, slots, columns, positions)
         first = 0
-        for slot, row in enumerate(tokens):
-            if row:
-                feed.rows.append((slot, first, len(row)))
-                first += len(row)
+        for slot, count in enumerate(counts):
+            if count:
+                feed.rows.append((slot, first, count))
+                first += count
         return feed
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def device_ids(self, device: torch.device) -> torch.Tensor:
+        if isinstance(self.ids, torch.Tensor):
+            return self.ids.to(device)
+        return to_device(torch.tensor(self.ids, dtype=torch.long), device)
 
     def kept_tokens(self, last: Sequence[int] | None) -> list[int]:
         """Indices of every token (`last` None), or of each fed row's last `last[slot]` tokens, row after row."""
         if last is None:
-            return list(range(len(self.ids)))
+            return list(range(len(self)))
         return [
             t for slot, first, count in self.rows for t in range(first + count - min(count, last[slot]), first + count)
         ]
@@ -176,8 +185,9 @@ class ModelForward:
         if not self.kernels:
             return self._hidden_by_torch(arena, feed, keep)
         tile = tile_tokens(self.shape.groups)
-        fields = torch.tensor([feed.ids, feed.slots, feed.columns, feed.positions], dtype=torch.long)
-        ids, slots, columns, positions = to_device(fields, self.device)
+        fields = torch.tensor([feed.slots, feed.columns, feed.positions], dtype=torch.long)
+        slots, columns, positions = to_device(fields, self.device)
+        ids = feed.device_ids(self.device)
         out = torch.empty((len(keep), self.body.norm.weight.shape[0]), dtype=self.dtype, device=self.device)
         for first, end, tiles, kept in packed_chunks(feed, arena.lo, tile, keep):
             part = slice(first, end)
@@ -193,8 +203,9 @@ class ModelForward:
         return out
 
     def _hidden_by_torch(self, arena: Arena, feed: Feed, keep: list[int]) -> torch.Tensor:
-        fields = torch.tensor([feed.ids, feed.slots, feed.columns, feed.positions], dtype=torch.long)
-        ids, slots, columns, positions = fields.to(self.device)
+        fields = torch.tensor([feed.slots, feed.columns, feed.positions], dtype=torch.long)
+        slots, columns, positions = fields.to(self.device)
+        ids = feed.device_ids(self.device)
         hidden = self.body.embed_tokens(ids)
         cos, sin = self.rotary(hidden, positions)
         attend = self._rows_attention_by_torch(arena, feed)
@@ -344,8 +355,8 @@ def packed_chunks(
     row's first real column, its last token's column + 1]; `kept` pairs an output row with a token of the chunk."""
     wanted = {token: i for i, token in enumerate(keep)}
     chunks: list[tuple[int, int, list[list[int]], list[tuple[int, int]]]] = []
-    for first in range(0, len(feed.ids), PACKED_CHUNK_TOKENS):
-        end = min(len(feed.ids), first + PACKED_CHUNK_TOKENS)
+    for first in range(0, len(feed), PACKED_CHUNK_TOKENS):
+        end = min(len(feed), first + PACKED_CHUNK_TOKENS)
         tiles = []
         for slot, row_first, count in feed.rows:
             start, stop = max(first, row_first), min(end, row_first + count)

@@ -94,7 +94,14 @@ class ModelRunner:
     def extend(self, tokens: list[list[int]], logits_of: Sequence[int] | None = None) -> torch.Tensor:
         """Feed `tokens[slot]` to each slot (none to slots with an empty list, or beyond the list): the logits of
         every fed token, row after row, or of each row's last `logits_of[slot]` tokens."""
-        feed = Feed.placed(self.arena, tokens)
+        return self.extend_ids([len(t) for t in tokens], [t for row in tokens for t in row], logits_of)
+
+    def extend_ids(
+        self, counts: Sequence[int], ids: list[int] | torch.Tensor, logits_of: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """`extend` with the ids given flat, slot after slot (`counts[slot]` each), on the host or already on the
+        device (tokens a model just chose: no wait for them)."""
+        feed = Feed.placed(self.arena, counts, ids)
         self.arena.sync()
         hidden = self.forward.hidden(self.arena, feed, feed.kept_tokens(logits_of))
         return self.forward.logits(hidden) if self.forward.lm_head is not None else hidden

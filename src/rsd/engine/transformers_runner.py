@@ -79,6 +79,17 @@ class TransformersRunner:
         logits = self._forward(ids, positions, max(wanted))
         return torch.cat([logits[row, logits.shape[1] - n :] for row, n in enumerate(wanted) if n])
 
+    def extend_ids(
+        self, counts: Sequence[int], ids: list[int] | torch.Tensor, logits_of: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """`extend` with the ids given flat, slot after slot (`counts[slot]` each)."""
+        flat = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        tokens, first = [], 0
+        for count in counts:
+            tokens.append(flat[first : first + count])
+            first += count
+        return self.extend(tokens, logits_of)
+
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.mask.shape[1]
         positions = torch.tensor(self.positions, dtype=torch.long)[:, None]
