@@ -36,6 +36,7 @@ from rsd.core import (
     StepRequest,
     StopReason,
 )
+from rsd.engine.kv_cache import to_device
 from rsd.engine.sampler import Draw, accepted_length, choose
 from rsd.engine.steps import Row, StepModel, check_requests
 
@@ -170,62 +171,77 @@ class SpeculativeStepGenerator:
             k = self.round_size()
             limits = [max(0, min(k, row.cap - len(row.written) - 1)) for row in live]
             table = self._propose(live, draft_logits, max(limits), params)
-            counts, ids, draws = self._verification_feed(live, table, limits)
-            logits = self.target.runner.extend_ids(counts, ids)
+            logits, starts, fed, draws = self._verify(live, table, limits)
             choices = choose(logits, params, draws)
             read = (choices if table is None else torch.cat([choices, table.flatten()])).tolist()  # the round's wait
-            choices_read, table_read = read[: len(draws)], read[len(draws) :]
+            chosen, table_read = read[: len(draws)], read[len(draws) :]
             slots = self.draft.runner.slots
             proposals = [
                 [table_read[j * slots + row.draft_slot] for j in range(limit)]
                 for row, limit in zip(live, limits, strict=True)
             ]
-            feeds = [[row.written[-1], *proposal] for row, proposal in zip(live, proposals, strict=True)]
-            live = self._verify_round(live, proposals, feeds, choices_read, max(limits), params, outputs)
+            owns = [chosen[start : start + 1 + len(p)] for start, p in zip(starts, proposals, strict=True)]
+            live = self._verify_round(live, proposals, owns, fed, max(limits), params, outputs)
             if live:
+                self._park_idle(live)
                 self._roll_target_back(live)
                 draft_logits = self._catch_up_draft(live)
 
-    def _verification_feed(
+    def _verify(
         self, live: list[Rewrite], table: torch.Tensor | None, limits: list[int]
-    ) -> tuple[list[int], torch.Tensor, list[Draw | None]]:
-        """What the target reads this round, without waiting for the draft's proposals: per target slot a count, the
-        ids on the device (each row's last written token, then its proposals), and each fed token's draw."""
+    ) -> tuple[torch.Tensor, list[int], list[int], list[Draw | None]]:
+        """The target reads each row's last written token and its proposals in one forward, without waiting for the
+        draft's proposals (they stay on the device). Returns the logits, each row's first logit row, the tokens each
+        row ran, and each logit row's draw. On a GPU every slot reads the same count (one CUDA graph per count)."""
         runner = self.target.runner
         if [row.target_slot for row in live] != sorted(row.target_slot for row in live):
             raise AssertionError("speculation bookkeeping: rows out of their slots' order")
-        counts = [0] * runner.slots
-        last = torch.tensor([row.written[-1] for row in live], dtype=torch.long)
-        index, draws = [], []
-        slots = self.draft.runner.slots
-        for i, (row, limit) in enumerate(zip(live, limits, strict=True)):
-            counts[row.target_slot] = 1 + limit
-            index += [i, *(len(live) + j * slots + row.draft_slot for j in range(limit))]
-            draws += [(row.request.key, row.position + j) for j in range(1 + limit)]
-        device = self.target.runner.device
-        source = last.to(device) if table is None else torch.cat([last.to(device), table.flatten().to(device)])
-        return counts, source[torch.tensor(index, device=device)], draws
+        tokens = 1 + max(limits)
+        uniform = runner.can_verify(tokens)
+        draft_slots = self.draft.runner.slots
+        by_slot = {row.target_slot: (i, row, limit) for i, (row, limit) in enumerate(zip(live, limits, strict=True))}
+        zero = len(live) + (0 if table is None else table.numel())  # a harmless id for idle slots and padding
+        index: list[int] = []
+        draws: list[Draw | None] = []
+        starts, fed, counts = [], [], [0] * runner.slots
+        for slot in range(runner.slots):
+            i, row, limit = by_slot.get(slot, (None, None, 0))
+            count = tokens if uniform else (1 + limit if row is not None else 0)
+            if row is None:
+                index += [zero] * count
+                draws += [None] * count
+                continue
+            starts.append(len(index))
+            fed.append(count)
+            counts[slot] = count
+            own = [i, *(len(live) + j * draft_slots + row.draft_slot for j in range(count - 1))]
+            index += [*own[: 1 + limit], *[zero] * (count - 1 - limit)]
+            draws += [(row.request.key, row.position + j) for j in range(count)]
+        device = runner.device
+        last = to_device(torch.tensor([row.written[-1] for row in live] + [0], dtype=torch.long), device)
+        source = last if table is None else torch.cat([last[:-1], table.flatten().to(device), last[-1:]])
+        ids = source[to_device(torch.tensor(index, dtype=torch.long), device)]
+        logits = runner.verify(ids, tokens) if uniform else runner.extend_ids(counts, ids)
+        return logits, starts, fed, draws
 
     def _verify_round(
         self,
         live: list[Rewrite],
         proposals: list[list[int]],
-        feeds: list[list[int]],
-        choices: list[int],
+        owns: list[list[int]],
+        fed: list[int],
         proposed: int,
         params: StepParams,
         outputs: list[StepOutput | None],
     ) -> list[Rewrite]:
-        """Keep what the target agrees with, roll both models back past it; returns the rows that go on."""
-        first, accepted, trials = 0, 0, 0
-        for row, proposal, feed in zip(live, proposals, feeds, strict=True):
-            own = choices[first : first + len(feed)]
-            first += len(feed)
+        """Keep what the target agrees with; returns the rows that go on (those that end leave both arenas)."""
+        accepted, trials = 0, 0
+        for row, proposal, own, count in zip(live, proposals, owns, fed, strict=True):
             written_before = len(row.written)
-            row.target.count_run(row.position - 1, len(feed))
+            row.target.count_run(row.position - 1, count)
             row.target.forwards += 1
-            row.run_after_prefix += len(feed)
-            row.target_held += len(feed)
+            row.run_after_prefix += count
+            row.target_held += count
             kept = self._accept(row, proposal, own, params)
             # The draft fed the tokens before its last proposal; those the target kept stay in its cache.
             row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, proposed - 1))
@@ -238,6 +254,14 @@ class SpeculativeStepGenerator:
             rate = accepted / trials
             self.acceptance = ACCEPTANCE_MEMORY * self.acceptance + (1 - ACCEPTANCE_MEMORY) * rate
         return self._leave_finished(live, outputs)
+
+    def _park_idle(self, live: list[Rewrite]) -> None:
+        """Slots whose rows left (the bucket did not shrink) start their columns over in both arenas."""
+        for runner, taken in ((self.target.runner, {r.target_slot for r in live}),
+                              (self.draft.runner, {r.draft_slot for r in live})):  # fmt: skip
+            idle = [slot for slot in range(runner.slots) if slot not in taken]
+            if idle:
+                runner.park(idle)
 
     def _accept(self, row: Rewrite, proposal: list[int], own: list[int], params: StepParams) -> int:
         """Append the proposal's kept tokens and the target's own next one, up to where the step ends. Returns how
@@ -301,15 +325,15 @@ class SpeculativeStepGenerator:
     def _propose(
         self, live: list[Rewrite], logits: torch.Tensor, count: int, params: StepParams
     ) -> torch.Tensor | None:
-        """`count` draft tokens for every row, [count, draft slots] on the device (the first from `logits`, one decode
-        forward each after): nothing waits for them."""
+        """`count` draft tokens for every slot, [count, draft slots] on the device (the first from `logits`, one per
+        slot or per row of a call's first feed, which sit at slots 0, 1, ...; one decode forward each after):
+        nothing waits for them."""
         if count < 1:
             return None
         runner = self.draft.runner
         slots = runner.slots
-        first = choose(logits, params, self._draft_draws(live, 0))  # row after row
-        order = torch.tensor([row.draft_slot for row in live], device=logits.device)
-        chosen = [torch.zeros(slots, dtype=torch.long, device=logits.device).index_copy(0, order, first)]
+        first = choose(logits, params, self._draft_draws(live, 0, logits.shape[0]))
+        chosen = [torch.nn.functional.pad(first, (0, slots - first.shape[0]))]
         for j in range(1, count):
             logits = runner.decode(chosen[-1])
             chosen.append(choose(logits, params, self._draft_draws(live, j, slots)))
@@ -321,33 +345,46 @@ class SpeculativeStepGenerator:
                 usage.calls += 1
         return torch.stack(chosen)
 
-    def _draft_draws(self, live: list[Rewrite], ahead: int, slots: int | None = None) -> list[Draw | None]:
-        """Each row's draw for its proposed token `ahead` past its next one: row after row, or with `slots` by the
-        draft's slot (a decode forward's logits come one per slot)."""
-        if slots is None:
-            return [(row.request.key, row.position + ahead) for row in live]
-        draws: list[Draw | None] = [None] * slots
+    def _draft_draws(self, live: list[Rewrite], ahead: int, size: int) -> list[Draw | None]:
+        """Each row's draw for its proposed token `ahead` past its next one, by the draft's slot."""
+        draws: list[Draw | None] = [None] * size
         for row in live:
-            draws[row.draft_slot] = (row.request.key, row.position + ahead)
+            if row.draft_slot < size:
+                draws[row.draft_slot] = (row.request.key, row.position + ahead)
         return draws
 
     def _catch_up_draft(self, live: list[Rewrite]) -> torch.Tensor:
-        """Roll the draft back to what the target kept, then feed it what it has not read (the target's own token,
-        and the last proposal when every one was kept): its logits at each row's last token, row after row."""
+        """Roll the draft back to what the target kept, then feed it what it has not read: the target's own token,
+        after the last proposal when every one was kept. One decode forward (two when a row needs two tokens: the
+        others then forget their second). Returns the draft's logits per slot."""
         runner = self.draft.runner
-        counts, feeds = [0] * runner.slots, [[] for _ in range(runner.slots)]
+        slots = runner.slots
+        counts, first, second, two = [0] * slots, [0] * slots, [0] * slots, [False] * slots
         for row in live:
             consistent = min(row.draft_consistent, row.position)
-            counts[row.draft_slot] = row.draft_held - consistent
-            feeds[row.draft_slot] = [*row.prefix, *row.written][consistent:]
-            row.draft.count_run(consistent, len(feeds[row.draft_slot]))
+            feed = row.written[consistent - len(row.prefix) :]
+            if not 1 <= len(feed) <= 2:
+                raise AssertionError(f"speculation bookkeeping: the draft catches up {len(feed)} tokens")
+            slot = row.draft_slot
+            counts[slot] = row.draft_held - consistent
+            first[slot] = feed[0]
+            if len(feed) == 2:
+                second[slot], two[slot] = feed[1], True
+            row.draft.count_run(consistent, len(feed))
             row.draft_held = row.position
             usage = row.speculation.draft
-            usage.prefill_tokens += len(feeds[row.draft_slot])
-            usage.calls += 1
+            usage.decode_tokens += len(feed)
+            usage.calls += len(feed)
         runner.rollback(counts)
-        logits = runner.extend(feeds, [1] * runner.slots)
-        return reorder(logits, [row.draft_slot for row in live])
+        device = runner.device
+        logits = runner.decode(to_device(torch.tensor(first, dtype=torch.long), device))
+        if any(two):
+            logits = logits.clone()  # a graph's output: the next replay overwrites it
+            again = runner.decode(to_device(torch.tensor(second, dtype=torch.long), device))
+            runner.rollback([0 if two[slot] else 1 for slot in range(slots)])
+            both = to_device(torch.tensor(two), device)
+            logits = torch.where(both[:, None], again, logits)
+        return logits
 
     def round_size(self) -> int:
         """The k that maximises the expected tokens per unit of work at the measured acceptance a: a round of k
@@ -374,20 +411,3 @@ class SpeculativeStepGenerator:
             forwards=row.target.forwards,
             speculation=row.speculation,
         )
-
-
-def by_slot(feeds: list[list[int]], slots: list[int], size: int) -> list[list[int]]:
-    """Per-row token lists placed at their slots (empty elsewhere)."""
-    out: list[list[int]] = [[] for _ in range(size)]
-    for feed, slot in zip(feeds, slots, strict=True):
-        out[slot] = feed
-    return out
-
-
-def reorder(logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
-    """Logits that come slot after slot (one per fed slot) back in the order of `slots`."""
-    order = sorted(range(len(slots)), key=lambda i: slots[i])  # fed slots, ascending: logits row r is order[r]
-    index = [0] * len(slots)
-    for r, i in enumerate(order):
-        index[i] = r
-    return logits[torch.tensor(index, device=logits.device)]

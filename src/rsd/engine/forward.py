@@ -172,6 +172,36 @@ class ModelForward:
                                       self._decode_attention_by_torch(arena, rows, width))  # fmt: skip
         return self.logits(x)
 
+    def verify(self, arena: Arena, tokens: int) -> torch.Tensor:
+        """`tokens` tokens for every slot of `arena` (`arena.ids`, slot after slot, at each slot's next columns and
+        positions): the logits (float32) of every one. Reads device buffers only, like `decode`: the runner replays
+        it as a graph. Through rsd's Triton kernels only (a row's tokens are one tile of the packed attention)."""
+        rows = arena.rows
+        slots = torch.arange(rows, device=self.device).repeat_interleave(tokens)
+        offsets = torch.arange(tokens, device=self.device).repeat(rows)
+        columns = arena.cursor[0, :rows][slots] + offsets
+        positions = arena.cursor[1, :rows][slots] + offsets
+        arena.mask[slots, columns] = True
+        first = torch.arange(rows, device=self.device)
+        tiles = torch.stack(
+            [
+                first,
+                first * tokens,
+                torch.full_like(first, tokens),
+                arena.first[:rows],
+                arena.cursor[0, :rows] + tokens,
+            ],
+            dim=1,
+        ).to(torch.int32)
+        hidden = self.body.embed_tokens(arena.ids[: rows * tokens])
+        cos, sin = self.rotary(hidden, positions)
+        attend = self._packed_attention(arena, columns, tiles)
+        return self.logits(self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend))
+
+    def verifies_in_one_tile(self, tokens: int) -> bool:
+        """Whether `verify` runs `tokens` tokens a row: the kernels run here and a row's tokens fit one tile."""
+        return self.kernels and tokens <= tile_tokens(self.shape.groups)
+
     def without_kernels(self, error: BaseException) -> None:
         warnings.warn(
             f"rsd's Triton kernels failed ({type(error).__name__}: {first_line(error)}); this model runs with SDPA "
@@ -204,14 +234,14 @@ class ModelForward:
 
     def _hidden_by_torch(self, arena: Arena, feed: Feed, keep: list[int]) -> torch.Tensor:
         fields = torch.tensor([feed.slots, feed.columns, feed.positions], dtype=torch.long)
-        slots, columns, positions = fields.to(self.device)
+        slots, columns, positions = to_device(fields, self.device)
         ids = feed.device_ids(self.device)
         hidden = self.body.embed_tokens(ids)
         cos, sin = self.rotary(hidden, positions)
         attend = self._rows_attention_by_torch(arena, feed)
         with attention_without_cudnn(self.device):
             x = self._layers_by_torch(arena, hidden, cos, sin, slots, columns, attend)
-        return x[torch.tensor(keep, device=self.device)]
+        return x[to_device(torch.tensor(keep, dtype=torch.long), self.device)]
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the signed sin (`signed_sin`) of each token's position, [tokens, head_dim]."""
@@ -324,7 +354,7 @@ class ModelForward:
         plans = []
         for slot, first, count in feed.rows:
             end = feed.columns[first + count - 1] + 1
-            own = torch.tensor(feed.columns[first : first + count], device=self.device)
+            own = to_device(torch.tensor(feed.columns[first : first + count], dtype=torch.long), self.device)
             seen = arena.mask[slot, :end][None, :] & (torch.arange(end, device=self.device)[None, :] <= own[:, None])
             chunk = max(1, TORCH_SCORES_BYTES // (4 * heads * max(end, 1)))
             for start in range(0, count, chunk):

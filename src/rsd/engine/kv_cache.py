@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 WIDTH_BUCKET = 256  # arena columns are allocated, and graphs captured, in multiples of this
+MAX_FEED = 16  # the most tokens a slot feeds in one graphed forward (a verification of proposals)
 
 
 @dataclass
@@ -107,7 +108,8 @@ class Arena:
         self.kv = torch.zeros((0,), dtype=dtype, device=device)
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
         self.cursor = torch.zeros((2, 0), dtype=torch.long, device=device)  # [next columns; positions] per slot
-        self.ids = torch.zeros((0,), dtype=torch.long, device=device)  # a decode forward's input, per slot
+        self.first = torch.zeros((0,), dtype=torch.long, device=device)  # each slot's first real column (`lo`)
+        self.ids = torch.zeros((0,), dtype=torch.long, device=device)  # a graphed forward's input, slot after slot
         self.rows = 0  # slots of the current call (a bucket)
         self.width = 0  # columns of the current call (a bucket)
         self.lo: list[int] = []
@@ -146,10 +148,10 @@ class Arena:
             raise AssertionError(f"arena bookkeeping: a row reaches column {max(self.next)} of {self.width}")
         return slots, columns, positions
 
-    def advanced(self) -> None:
-        """Every slot fed one token (a decode forward): the host's lists follow the device's cursor."""
-        self.next = [n + 1 for n in self.next]
-        self.position = [p + 1 for p in self.position]
+    def advanced(self, tokens: int = 1) -> None:
+        """Every slot fed `tokens` tokens (a graphed forward): the host's lists follow the device's cursor."""
+        self.next = [n + tokens for n in self.next]
+        self.position = [p + tokens for p in self.position]
 
     def rollback(self, counts: Sequence[int]) -> None:
         """Forget the last `counts[slot]` tokens each slot fed; their columns are written again by the next feed."""
@@ -158,13 +160,21 @@ class Arena:
             self.position[slot] -= count
         self.sync()
 
+    def park(self, slots: Sequence[int]) -> None:
+        """Slots whose rows have left run on whatever they are fed until the bucket shrinks: their columns start
+        over, so that forwards fed to them never outgrow the arena."""
+        for slot in slots:
+            self.next[slot], self.position[slot] = self.lo[slot], 0
+        self.sync()
+
     def sync(self) -> None:
         """The device's cursor and mask from the host's lists: each row sees exactly [lo, next)."""
-        host = torch.tensor([self.next, self.position], dtype=torch.long)
-        self.cursor[:, : self.rows].copy_(to_device(host, self.device))
-        lo = to_device(torch.tensor(self.lo, dtype=torch.long), self.device)
+        host = torch.tensor([self.next, self.position, self.lo], dtype=torch.long)
+        nexts, positions, lo = to_device(host, self.device)
+        self.cursor[0, : self.rows], self.cursor[1, : self.rows] = nexts, positions
+        self.first[: self.rows] = lo
         columns = torch.arange(self.width, device=self.device)
-        self.mask[: self.rows, : self.width] = (columns >= lo[:, None]) & (columns < self.cursor[0, : self.rows, None])
+        self.mask[: self.rows, : self.width] = (columns >= lo[:, None]) & (columns < nexts[:, None])
 
     def keep(self, slots: Sequence[int]) -> torch.Tensor | None:
         """Move the rows at `slots` to the front when that lets a smaller row bucket run. Returns the index that
@@ -200,7 +210,8 @@ class Arena:
         self.kv = torch.zeros((layers, 2, rows, kv_heads, width, head_dim), dtype=self.dtype, device=self.device)
         self.mask = torch.zeros((rows, width), dtype=torch.bool, device=self.device)
         self.cursor = torch.zeros((2, rows), dtype=torch.long, device=self.device)
-        self.ids = torch.zeros((rows,), dtype=torch.long, device=self.device)
+        self.first = torch.zeros((rows,), dtype=torch.long, device=self.device)
+        self.ids = torch.zeros((rows * MAX_FEED,), dtype=torch.long, device=self.device)
         self.capacity = (rows, width)
         self.generation += 1  # graphs captured over the old buffers are stale
 

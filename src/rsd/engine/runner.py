@@ -17,20 +17,20 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rsd.core import RSDError
 from rsd.engine.forward import Feed, ModelForward, layout_problem
-from rsd.engine.kv_cache import RowCache
+from rsd.engine.kv_cache import MAX_FEED, RowCache
 
 if TYPE_CHECKING:
     from rsd.engine.transformers_runner import TransformersRunner
 
 DECODE_ENV = "RSD_DECODE"  # "eager": every model runs transformers' own forward (a kernel misbehaves, say)
-MAX_GRAPHS = 24  # captured decode graphs kept per model (least recently used dropped first)
+MAX_GRAPHS = 64  # captured graphs kept per model (least recently used dropped first)
 
 
 def engine_problem(model: Any) -> str | None:
@@ -68,7 +68,7 @@ class ModelRunner:
         self.arena = self.forward.new_arena()
         self.device = self.forward.device
         self.use_graphs = self.device.type == "cuda"
-        self._graphs: OrderedDict[tuple[int, int, bool], tuple[Any, torch.Tensor]] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = OrderedDict()
         self._generation = self.arena.generation
 
     @property
@@ -110,11 +110,30 @@ class ModelRunner:
         """Feed `ids` ([slots], on the device: no host data, so the caller can queue the next forward before it reads
         the last one's tokens) to every slot: the next-token logits (float32) of every slot. Slots whose rows are done
         run on whatever they are fed and are ignored."""
+        return self._graphed(ids, 1)
+
+    def can_verify(self, tokens: int) -> bool:
+        """Whether `verify` runs here: `tokens` a slot through rsd's kernels (CUDA, half precision)."""
+        return tokens <= MAX_FEED and self.forward.verifies_in_one_tile(tokens) and self.forward.kernels_checked
+
+    def verify(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        """`decode` of `tokens` tokens a slot at once (`ids` [slots x tokens], slot after slot, on the device): the
+        logits of every one, slot after slot. A verification of proposals, replayed as a CUDA graph on a GPU."""
+        return self._graphed(ids, tokens)
+
+    def park(self, slots: Sequence[int]) -> None:
+        """Slots whose rows have left start their columns over (they run on garbage until the bucket shrinks)."""
+        self.arena.park(slots)
+
+    def _graphed(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
         arena = self.arena
-        arena.ids[: arena.rows].copy_(ids)
-        logits = self._run_decode()
-        arena.cursor[:, : arena.rows] += 1
-        arena.advanced()
+        arena.ids[: arena.rows * tokens].copy_(ids)
+        if tokens == 1:
+            logits = self._run_graph(1, lambda: self.forward.decode(arena))
+        else:
+            logits = self._run_graph(tokens, lambda: self.forward.verify(arena, tokens))
+        arena.cursor[:, : arena.rows] += tokens
+        arena.advanced(tokens)
         return logits
 
     def rollback(self, counts: Sequence[int]) -> None:
@@ -130,34 +149,36 @@ class ModelRunner:
         """A row's keys and values for `ids` (every token it holds), copied out of the arena."""
         return self.arena.row_cache(slot, ids)
 
-    # -- decode forwards and their graphs ------------------------------------------------------------------------
-    def _run_decode(self) -> torch.Tensor:
-        forward, arena = self.forward, self.arena
-        if forward.kernels and not forward.kernels_checked:
+    # -- graphed forwards ------------------------------------------------------------------------------------------
+    def _run_graph(self, tokens: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`forward` (a decode or a verification, reading device buffers only), replayed as a CUDA graph captured once
+        per (tokens a slot, rows, width) on a GPU; run as it is elsewhere."""
+        model, arena = self.forward, self.arena
+        if model.kernels and not model.kernels_checked:
             # The first forward with rsd's Triton kernels compiles them: outside any graph capture, so that a failure
-            # is theirs and decoding goes on without them. The forward is idempotent (it rewrites the same column).
+            # is theirs and decoding goes on without them. The forward is idempotent (it rewrites the same columns).
             try:
-                forward.decode(arena)
+                forward()
             except Exception as exc:
-                forward.without_kernels(exc)
-            forward.kernels_checked = True
+                model.without_kernels(exc)
+            model.kernels_checked = True
         if not self.use_graphs:
-            return forward.decode(arena)
+            return forward()
         if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones
             self._graphs.clear()
             self._generation = arena.generation
-        key = (arena.rows, arena.width, forward.kernels)
+        key = (tokens, arena.rows, arena.width, model.kernels)
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture()
+                entry = self._capture(forward)
             except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
                 warnings.warn(
-                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); this model decodes without graphs.",
+                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); this model runs without graphs.",
                     stacklevel=3,
                 )
                 self.use_graphs = False
-                return forward.decode(arena)
+                return forward()
             self._graphs[key] = entry
             while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
@@ -166,17 +187,17 @@ class ModelRunner:
         graph.replay()
         return logits
 
-    def _capture(self) -> tuple[Any, torch.Tensor]:
-        # A decode forward is idempotent for given buffers (it rewrites the same column with the same keys), so the
+    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        # A graphed forward is idempotent for given buffers (it rewrites the same columns with the same keys), so the
         # warm-up run that capturing needs can use the live call.
         device = self.device
         with torch.cuda.device(device):  # a model on cuda:1 captures there, whatever the current device
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                self.forward.decode(self.arena)
+                forward()
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = self.forward.decode(self.arena)
+                logits = forward()
         return graph, logits

@@ -99,6 +99,13 @@ class TransformersRunner:
             self.positions[row] += 1
         return self._forward(ids[: self.slots, None], positions, 1)[:, -1]
 
+    def can_verify(self, tokens: int) -> bool:
+        """Never: verifications run through `extend` here."""
+        return False
+
+    def park(self, slots: Sequence[int]) -> None:
+        """Nothing to do: rows that leave are dropped from the batch (`keep`)."""
+
     def rollback(self, counts: Sequence[int]) -> None:
         for row, count in enumerate(counts):
             if count > 0:
