@@ -3,8 +3,9 @@
 Random-weight models built from the real configurations, bf16 on one GPU: a Qwen2.5-Math-1.5B draft, a 1.5B PRM in
 the Qwen2ForProcessRewardModel layout, and a target of Qwen2.5-Math-7B, Qwen2.5-14B or Qwen2.5-32B shapes
 (`--target`). Prompts of 256 tokens, steps of 64 tokens (random text never writes the delimiter, so the step cap
-ends every step), 8 steps a problem; the PRM threshold keeps 70% of the draft's steps (calibrated on a keep-all
-pass). Per batch size, in one run, every round times each method once:
+ends every step), 8 steps a problem; the PRM scores every draft step and a seeded draw keeps 70% of them (the
+constant weighting function: the same decisions for every RSD variant, whatever the text). Per batch size, in one
+run, every round times each method once:
 
 - `target_only`: the target alone through rsd's engine (one call writing every token, CUDA graphs);
 - `sd`: the target alone with token-level speculation from the draft, batched (`rsd.speculative`);
@@ -35,17 +36,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rsd.backends.hf import HFStepGenerator
-from rsd.calibration import delta_for_keep_share, step_rewards
 from rsd.core import Prompted, RunConfig, StepOutput, StepParams, StepRequest, TrajectoryStats
 from rsd.loop import StepwiseDecoder
-from rsd.policies import Threshold
+from rsd.policies import Constant
 from rsd.rewards.formats import QwenPRMInput
 from rsd.rewards.hf import HFRewardModel, QwenPRMHead
 from rsd.rewards.hf import model_cost as prm_model_cost
@@ -266,11 +266,10 @@ def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
     return Run(time.perf_counter() - start, stats)
 
 
-def alone(generator: Any, problems: list[Prompted], config: BenchConfig, run_id: int) -> TrajectoryStats:
+def alone(generator: Any, problems: list[Prompted], config: BenchConfig) -> TrajectoryStats:
     """The target alone (`generator`: plain or speculating): one call writing every token of every problem (no
     delimiter), caches released after. Its statistics as a trajectory's would be."""
-    requests = [StepRequest(f"{p.key}-{run_id}", generator.encode(p.prompt), config.steps * config.step_tokens)
-                for p in problems]  # fmt: skip
+    requests = [StepRequest(p.key, generator.encode(p.prompt), config.steps * config.step_tokens) for p in problems]
     try:
         outputs = generator.generate_steps(requests, StepParams(delimiter=""))
     finally:
@@ -295,55 +294,43 @@ def call_stats(generator: Any, outputs: list[StepOutput]) -> TrajectoryStats:
     return stats
 
 
-def rsd(
-    models: Models, problems: list[Prompted], config: BenchConfig, delta: float, plain: bool, run_id: int
-) -> TrajectoryStats:
+def rsd(models: Models, problems: list[Prompted], config: BenchConfig, plain: bool) -> TrajectoryStats:
     run = RunConfig(step_max_tokens=config.step_tokens, max_new_tokens=config.steps * config.step_tokens,
                     max_steps=config.steps, batch_size=len(problems), seed=config.seed)  # fmt: skip
     fallback = models.target if plain else models.speculative
-    decoder = StepwiseDecoder(models.draft, run, models.prm, fallback, Threshold(delta))
-    trajectories = decoder.run([replace(p, key=f"{p.key}-{run_id}") for p in problems])
+    decoder = StepwiseDecoder(models.draft, run, models.prm, fallback, Constant(config.keep_share))
+    trajectories = decoder.run(problems)  # caches are released as trajectories end: keys can repeat
     stats = TrajectoryStats()
     for traj in trajectories:
         stats.add(traj.stats)
     return stats
 
 
-def calibrate(models: Models, problems: list[Prompted], config: BenchConfig) -> float:
-    """Score every draft step of a keep-all pass (delta 0 keeps every reward in [0, 1]); delta keeps 70% of them."""
-    run = RunConfig(step_max_tokens=config.step_tokens, max_new_tokens=config.steps * config.step_tokens,
-                    max_steps=config.steps, batch_size=len(problems), seed=config.seed)  # fmt: skip
-    decoder = StepwiseDecoder(models.draft, run, models.prm, models.target, Threshold(0.0))
-    trajectories = decoder.run([replace(p, key=f"calibration-{p.key}") for p in problems])
-    return delta_for_keep_share(step_rewards(trajectories), config.keep_share)
-
-
 def measure_batch(models: Models, config: BenchConfig, batch: int, log: Callable[[str], None]) -> dict:
     problems = make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
-    delta = calibrate(models, problems, config)
-    work: dict[str, Callable[[int], TrajectoryStats]] = {
-        "target_only": lambda i: alone(models.target, problems, config, i),
-        "sd": lambda i: alone(models.speculative, problems, config, i),
-        "rsd_plain": lambda i: rsd(models, problems, config, delta, True, i),
-        "rsd": lambda i: rsd(models, problems, config, delta, False, i),
+    work: dict[str, Callable[[], TrajectoryStats]] = {
+        "target_only": lambda: alone(models.target, problems, config),
+        "sd": lambda: alone(models.speculative, problems, config),
+        "rsd_plain": lambda: rsd(models, problems, config, plain=True),
+        "rsd": lambda: rsd(models, problems, config, plain=False),
     }
     work = {name: work[name] for name in config.methods}
     for run in work.values():  # warm-up: kernels compiled, graphs captured, allocator grown
-        timed(config.device, lambda run=run: run(0))
+        timed(config.device, run)
     runs: dict[str, list[Run]] = {name: [] for name in work}
     for round_index in range(1, config.repeats + 1):
         for name, run in work.items():
-            runs[name].append(timed(config.device, lambda run=run, i=round_index: run(i)))
+            runs[name].append(timed(config.device, run))
         log(f"batch {batch}: round {round_index}: " + ", ".join(f"{k} {v[-1].seconds:.3f}s" for k, v in runs.items()))
-    return summarize_batch(batch, delta, runs)
+    return summarize_batch(batch, runs)
 
 
 # -- figures ----------------------------------------------------------------------------------------------------------
 
 
-def summarize_batch(batch: int, delta: float, runs: dict[str, list[Run]]) -> dict:
+def summarize_batch(batch: int, runs: dict[str, list[Run]]) -> dict:
     seconds = {name: statistics.median(r.seconds for r in rs) for name, rs in runs.items()}
-    result: dict[str, Any] = {"batch": batch, "delta": delta, "seconds": seconds, "methods": {}}
+    result: dict[str, Any] = {"batch": batch, "seconds": seconds, "methods": {}}
     for name, rs in runs.items():
         stats = rs[-1].stats
         split = {role: stats.models[role].wall_time_s for role in ("draft", "prm", "target")}

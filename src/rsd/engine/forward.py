@@ -177,11 +177,11 @@ class ModelForward:
         positions): the logits (float32) of every one. Reads device buffers only, like `decode`: the runner replays
         it as a graph. Through rsd's Triton kernels only (a row's tokens are one tile of the packed attention)."""
         rows = arena.rows
-        slots = torch.arange(rows, device=self.device).repeat_interleave(tokens)
-        offsets = torch.arange(tokens, device=self.device).repeat(rows)
+        index = torch.arange(rows * tokens, device=self.device)
+        slots, offsets = index // tokens, index % tokens  # no host data: a graph replays it
         columns = arena.cursor[0, :rows][slots] + offsets
         positions = arena.cursor[1, :rows][slots] + offsets
-        arena.mask[slots, columns] = True
+        arena.mask.index_put_((slots, columns), torch.ones_like(slots, dtype=torch.bool))
         first = torch.arange(rows, device=self.device)
         tiles = torch.stack(
             [

@@ -25,6 +25,7 @@ import torch
 from rsd.core import RSDError
 from rsd.engine.forward import Feed, ModelForward, layout_problem
 from rsd.engine.kv_cache import MAX_FEED, RowCache
+from rsd.hf_loading import first_line
 
 if TYPE_CHECKING:
     from rsd.engine.transformers_runner import TransformersRunner
@@ -70,6 +71,7 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda"
         self._graphs: OrderedDict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = OrderedDict()
         self._generation = self.arena.generation
+        self._uncapturable: set[int] = set()  # tokens a slot whose forwards failed to capture (they run eagerly)
 
     @property
     def slots(self) -> int:
@@ -162,7 +164,7 @@ class ModelRunner:
             except Exception as exc:
                 model.without_kernels(exc)
             model.kernels_checked = True
-        if not self.use_graphs:
+        if not self.use_graphs or tokens in self._uncapturable:
             return forward()
         if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones
             self._graphs.clear()
@@ -173,11 +175,13 @@ class ModelRunner:
             try:
                 entry = self._capture(forward)
             except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
+                kind = "decode" if tokens == 1 else f"{tokens}-token verification"
                 warnings.warn(
-                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); this model runs without graphs.",
+                    f"CUDA graph capture failed ({type(exc).__name__}: {first_line(exc)}); this model runs its {kind} "
+                    "forwards without graphs.",
                     stacklevel=3,
                 )
-                self.use_graphs = False
+                self._uncapturable.add(tokens)
                 return forward()
             self._graphs[key] = entry
             while len(self._graphs) > MAX_GRAPHS:
