@@ -68,7 +68,10 @@ def test_split_kernels_equal_sdpa_over_masked_arena_columns(rows, kv_heads, grou
     torch.testing.assert_close(out[0].float(), values[0, :, -1:].float().expand_as(out[0]))
 
 
-@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="Triton's interpreter has no bfloat16 (numpy has none)")
+@pytest.mark.skipif(
+    not DEVICE.startswith("cuda"),
+    reason="Triton's interpreter has no bfloat16 (numpy has none): run with RSD_TEST_DEVICE=cuda on a GPU",
+)
 def test_split_kernels_in_bfloat16_stay_within_its_rounding():
     query, keys, values = arena_views(4, 2, 6, 64, 520, dtype=torch.bfloat16)
     mask = torch.ones((4, 520), dtype=torch.bool, device=DEVICE)
