@@ -71,3 +71,10 @@ def test_pass_at_k_is_the_chance_a_draw_of_k_holds_a_correct_sample():
     assert table["1"] == pytest.approx((1 / 8 + 0 + 1) / 3)
     assert table["8"] == pytest.approx(2 / 3)  # coverage: a correct sample in two of three problems
     assert list(pass_at_ks([(6, 1)])) == ["1", "2", "4", "6"]
+
+
+def test_diff_reads_sweep_labels_with_commas_as_one_method():
+    from rsd.eval.diff_cmd import choose_methods
+
+    records = [[{"method": "rsd"}], [{"method": "rsd[threshold,delta=0.9]"}]]
+    assert choose_methods(["a", "b"], "rsd,rsd[threshold,delta=0.9]", records) == ("rsd", "rsd[threshold,delta=0.9]")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from rsd.core import RSDError
 from rsd.eval.report import interval_text, p_text, points_text
@@ -38,7 +39,8 @@ def methods_of(records: list[dict]) -> list[str]:
 
 def choose_methods(runs: list[str], spec: str | None, records: list[list[dict]]) -> tuple[str, str]:
     """The method of side A and of side B, checked against what the runs hold."""
-    names = [m.strip() for m in spec.split(",") if m.strip()] if spec else []
+    # Commas inside brackets belong to a sweep's labels (rsd[threshold,delta=0.9]).
+    names = [m.strip() for m in re.split(r",(?![^\[]*\])", spec) if m.strip()] if spec else []
     if len(runs) == 1:
         if not names:
             names = (
@@ -101,9 +103,8 @@ def summary_lines(labels: tuple[str, str], comparison, unpaired: tuple[int, int]
         lines[0] += f" ({unpaired[0]} only in A, {unpaired[1]} only in B: left out)"
     width = max(len(label) for label in labels)
     for label, correct in ((labels[0], c.a_correct), (labels[1], c.b_correct)):
-        lines.append(
-            f"  {label:<{width}}  {interval_text(correct / c.n if c.n else 0.0, wilson_interval(correct, c.n))}"
-        )
+        accuracy = interval_text(correct / c.n if c.n else 0.0, wilson_interval(correct, c.n))
+        lines.append(f"  {label:<{width}}  {accuracy:>21}")
     lines.append(
         f"  difference A - B: {points_text(c.difference, c.ci)} (95% interval, Newcombe); only A right: {c.a_only}, "
         f"only B right: {c.b_only}; McNemar exact p = {p_text(c.p_value)}"
