@@ -5,6 +5,9 @@ rsd = RSD(draft="Qwen/Qwen2.5-Math-1.5B-Instruct", target="Qwen/Qwen2.5-Math-7B-
           prm="Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B", delta=0.7)
 [result] = rsd.generate(["What is 17 * 23?"])
 print(result.text, result.stats.acceptance_rate)
+
+`"tinyworld"` in any slot is the built-in tiny world's model of that role (`"tinyworld:target"` names one model
+anywhere): `RSD(draft="tinyworld", target="tinyworld", prm="tinyworld")` runs without a download.
 """
 
 from __future__ import annotations
@@ -78,6 +81,17 @@ def load_reward_model(
     raise RSDError(f"prm must be a model name or path, a RewardModel or a callable, not {type(prm).__name__}.")
 
 
+def check_sources(models: dict[str, object]) -> None:
+    """Every model name resolvable before any is loaded: a misspelt PRM fails in a second, not after the draft
+    and the target have loaded (`rsd.hf_loading.check_model_source`)."""
+    from rsd.backends.openai import is_server_url
+    from rsd.hf_loading import check_model_source
+
+    for role, model in models.items():
+        if isinstance(model, str) and not is_server_url(model):
+            check_model_source(model, role)
+
+
 def check_pair(draft: StepGenerator, target: StepGenerator) -> None:
     """Refuse a draft/target pair that shares token ids some model cannot read (it would crash mid-run)."""
     if draft.vocabulary_fingerprint() != target.vocabulary_fingerprint():
@@ -114,13 +128,17 @@ class RSD:
         tokenizers: dict[str, str] | None = None,
         rewrite: str = "auto",
     ) -> None:
-        """`tokenizers` names a local tokenizer per role ("draft", "target", "prm") for served models. `rewrite`:
-        how the target writes the steps it rewrites, "speculative" (verifying the rejected step, then token-level
-        speculation with the draft: the same steps in fewer target forwards; needs both in process with one
-        tokenizer), "plain" (one forward per token), or "auto" (speculative wherever it can run)."""
+        """`draft`, `target` and `prm` each take a hub id, a local folder, `http://HOST:PORT/v1` server URLs, a
+        built model, "tinyworld" (the built-in model of that role) or "tinyworld:ROLE"; the PRM also takes any
+        callable `(question, steps) -> reward`. `tokenizers` names a local tokenizer per role ("draft",
+        "target", "prm") for served models. `rewrite`: how the target writes the steps it rewrites,
+        "speculative" (verifying the rejected step, then token-level speculation with the draft: the same steps
+        in fewer target forwards; needs both in process with one tokenizer), "plain" (one forward per token), or
+        "auto" (speculative wherever it can run)."""
         if rewrite not in REWRITES:
             raise RSDError(f"rewrite={rewrite!r}: choose one of {', '.join(REWRITES)}.")
         tokenizers = tokenizers or {}
+        check_sources({"draft": draft, "target": target, "prm": prm})
         self.config = config or RunConfig()
         self.rewrite = rewrite
         if prm_format is not None:
@@ -211,9 +229,11 @@ class RSD:
         questions: str | Sequence[str],
         template: str = DEFAULT_TEMPLATE,
         method: str = "rsd",
+        on_finish: Callable[[Trajectory], None] | None = None,
     ) -> list[Trajectory]:
-        """Decode each question; results come back in the order of the questions."""
+        """Decode each question; results come back in the order of the questions. `on_finish` is called with
+        each trajectory the moment it ends (in the order they end), e.g. to advance a progress bar."""
         if isinstance(questions, str):
             questions = [questions]
         problems = [Prompted(i, q, self.prompt(q, template)) for i, q in enumerate(questions)]
-        return self.decoder(method).run(problems)
+        return self.decoder(method).run(problems, on_finish=on_finish)
