@@ -42,7 +42,7 @@ from rsd.engine.steps import Row, StepModel, check_requests
 
 MAX_K = 8  # the most tokens the draft proposes per round
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
-ACCEPTANCE_MEMORY = 0.9  # weight of what was measured before, per round
+ACCEPTANCE_MEMORY = 0.7  # weight of what was measured before, per round
 AcceptRule = Callable[[Sequence[int], Sequence[int]], int]  # (proposal, the target's own choices) -> tokens kept
 
 
@@ -104,7 +104,9 @@ class SpeculativeStepGenerator:
         self.name, self.role, self.cost = target.name, target.role, target.cost
         self.tokenizer = target.tokenizer
         self.accept = accept
-        self.acceptance = PRIOR_ACCEPTANCE  # measured token acceptance, smoothed over rounds
+        # Per trajectory, the token acceptance measured over its rounds (smoothed): its k follows its own history,
+        # so a step's forwards and counts never depend on which trajectories share the batch.
+        self.acceptance: dict[Hashable, float] = {}
         # A draft forward's price in target forwards: on a GPU both cost their weights' bytes, so their sizes.
         self.draft_price = max(0.02, draft.cost.parameters / max(1, target.cost.parameters))
 
@@ -122,6 +124,8 @@ class SpeculativeStepGenerator:
     def release(self, keys: Sequence[Hashable]) -> None:
         self.target.prefixes.release(keys)
         self.draft.prefixes.release(keys)
+        for key in keys:
+            self.acceptance.pop(key, None)
 
     def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
         check_requests(requests)
@@ -168,9 +172,8 @@ class SpeculativeStepGenerator:
         self._roll_target_back(live)
         draft_logits = self._open_draft(live)
         while live:
-            k = self.round_size()
-            limits = [max(0, min(k, row.cap - len(row.written) - 1)) for row in live]
-            table = self._propose(live, draft_logits, max(limits), params)
+            limits = [max(0, min(self.round_size(row.request.key), row.cap - len(row.written) - 1)) for row in live]
+            table = self._propose(live, draft_logits, limits, params)
             logits, starts, fed, draws = self._verify(live, table, limits)
             choices = choose(logits, params, draws)
             read = (choices if table is None else torch.cat([choices, table.flatten()])).tolist()  # the round's wait
@@ -234,13 +237,13 @@ class SpeculativeStepGenerator:
         params: StepParams,
         outputs: list[StepOutput | None],
     ) -> list[Rewrite]:
-        """Keep what the target agrees with; returns the rows that go on (those that end leave both arenas)."""
-        accepted, trials = 0, 0
+        """Keep what the target agrees with; returns the rows that go on (those that end leave both arenas). A row's
+        counts are its own tokens (its last one and its proposals), whatever the others made the forward run."""
         for row, proposal, own, count in zip(live, proposals, owns, fed, strict=True):
             written_before = len(row.written)
-            row.target.count_run(row.position - 1, count)
+            row.target.count_run(row.position - 1, 1 + len(proposal))
             row.target.forwards += 1
-            row.run_after_prefix += count
+            row.run_after_prefix += 1 + len(proposal)
             row.target_held += count
             kept = self._accept(row, proposal, own, params)
             # The draft fed the tokens before its last proposal; those the target kept stay in its cache.
@@ -248,12 +251,14 @@ class SpeculativeStepGenerator:
             row.speculation.proposed += len(proposal)
             row.speculation.from_draft += kept
             row.speculation.rounds += 1
-            accepted += min(kept, len(proposal))
-            trials += min(len(proposal), kept + 1)
-        if trials:
-            rate = accepted / trials
-            self.acceptance = ACCEPTANCE_MEMORY * self.acceptance + (1 - ACCEPTANCE_MEMORY) * rate
+            self._measure(row.request.key, min(kept, len(proposal)), min(len(proposal), kept + 1))
         return self._leave_finished(live, outputs)
+
+    def _measure(self, key: Hashable, accepted: int, trials: int) -> None:
+        """Fold a round's accepted tokens out of its trials (tokens checked) into the trajectory's acceptance."""
+        if trials:
+            before = self.acceptance.get(key, PRIOR_ACCEPTANCE)
+            self.acceptance[key] = ACCEPTANCE_MEMORY * before + (1 - ACCEPTANCE_MEMORY) * accepted / trials
 
     def _park_idle(self, live: list[Rewrite]) -> None:
         """Slots whose rows left (the bucket did not shrink) start their columns over in both arenas."""
@@ -323,26 +328,27 @@ class SpeculativeStepGenerator:
         return logits
 
     def _propose(
-        self, live: list[Rewrite], logits: torch.Tensor, count: int, params: StepParams
+        self, live: list[Rewrite], logits: torch.Tensor, limits: list[int], params: StepParams
     ) -> torch.Tensor | None:
-        """`count` draft tokens for every slot, [count, draft slots] on the device (the first from `logits`, one per
-        slot or per row of a call's first feed, which sit at slots 0, 1, ...; one decode forward each after):
+        """Draft tokens for every slot, [the most any row needs, draft slots] on the device (the first from `logits`,
+        one per slot or per row of a call's first feed, which sit at slots 0, 1, ...; one decode forward each after):
         nothing waits for them."""
-        if count < 1:
+        if max(limits) < 1:
             return None
         runner = self.draft.runner
         slots = runner.slots
         first = choose(logits, params, self._draft_draws(live, 0, logits.shape[0]))
         chosen = [torch.nn.functional.pad(first, (0, slots - first.shape[0]))]
-        for j in range(1, count):
+        for j in range(1, max(limits)):
             logits = runner.decode(chosen[-1])
             chosen.append(choose(logits, params, self._draft_draws(live, j, slots)))
-            for row in live:
-                row.draft.count_run(row.draft_held, 1)
+            for row, limit in zip(live, limits, strict=True):
+                if j < limit:  # a decode this row's own proposals needed (others ride on it)
+                    row.draft.count_run(row.draft_held, 1)
+                    usage = row.speculation.draft
+                    usage.decode_tokens += 1
+                    usage.calls += 1
                 row.draft_held += 1
-                usage = row.speculation.draft
-                usage.decode_tokens += 1
-                usage.calls += 1
         return torch.stack(chosen)
 
     def _draft_draws(self, live: list[Rewrite], ahead: int, size: int) -> list[Draw | None]:
@@ -386,10 +392,10 @@ class SpeculativeStepGenerator:
             logits = torch.where(both[:, None], again, logits)
         return logits
 
-    def round_size(self) -> int:
-        """The k that maximises the expected tokens per unit of work at the measured acceptance a: a round of k
-        proposals writes (1 - a^(k+1)) / (1 - a) tokens for one target forward and k draft forwards."""
-        a = min(self.acceptance, 0.999)
+    def round_size(self, key: Hashable) -> int:
+        """The k that maximises the expected tokens per unit of work at the trajectory's measured acceptance a: a
+        round of k proposals writes (1 - a^(k+1)) / (1 - a) tokens for one target forward and k draft forwards."""
+        a = min(self.acceptance.get(key, PRIOR_ACCEPTANCE), 0.999)
 
         def tokens_per_work(k: int) -> float:
             return (1 - a ** (k + 1)) / (1 - a) / (1 + self.draft_price * k)
