@@ -120,14 +120,15 @@ class ModelRunner:
     # -- decode forwards and their graphs ------------------------------------------------------------------------
     def _run_decode(self) -> torch.Tensor:
         forward, arena = self.forward, self.arena
-        if forward.kernels and not forward.kernels_checked:
-            # The first forward with rsd's Triton kernels compiles them: outside any graph capture, so that a failure
-            # is theirs and decoding goes on without them. The forward is idempotent (it rewrites the same column).
+        if forward.kernels and not forward.decode_checked:
+            # The first decode forward with rsd's Triton kernels compiles its own (a prefill's are others): outside
+            # any graph capture, so that a failure is theirs and decoding goes on without them. The forward is
+            # idempotent (it rewrites the same column).
             try:
                 forward.decode(arena)
             except Exception as exc:
                 forward.without_kernels(exc)
-            forward.kernels_checked = True
+            forward.decode_checked = True
         if not self.use_graphs:
             return forward.decode(arena)
         if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones
