@@ -243,6 +243,25 @@ def test_buffers_grow_when_a_call_needs_more_columns(tokenizer, device):
     assert arena.capacity == (2, 2 * WIDTH_BUCKET) and arena.generation == 2
 
 
+def test_no_row_writes_past_the_calls_columns(tokenizer):
+    """A call's columns are its bucket's. After a wider call the buffers are wider still, and a column past the
+    bucket would be written but never seen (the mask and the attention stop at the bucket): feeding past the room
+    the call was opened with is refused, a decode token as several tokens."""
+    runner = ModelRunner(build("qwen2", tokenizer))
+    arena = runner.arena
+    with torch.inference_mode():
+        runner.open([None], [[1] * 300], room=10)
+        runner.open([None], [[1] * 250], room=6)  # one bucket of columns: room for 6 more tokens
+        assert (arena.capacity, arena.width) == ((1, 2 * WIDTH_BUCKET), WIDTH_BUCKET)
+        for _ in range(6):
+            runner.decode(torch.tensor([2]))
+        with pytest.raises(AssertionError, match="a row decodes at column 256 of 256; open the call with more room"):
+            runner.decode(torch.tensor([2]))
+        runner.rollback([3])
+        with pytest.raises(AssertionError, match="a row reaches column 257 of 256"):
+            runner.extend([[2] * 4])
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
 def test_logits_match_transformers_within_float_error(tokenizer, kind, device):
     """Every decode token's logits (graph replays on CUDA) and every fed token's: a full forward's, within float

@@ -146,6 +146,15 @@ class Arena:
             raise AssertionError(f"arena bookkeeping: a row reaches column {max(self.next)} of {self.width}")
         return slots, columns, positions
 
+    def check_decode(self) -> None:
+        """A decode forward writes every slot's next column: each must lie within the call's columns (a column past
+        them, inside a wider earlier call's buffers, would be written but never seen)."""
+        if max(self.next[: self.rows]) >= self.width:
+            raise AssertionError(
+                f"arena bookkeeping: a row decodes at column {max(self.next[: self.rows])} of {self.width}; "
+                "open the call with more room"
+            )
+
     def advanced(self) -> None:
         """Every slot fed one token (a decode forward): the host's lists follow the device's cursor."""
         self.next = [n + 1 for n in self.next]

@@ -98,6 +98,7 @@ class ModelRunner:
         the last one's tokens) to every slot: the next-token logits (float32) of every slot. Slots whose rows are done
         run on whatever they are fed and are ignored."""
         arena = self.arena
+        arena.check_decode()
         arena.ids[: arena.rows].copy_(ids)
         logits = self._run_decode()
         arena.cursor[:, : arena.rows] += 1
