@@ -13,7 +13,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from test_engine import PROMPTS, assert_rows_leave_the_batch_alike, build, engine_generator, trajectories  # noqa: E402
+from test_engine import (  # noqa: E402
+    PROMPTS,
+    assert_rows_leave_the_batch_alike,
+    build,
+    engine_generator,
+    ids_of,
+    trajectories,
+)
 from tiny import make_tokenizer  # noqa: E402
 
 from rsd.core import StepParams, StepRequest  # noqa: E402
@@ -210,6 +217,31 @@ def test_the_engine_with_its_kernels_decodes_what_its_torch_path_decodes(tokeniz
     assert_rows_leave_the_batch_alike(fast, plain)
     forward = fast.engine.runner.forward
     assert forward.kernels and forward.packed_checked and forward.decode_checked  # they ran throughout: no fallback
+
+
+def test_a_verification_through_the_kernels_equals_the_torch_path(tokenizer, on):
+    """What token-level speculation does with a runner: proposed tokens, several a row, in one packed forward; the
+    rejected ones rolled back; other tokens fed after the kept ones; then a decode token. Every logit through the
+    kernels is what the torch path gives."""
+    model = build("qwen2", tokenizer, on)
+    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
+    proposals = [tokenizer.encode(" 3 + 4 = 7"), tokenizer.encode(" x = 6"), []]
+    kept = [2, 0, 0]
+    others = [tokenizer.encode(" 12"), [], tokenizer.encode(" So")]
+    results = []
+    for runner in (with_kernels(model), ModelRunner(model)):
+        with torch.inference_mode():
+            first = runner.open([None] * 3, prompts, room=16).clone()
+            proposed = runner.extend(proposals).clone()
+            runner.rollback([len(p) - k for p, k in zip(proposals, kept, strict=True)])
+            fed = runner.extend(others).clone()
+            step = runner.decode(ids_of([5, 6, 7], runner.slots, on))[:3].clone()
+        results.append((first, proposed, fed, step))
+        if len(results) == 1:
+            forward = runner.forward
+            assert forward.kernels and forward.packed_checked and forward.decode_checked  # no fallback
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # -- packed forwards: every row's tokens after the previous row's, no padding ----------------------------------------
