@@ -63,7 +63,7 @@ def copy_bandwidth_gbs(device: str) -> float | None:
     target.copy_(source)
     times = []
     for _ in range(5):
-        seconds, _ = gpu_speed.timed(device, lambda: target.copy_(source))
+        seconds, _ = gpu_speed.clocked(device, lambda: target.copy_(source))
         times.append(seconds)
     return 2 * source.numel() / statistics.median(times) / 1e9
 
@@ -105,7 +105,7 @@ def decoded(runner: ModelRunner, ids: torch.Tensor, tokens: int) -> None:
 def token_ms(runner: ModelRunner, ids: torch.Tensor, device: str, replays: int, rounds: int) -> float:
     times = []
     for _ in range(rounds):
-        seconds, _ = gpu_speed.timed(device, lambda: [runner.decode(ids) for _ in range(replays)])
+        seconds, _ = gpu_speed.clocked(device, lambda: [runner.decode(ids) for _ in range(replays)])
         runner.rollback([replays] * runner.slots)
         times.append(seconds / replays)
     return 1e3 * statistics.median(times)

@@ -93,6 +93,8 @@ TARGETS = {
 }
 TINY_DRAFT = Shape(128, 2, 2, 1, 256, 512, True)
 TINY_TARGET = Shape(256, 3, 4, 1, 512, 512, False)
+REAL_SHAPES = {"draft": DRAFT, "prm": DRAFT, "target": TARGETS["7b"]}  # the kernel profile's models
+TINY_SHAPES = {"draft": TINY_DRAFT, "prm": TINY_DRAFT, "target": TINY_TARGET}
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,11 @@ def building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_lm(shape: Shape, tokenizer: Any, config: BenchConfig, seed: int) -> Any:
+def build_lm(shape: Shape, tokenizer: Any, device: str, dtype: torch.dtype, seed: int) -> Any:
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    with building_on(config.device, getattr(torch, config.dtype)):
+    with building_on(device, dtype):
         model = Qwen2ForCausalLM(qwen2_config(shape, tokenizer))
     banned = [0, *tokenizer.all_special_ids, *range(len(tokenizer), shape.vocab)]
     with torch.no_grad():
@@ -257,8 +259,9 @@ class Models:
 def build_models(config: BenchConfig) -> Models:
     draft_shape, target_shape = (TINY_DRAFT, TINY_TARGET) if config.tiny else (DRAFT, TARGETS[config.target])
     tokenizer = make_word_tokenizer(draft_shape.vocab)
-    draft = build_lm(draft_shape, tokenizer, config, config.seed)
-    target = build_lm(target_shape, tokenizer, config, config.seed + 1)
+    dtype = getattr(torch, config.dtype)
+    draft = build_lm(draft_shape, tokenizer, config.device, dtype, config.seed)
+    target = build_lm(target_shape, tokenizer, config.device, dtype, config.seed + 1)
     prm = build_prm(draft_shape, tokenizer, config, config.seed + 2)
     draft_gen = HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft")
     target_gen = HFStepGenerator.from_model(target, tokenizer, name=f"random-qwen2.5-{config.target}", role="target")
@@ -290,12 +293,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
+def clocked(device: str, work: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of `work` between two device synchronisations, and its result."""
     synchronize(device)
     start = time.perf_counter()
-    stats = work()
+    result = work()
     synchronize(device)
-    return Run(time.perf_counter() - start, stats)
+    return time.perf_counter() - start, result
+
+
+def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
+    return Run(*clocked(device, work))
 
 
 def alone(generator: Any, problems: list[Prompted], config: BenchConfig) -> TrajectoryStats:

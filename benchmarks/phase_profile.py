@@ -177,11 +177,9 @@ def profiled(clock: PhaseClock, prm_body: Any) -> Iterator[None]:
 
 def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch: int, kernels: bool = False) -> dict:
     problems = gpu_speed.make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
-    delta, _ = gpu_speed.calibrate(models, config, problems)
 
-    def run() -> gpu_speed.DecodeRun:
-        decoder = gpu_speed.rsd_decoder(models, gpu_speed.run_config(config, batch, config.steps), delta)
-        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), config.device)
+    def run() -> gpu_speed.Run:
+        return gpu_speed.timed(config.device, lambda: gpu_speed.rsd(models, problems, config, plain=True))
 
     plain = [run() for _ in range(2)][-1]  # the first one warms up
     clock = PhaseClock(config.device)
@@ -191,7 +189,7 @@ def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch
         "batch": batch,
         "seconds": plain.seconds,
         "seconds_profiled": profiled_run.seconds,
-        "split_profiled": profiled_run.split,
+        "split_profiled": {role: profiled_run.stats.models[role].wall_time_s for role in ("draft", "prm", "target")},
         "phases [seconds, host seconds, calls]": clock.table(),
         "forward shapes": clock.shape_counts(),
     }

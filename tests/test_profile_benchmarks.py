@@ -31,7 +31,8 @@ def test_phase_profile_times_every_phase_and_puts_the_engine_back(tmp_path):
     for model in ("draft", "target"):
         for phase in timed:
             seconds, host, calls = phases[f"{model}/{phase}"]
-            assert seconds > 0 and 0 <= host <= seconds + 1e-6 and calls > 0
+            # A host-only phase of a few tokens can take less than the clock's resolution.
+            assert seconds >= 0 and 0 <= host <= seconds + 1e-6 and calls > 0
     steps = gpu_speed.tiny_config().steps
     # One scoring call per step, one forward in the arena each (the PRM's Qwen2 body runs in the engine).
     assert phases["prm/call"][2] == phases[f"prm/{arena_forward}"][2] == steps
