@@ -292,6 +292,7 @@ def test_phase_profile_times_every_phase_and_puts_the_backend_back(monkeypatch, 
     assert [owner.__dict__[name] for owner, name, _, _ in phase_profile.GENERATOR_PHASES] == originals
 
 
+@pytest.mark.slow
 def test_decode_kernel_profile_reports_every_model_rows_and_attention(tmp_path):
     report = decode_kernels.main(["--tiny", "--rows", "1", "2", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "decode_kernels.json").read_text())["results"] == report["results"]
@@ -327,6 +328,7 @@ def test_triton_ab_times_rsd_and_target_only_without_the_kernels_and_both_write_
     shipped_and_changed(models, 9, gpu_speed.without_triton_kernels)
 
 
+@pytest.mark.slow
 def test_packed_prefill_ab_times_rsd_with_padded_prefills_and_both_write_the_same_tokens(monkeypatch):
     monkeypatch.setenv(DECODE_ENV, "static")  # the packed prefill is the static path's
     variant_report("packed-prefill", "rsd_padded_prefill")

@@ -158,7 +158,9 @@ def load(path: Path, scoring: str = "transformers", **kwargs):
     return prm
 
 
-SCORING = ["transformers", "arena", "arena-packed"]
+# The packed path runs rsd's Triton kernels through Triton's interpreter on the CPU: 6-40 s a case, so `slow`.
+PACKED = pytest.param("arena-packed", marks=pytest.mark.slow)
+SCORING = ["transformers", "arena", PACKED]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -211,9 +213,9 @@ def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(che
 # Packed tails have no padding to save, so the price of a forward changes nothing there: the packed path runs once,
 # at the price that splits the padded paths (each case is ~13 s through Triton's interpreter).
 SPLIT_AND_SCORING = [
-    (split, scoring)
+    pytest.param(split, scoring, marks=[pytest.mark.slow] if scoring == "arena-packed" else [])
     for split in ("one-forward", "split-by-length")
-    for scoring in SCORING
+    for scoring in ("transformers", "arena", "arena-packed")
     if (split, scoring) != ("one-forward", "arena-packed")
 ]
 

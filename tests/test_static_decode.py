@@ -322,6 +322,7 @@ def test_a_failed_compile_warns_and_decodes_without_it(tokenizer, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
 def test_graphs_are_captured_once_per_shape(tokenizer):
     model = build("qwen2", tokenizer)
@@ -336,6 +337,7 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert all(gen._static._graphs[key] is graphs[key] for key in graphs)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
 def test_each_projection_setting_replays_its_own_graphs(tokenizer):
     model = build("qwen2", tokenizer)

@@ -68,6 +68,7 @@ def test_split_kernels_equal_sdpa_over_masked_arena_columns(rows, kv_heads, grou
     torch.testing.assert_close(out[0].float(), values[0, :, -1:].float().expand_as(out[0]))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="Triton's interpreter has no bfloat16 (numpy has none)")
 def test_split_kernels_in_bfloat16_stay_within_its_rounding():
     query, keys, values = arena_views(4, 2, 6, 64, 520, dtype=torch.bfloat16)
@@ -158,6 +159,7 @@ def test_layer_kernels_say_why_a_model_cannot_use_them(tokenizer):
     assert qwen2.layer_kernels is False  # float32 weights keep torch's operations by default, as on the CPU
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, layer_kernels",
     [("qwen2", True), ("qwen3", False)],  # Llama's layers run the same kernels as Qwen2's (test_static_decode.py)
