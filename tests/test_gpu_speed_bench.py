@@ -187,16 +187,6 @@ def shipped_and_changed(models, seed: int, setting) -> tuple:
     return shipped, changed
 
 
-def test_ride_ab_times_rsd_without_riding_side_by_side_and_both_write_the_same_tokens(monkeypatch):
-    # Riding needs the static decode path, which the CPU takes only when asked.
-    monkeypatch.setenv(DECODE_ENV, "static")
-    variant_report("ride", "rsd_no_ride")
-    models = gpu_speed.build_models(gpu_speed.tiny_config())
-    assert models.target.rides_along
-    shipped_and_changed(models, 6, gpu_speed.without_riding)
-    assert models.target.ride_along  # put back
-
-
 def test_arena_prefill_ab_times_rsd_with_transformers_prefill_and_both_write_the_same_tokens(monkeypatch):
     monkeypatch.setenv(DECODE_ENV, "static")
     variant_report("arena-prefill", "rsd_transformers_prefill")
