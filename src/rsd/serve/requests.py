@@ -96,7 +96,8 @@ def chat_question_and_prompt(request: ChatCompletionRequest, limits: ServerLimit
 
 def request_config(request: ChatCompletionRequest | CompletionRequest, limits: ServerLimits) -> RunConfig:
     """The request's budgets and sampling: `max_tokens` up to the server's --max-new-tokens (above it, a 400),
-    `rsd.max_steps` capped at the server's --max-steps, a random seed unless the request gives one."""
+    `rsd.max_steps` capped at the server's --max-steps. The seed stays the server's: a request's own seed goes in
+    its trajectories' keys (`problems_of`), so that requests sampling alike share one batched model call."""
     base = limits.config
     budget = request.token_budget()
     if budget is not None and budget > base.max_new_tokens:
@@ -111,7 +112,6 @@ def request_config(request: ChatCompletionRequest | CompletionRequest, limits: S
         max_steps=max_steps,
         temperature=base.temperature if request.temperature is None else request.temperature,
         top_p=base.top_p if request.top_p is None else request.top_p,
-        seed=secrets.randbits(63) if request.seed is None else request.seed,
     )
 
 
@@ -141,7 +141,8 @@ def check_common(request: ChatCompletionRequest | CompletionRequest, limits: Ser
 
 
 def problems_of(request: ChatCompletionRequest | CompletionRequest, limits: ServerLimits) -> list[Prompted]:
-    """One problem per choice, each keyed by its choice index (see `rsd.serve.engine.TrajectoryKey`)."""
+    """One problem per choice, keyed by the request's seed (random unless given) and the choice index: sampling and
+    the weighting function's draws follow from (server seed, key, position), whatever else is in flight."""
     from rsd.serve.engine import TrajectoryKey
 
     check_common(request, limits)
@@ -153,4 +154,5 @@ def problems_of(request: ChatCompletionRequest | CompletionRequest, limits: Serv
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         raise APIError(400, "the question is empty; send some text.", param=param)
     config, policy = request_config(request, limits), request_policy(request, limits)
-    return [Prompted(TrajectoryKey(str(i)), question, prompt, config, policy) for i in range(request.n)]
+    seed = secrets.randbits(63) if request.seed is None else request.seed
+    return [Prompted(TrajectoryKey(f"{seed}-{i}"), question, prompt, config, policy) for i in range(request.n)]
