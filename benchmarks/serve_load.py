@@ -252,8 +252,10 @@ def main() -> None:
     parser.add_argument("--backend", default="tinyworld", choices=("tinyworld", "vllm", "both"))
     parser.add_argument("--url", default=None, help="measure a running server instead (http://HOST:PORT)")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients per level")
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured window per level")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds per level before the window")
+    parser.add_argument("--seconds", type=float, default=45.0, help="measured window per level")
+    parser.add_argument(
+        "--warmup", type=float, default=15.0, help="seconds per level before the window (longer than a request)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="run every level this many times, in turn")
     parser.add_argument("--serve-args", default="", help="extra `rsd serve` options, e.g. '--max-concurrency 128'")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -160,19 +160,21 @@ async def complete(request: Request, schema: type, kind: str) -> Response:
     endpoint = request.url.path
     started = time.perf_counter()
     server.metrics.in_flight.inc()
+    flow = None
     try:
         flow, body = await open_flow(server, request, schema, kind, started)
-    except APIError as exc:
-        finish_request(server, endpoint, exc.status, started)
-        return error_response(exc)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = stream(flow, include_usage, endpoint)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = stream(flow, include_usage, endpoint)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         response = await collect(flow, request)
     except APIError as exc:
         response = error_response(exc)
+    except Exception as exc:  # a bug of ours: this request fails, the server goes on
+        log.exception("request failed")
+        if flow is not None:
+            flow.cancel("error")
+        response = error_response(APIError(500, f"internal error ({type(exc).__name__}); the server goes on."))
     finish_request(server, endpoint, response.status_code, started)
     return response
 
@@ -268,9 +270,7 @@ class Flow:
 
     def on_end(self, event: EndEvent) -> tuple[Choice, str]:
         choice = self.choices[event.index]
-        rest = choice.finish(event.reason, event.stats, event.error)
-        self.server.metrics.trajectory_ended(event.stats)
-        return choice, rest
+        return choice, choice.finish(event.reason, event.stats, event.error)
 
     def cancel(self, reason: str) -> None:
         for job, choice in zip(self.jobs, self.choices, strict=True):

@@ -85,16 +85,21 @@ class Job:
     def step(self, step: Step) -> None:
         self.deliver(StepEvent(self.index, step))
 
-    def end(self, reason: str, error: str | None = None) -> None:
+    def end(self, reason: str, error: str | None, observer: Callable[[dict], None] | None) -> None:
+        """Hand the request its trajectory's end; `observer` sees the statistics even when nobody waits any more."""
         if not self.ended:
             self.ended = True
-            self.deliver(EndEvent(self.index, reason, self.traj.stats.to_dict(), error))
+            stats = self.traj.stats.to_dict()
+            if observer is not None:
+                observer(stats)
+            self.deliver(EndEvent(self.index, reason, stats, error))
 
 
 class Engine(Protocol):
     max_concurrency: int
     max_queue: int
     on_round: Callable[[int], None] | None  # sees how many trajectories each batched round advanced
+    on_end: Callable[[dict], None] | None  # sees each trajectory's statistics when it ends
 
     @property
     def running(self) -> int: ...
@@ -136,6 +141,7 @@ class StepScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.on_round: Callable[[int], None] | None = None
+        self.on_end: Callable[[dict], None] | None = None
 
     @property
     def running(self) -> int:
@@ -188,7 +194,7 @@ class StepScheduler:
             while True:
                 for job in [j for j in self._waiting if j.cancel_reason]:
                     self._waiting.remove(job)
-                    job.end(job.cancel_reason)
+                    job.end(job.cancel_reason, None, self.on_end)
                 while self._waiting and len(self._active) < self.max_concurrency:
                     self._active.append(self._waiting.popleft())
                 if self._active:
@@ -225,7 +231,7 @@ class StepScheduler:
             log.exception("releasing a trajectory's caches failed")
         with self._cond:
             self._active.remove(job)
-        job.end(reason, error)
+        job.end(reason, error, self.on_end)
 
 
 class AsyncEngine:
@@ -240,6 +246,7 @@ class AsyncEngine:
         self._running = 0
         self._stopping = False
         self.on_round = None  # no rounds: each trajectory moves on its own
+        self.on_end: Callable[[dict], None] | None = None
 
     @property
     def running(self) -> int:
@@ -291,4 +298,4 @@ class AsyncEngine:
             reason, error = "error", describe(exc)
         finally:
             self._tasks.pop(job, None)
-        job.end(reason, error)
+        job.end(reason, error, self.on_end)

@@ -56,6 +56,7 @@ class Metrics:
             buckets=ROUND_BUCKETS, registry=registry,
         )  # fmt: skip
         engine.on_round = rounds.observe
+        engine.on_end = self.trajectory_ended
 
     def trajectory_ended(self, stats: dict) -> None:
         self.steps.labels("kept").inc(stats["steps_kept"])
