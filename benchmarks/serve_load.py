@@ -10,6 +10,8 @@ with `stream_options.include_usage`. Per level, over `--seconds` after `--warmup
 tokens/s of the requests completed in the window, p50 and p99 latency (to `[DONE]`) and time to first step (the
 first step's chunk), and failures (any answer that is not a 200 ending in `[DONE]`, over the whole level).
 `--repeats N` runs the levels in turn N times and pools each level's runs; each run prints the load average.
+`--reference N` first times N problems through the in-process decoder alone (no server) at batch 1 and 32: the
+batching the models themselves allow on this machine, against which the server's ratio reads.
 
 `--backend tinyworld` serves the committed tiny-world models in process (`rsd serve` with no model arguments);
 `--backend vllm` puts each of them behind a vLLM CPU server (`rsd.testing.servers`, PRM with STEP pooling, as
@@ -247,6 +249,29 @@ def measure(url: str, args: argparse.Namespace, questions: list[str]) -> list[Le
     return levels
 
 
+def reference(questions: list[str], batches: list[int], count: int) -> dict[int, float]:
+    """The in-process decoder alone, no server: problems/s of `StepwiseDecoder.run` over the first `count`
+    questions at each batch size, on the tiny world with one torch thread (as `rsd serve` runs it)."""
+    import torch
+
+    from rsd.api import RSD
+    from rsd.cli import quiet_libraries
+    from rsd.core import Prompted
+
+    quiet_libraries()
+    torch.set_num_threads(1)
+    models = RSD(*(default_tinyworld_model(r) for r in ("draft", "target", "prm")), device="cpu")
+    problems = [Prompted(i, q, models.prompt(q)) for i, q in enumerate(questions[:count])]
+    models.decoder(batch_size=8).run(problems[:8])  # warm-up
+    rates = {}
+    for batch in batches:
+        started = time.perf_counter()
+        models.decoder(batch_size=batch).run(problems)
+        rates[batch] = count / (time.perf_counter() - started)
+        print(f"  reference, in process without a server, batch {batch}: {rates[batch]:.2f} problems/s", flush=True)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="tinyworld", choices=("tinyworld", "vllm", "both"))
@@ -258,12 +283,17 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="run every level this many times, in turn")
     parser.add_argument("--serve-args", default="", help="extra `rsd serve` options, e.g. '--max-concurrency 128'")
+    parser.add_argument(
+        "--reference", type=int, default=0, metavar="N",
+        help="first time N problems through the in-process decoder without a server at batch 1 and 32",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     questions = [p.question for p in load_tinyworld(split="test", n=200, seed=0)]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
     results = {}
+    rates = reference(questions, [1, 32], args.reference) if args.reference else {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp, ExitStack() as stack:
         if args.url:
             results["server"] = (args.url, measure(args.url, args, questions))
@@ -273,6 +303,9 @@ def main() -> None:
             with rsd_serve(model_args, args.serve_args.split(), Path(tmp)) as (url, command):
                 print(f"{backend}: {command}", flush=True)
                 results[backend] = (command, measure(url, args, questions))
+    if rates:
+        print(f"\nreference without a server: {rates[32]:.2f} problems/s at batch 32, {rates[1]:.2f} at batch 1 "
+              f"({rates[32] / rates[1]:.2f}x)")  # fmt: skip
     for name, (command, levels) in results.items():
         print(f"\n### {name}: `{command}`\n")
         print(table(levels))
@@ -280,6 +313,7 @@ def main() -> None:
         print("\n".join(goals(levels)))
     if args.out:
         payload = {name: {"command": c, "levels": [asdict(lv) for lv in lvs]} for name, (c, lvs) in results.items()}
+        payload["reference_problems_per_s"] = rates
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 
