@@ -16,7 +16,7 @@ batching the models themselves allow on this machine, against which the server's
 `--backend tinyworld` serves the committed tiny-world models in process (`rsd serve` with no model arguments);
 `--backend vllm` puts each of them behind a vLLM CPU server (`rsd.testing.servers`, PRM with STEP pooling, as
 `tests/test_served.py` does) and serves RSD over those (`rsd serve --draft URL --target URL --prm URL`).
-Prints a markdown table per backend and the three goals: throughput at 32 at least 4x that at 1, no failed
+Prints a markdown table per backend and three checks: throughput at 32 at least 4x that at 1, no failed
 request, p99 latency at 8 at most 3x the median latency at 1.
 """
 
@@ -216,18 +216,16 @@ def table(levels: list[Level]) -> str:
     return "\n".join(rows)
 
 
-def goals(levels: list[Level]) -> list[str]:
+def checks(levels: list[Level]) -> list[str]:
     by = {lv.clients: lv for lv in levels}
-    lines = [f"no failed request: {'met' if all(lv.failed == 0 for lv in levels) else 'NOT met'} "
+    lines = [f"no failed request: {'yes' if all(lv.failed == 0 for lv in levels) else 'NO'} "
              f"({sum(lv.failed for lv in levels)} failed)"]  # fmt: skip
     if 1 in by and 32 in by:
         ratio = by[32].requests_per_s / by[1].requests_per_s
-        lines.append(f"throughput at 32 / at 1 = {ratio:.2f}x (goal >= 4x: {'met' if ratio >= 4 else 'NOT met'})")
+        lines.append(f"throughput at 32 / at 1 = {ratio:.2f}x (>= 4x: {'yes' if ratio >= 4 else 'NO'})")
     if 1 in by and 8 in by:
         ratio = by[8].latency_p99 / by[1].latency_p50
-        lines.append(
-            f"p99 latency at 8 / median latency at 1 = {ratio:.2f}x (goal <= 3x: {'met' if ratio <= 3 else 'NOT met'})"
-        )
+        lines.append(f"p99 latency at 8 / median latency at 1 = {ratio:.2f}x (<= 3x: {'yes' if ratio <= 3 else 'NO'})")
     return lines
 
 
@@ -310,7 +308,7 @@ def main() -> None:
         print(f"\n### {name}: `{command}`\n")
         print(table(levels))
         print()
-        print("\n".join(goals(levels)))
+        print("\n".join(checks(levels)))
     if args.out:
         payload = {name: {"command": c, "levels": [asdict(lv) for lv in lvs]} for name, (c, lvs) in results.items()}
         payload["reference_problems_per_s"] = rates
