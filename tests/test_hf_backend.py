@@ -1,9 +1,8 @@
-"""The transformers step generator against a plain reference: full forwards without a cache, argmax each token.
+"""The in-process step generator against a plain reference: full forwards without a cache, argmax each token.
 
-Every test runs once per decode path (transformers' own forward, and the static KV buffers of
-`rsd.backends.static_decode`; with CUDA, also their CUDA graphs) and per prefill split (one forward per call, and
-one per tail length, `rsd.backends.packing`). Runs on the CPU in float32;
-RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
+Every test runs once per runner: rsd's engine (`rsd.engine.runner.ModelRunner`; on CUDA with its CUDA graphs) and
+transformers' own forward (`rsd.engine.transformers_runner`, the escape hatch RSD_DECODE=eager). Runs on the CPU in
+float32; RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
 """
 
 from __future__ import annotations
@@ -20,31 +19,28 @@ from tiny import make_qwen2_lm, make_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from rsd.backends.hf import DELIMITER_WINDOW_SLACK, HFStepGenerator  # noqa: E402
-from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
-from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
+from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.core import RSDError, StepGenerator, StepOutput, StepParams, StepRequest, StopReason  # noqa: E402
+from rsd.engine.runner import DECODE_ENV, ModelRunner  # noqa: E402
+from rsd.engine.steps import DELIMITER_WINDOW_SLACK  # noqa: E402
+from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.hf_loading import load_tokenizer  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
-DECODE_PATHS = ["eager", "static"] + (["graphs"] if DEVICE.startswith("cuda") else [])
+RUNNERS = ["engine", "transformers"]
 ATTENTION_SHARPNESS = 8.0
 GREEDY = StepParams()
 hf_logging.disable_progress_bar()
 PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles per hour for", "Step 1:"]
 
 
-@pytest.fixture(autouse=True, params=DECODE_PATHS)
-def decode_path(request, monkeypatch) -> str:
-    """Every generator a test builds takes this decode path ("auto" reads the variable)."""
-    monkeypatch.setenv(DECODE_ENV, request.param)
-    return request.param
-
-
-@pytest.fixture(autouse=True, params=["one-forward", "split-by-length"])
-def prefill_split(request, monkeypatch) -> str:
-    """One prefill forward per call whatever the tails (a price no padding reaches), or one per tail length."""
-    monkeypatch.setenv(FORWARD_TOKENS_ENV, "1000000000" if request.param == "one-forward" else "1")
+@pytest.fixture(autouse=True, params=RUNNERS)
+def runner_kind(request, monkeypatch) -> str:
+    """Every generator a test builds runs on this runner (RSD_DECODE=eager: transformers' forward)."""
+    if request.param == "transformers":
+        monkeypatch.setenv(DECODE_ENV, "eager")
+    else:
+        monkeypatch.delenv(DECODE_ENV, raising=False)
     return request.param
 
 
@@ -115,10 +111,11 @@ def assert_matches_reference(generator, prompt: list[int], outputs: list[StepOut
         prefix += tokens
 
 
-def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, decode_path):
+def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, runner_kind):
     gen = load_generator(model_dir)
     assert isinstance(gen, StepGenerator)
-    assert gen.decode_mode == decode_path
+    assert isinstance(gen.engine.runner, ModelRunner if runner_kind == "engine" else TransformersRunner)
+    assert gen.context_length == 2048
     assert gen.role == "draft" and gen.name == str(model_dir)
     assert tokenizer.eos_token_id in gen.eos_token_ids
     total = sum(p.numel() for p in gen.model.parameters())
@@ -144,7 +141,7 @@ def test_one_row_fed_back_matches_uncached_greedy(model_dir):
     assert len(prefixes["a"]) - len(prompt) >= 12  # several steps were really generated
 
 
-def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, prefill_split):
+def test_batch_of_different_lengths_matches_uncached_greedy(model_dir):
     gen = load_generator(model_dir)
     forwards = count_prefill_forwards(gen)
     prompts = {f"row{i}": gen.encode(text) for i, text in enumerate(PROMPTS[:3])}
@@ -160,27 +157,26 @@ def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, prefill_s
     for i, key in enumerate(prompts):
         assert_matches_reference(gen, prompts[key], outputs[key] + [mixed[i]], cap=caps[key])
     assert_matches_reference(gen, late["late"], [mixed[-1]], cap=6)
-    # The last call's tails: one token for each cached row, the whole prompt for the late one.
-    assert forwards[-1] == (2 if prefill_split == "split-by-length" else 1)
+    # The last call's tails, one token for each cached row and the whole prompt for the late one, in one forward.
+    assert forwards[-1] == 1
 
 
 def count_prefill_forwards(gen: HFStepGenerator) -> list[int]:
-    """Prefill forwards per call, as the generator runs them (the count is appended at each call): transformers'
-    forwards, or on the static path the decoder's own prefill forwards in its arena."""
+    """Prefill forwards per call, as the generator runs them (the count is appended at each call)."""
     counts: list[int] = []
     generate = gen.generate_steps
-    owner, name = (gen._static, "prefill") if gen._static is not None else (gen, "_prefill_group")
-    run_group = getattr(owner, name)
+    runner = gen.engine.runner
+    extend = runner.extend
 
-    def counted_group(*args):
+    def counted_extend(*args, **kwargs):
         counts[-1] += 1
-        return run_group(*args)
+        return extend(*args, **kwargs)
 
     def counted_generate(*args):
         counts.append(0)
         return generate(*args)
 
-    setattr(owner, name, counted_group)
+    runner.extend = counted_extend
     gen.generate_steps = counted_generate
     return counts
 
@@ -321,7 +317,8 @@ def test_the_delimiter_prefilter_decides_like_decoding_every_window(model_dir, s
     if source == "tiny-world":
         gen = HFStepGenerator.from_model(gen.model, load_tokenizer(default_tinyworld_model("draft"), "draft", False))
     vocab = len(gen.tokenizer)
-    marked = [t for t in range(vocab) if any(c in gen._decode_text([t]) for c in "\n. ")]
+    rule = gen.engine.stop_rule
+    marked = [t for t in range(vocab) if any(c in rule.text([t]) for c in "\n. ")]
     rng = random.Random(3)
     for delimiter in ("\n\n", "\n", ".\n", " .", "ки"):
         checked = 0
@@ -330,14 +327,14 @@ def test_the_delimiter_prefilter_decides_like_decoding_every_window(model_dir, s
             tokens: list[int] = []
             for _ in range(8):
                 tokens.append(rng.choice(marked) if rng.random() < 0.6 else rng.randrange(vocab))
-                every_window = delimiter in gen._decode_text(tokens[-window:])
-                assert gen._completes_delimiter(tokens, delimiter) == every_window, (delimiter, tokens)
+                every_window = delimiter in rule.text(tokens[-window:])
+                assert rule.completes_delimiter(tokens, delimiter) == every_window, (delimiter, tokens)
                 if every_window:
                     checked += 1
                     break
         assert checked or delimiter not in ("\n", "\n\n")  # the usual delimiters did end some steps
-    skipped = sum(not known for known in gen._completers.values())
-    assert skipped > len(gen._completers) / 4  # and most tokens skip the decode
+    skipped = sum(not known for known in rule.completers.values())
+    assert skipped > len(rule.completers) / 4  # and most tokens skip the decode
 
 
 def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir):

@@ -19,7 +19,7 @@ _EXPORTS = {
     "RunConfig": "rsd.core",
     "Prompted": "rsd.core",
     "StepwiseDecoder": "rsd.loop",
-    "SpeculativeDecoder": "rsd.speculative",
+    "SpeculativeStepGenerator": "rsd.speculative",
     "make_policy": "rsd.policies",
     "Threshold": "rsd.policies",
     "Constant": "rsd.policies",

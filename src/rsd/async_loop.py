@@ -40,7 +40,7 @@ class AsyncStepwiseDecoder(Controller):
     exceeds the run's wall time.
     """
 
-    _locks: dict[int, asyncio.Lock]  # per backend, made by each run (locks belong to one event loop)
+    _in_process: asyncio.Lock  # one at a time for in-process models, made by each run (it belongs to one event loop)
 
     # -- entry points -----------------------------------------------------------------------------------------
     def run(
@@ -64,7 +64,7 @@ class AsyncStepwiseDecoder(Controller):
     ) -> list[Trajectory]:
         trajectories = [self.start(p) for p in problems]  # checks every problem before any request goes out
         slots = asyncio.Semaphore(self.config.batch_size)
-        self._locks = {}
+        self._in_process = asyncio.Lock()
         try:
             async with asyncio.TaskGroup() as group:
                 for traj in trajectories:
@@ -79,8 +79,8 @@ class AsyncStepwiseDecoder(Controller):
         """Decode one started trajectory (`start`) to its end on the running event loop; `on_step` sees each step
         the moment it is committed. Its caches are released at the end, also when the task is cancelled (a server
         whose client went away), so any number of these may run side by side on one loop."""
-        if not hasattr(self, "_locks"):
-            self._locks = {}
+        if not hasattr(self, "_in_process"):
+            self._in_process = asyncio.Lock()
         try:
             while not traj.finished:
                 committed = len(traj.steps)
@@ -117,12 +117,14 @@ class AsyncStepwiseDecoder(Controller):
             commit_single_model_step(traj, proposal, self.proposer_role)
             return
         reward = await self._score(traj, proposal)
-        rewrite = None if self.decide(traj, reward) else await self._generate(self.fallback, "target", traj)
+        rewrite = None if self.decide(traj, reward) else await self._generate(self.fallback, "target", traj, proposal)
         commit_rsd_step(traj, proposal, reward, rewrite)
 
     # -- model calls, with their accounting ------------------------------------------------------------------------
-    async def _generate(self, generator: StepGenerator, role: str, traj: Trajectory) -> StepOutput:
-        request = self.step_request(generator, traj)
+    async def _generate(
+        self, generator: StepGenerator, role: str, traj: Trajectory, proposal: StepOutput | None = None
+    ) -> StepOutput:
+        request = self.step_request(generator, traj, proposal)
         params = traj.config.step_params()
         start = time.perf_counter()
         out = await self._call(generator, "agenerate_step", "generate_steps", request, params)
@@ -137,12 +139,12 @@ class AsyncStepwiseDecoder(Controller):
         return out.reward
 
     async def _call(self, backend: Any, async_name: str, batch_name: str, request: Any, *args: Any) -> Any:
-        """Await the backend's asynchronous method, or run its batch method for this one request on a thread
-        (one at a time per backend: in-process models are not safe to call from two threads)."""
+        """Await the backend's asynchronous method, or run its batch method for this one request on a thread (one
+        call at a time over all in-process models: they are not safe to call from two threads, and a speculative
+        target drives the draft's model too)."""
         method = getattr(backend, async_name, None)
         if method is not None:
             return await method(request, *args)
-        lock = self._locks.setdefault(id(backend), asyncio.Lock())
-        async with lock:
+        async with self._in_process:
             [out] = await asyncio.to_thread(getattr(backend, batch_name), [request], *args)
         return out

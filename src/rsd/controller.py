@@ -84,10 +84,14 @@ class Controller:
             traj.finish("context")
         return traj
 
-    def step_request(self, generator: StepGenerator, traj: Trajectory) -> StepRequest:
-        """The next step's request: the prefix in the generator's tokens, the step cap clipped to the budget."""
+    def step_request(
+        self, generator: StepGenerator, traj: Trajectory, proposal: StepOutput | None = None
+    ) -> StepRequest:
+        """The next step's request: the prefix in the generator's tokens, the step cap clipped to the budget, and
+        a rejected draft step as the proposal to verify first, where both models read the same ids."""
         prefix = self.prefix_ids(generator, traj)
-        return StepRequest(traj.key, prefix, self.room(generator, traj, len(prefix)))
+        guess = proposal.token_ids if proposal is not None and self.shared_ids else ()
+        return StepRequest(traj.key, prefix, self.room(generator, traj, len(prefix)), guess)
 
     def room(self, generator: StepGenerator, traj: Trajectory, prefix_length: int | None = None) -> int:
         """Tokens the next step may take: its cap, the trajectory's token budget and the model's context."""
@@ -132,15 +136,23 @@ def reward_request(key: Hashable, question: str, step_texts: Sequence[str], deli
 
 # -- what a model call cost ---------------------------------------------------------------------------------------
 def record_generation(traj: Trajectory, role: str, generator: StepGenerator, out: StepOutput, seconds: float) -> None:
+    """A step's cost: the tokens and FLOPs of the model that wrote it and, where it speculated, of the draft."""
     tokens = out.prefill_tokens + out.decode_tokens
     usage = ModelUsage(out.prefill_tokens, out.decode_tokens, generator.cost.flops(tokens, out.context_sum), seconds, 1)
-    traj.stats.models[role].add(usage)
+    stats = traj.stats
+    stats.models[role].add(usage)
+    if role == "target":
+        stats.target_forwards += out.forwards
+    if out.speculation is not None:
+        stats.speculation.add(out.speculation)
+        stats.models["draft"].add(out.speculation.draft)
 
 
 def record_scoring(stats: TrajectoryStats, reward_model: RewardModel, out: RewardOutput, seconds: float) -> None:
     flops = reward_model.cost.flops(out.prefill_tokens, out.context_sum)
     stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 1))
     stats.prm_tokens += out.prefill_tokens
+    stats.prm_inputs_truncated += out.truncated
 
 
 # -- committing a step ----------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ class StepRequest:
     key: Hashable
     prefix_ids: Sequence[int]
     max_tokens: int  # the step cap, already clipped to the trajectory's remaining token budget and context
+    # A guess of the step's tokens (a rejected draft step), in the generator's ids. A generator may verify it to
+    # write the step with fewer forwards; the step it writes is the same with or without it.
+    proposal: Sequence[int] = ()
 
 
 @dataclass
@@ -99,6 +102,8 @@ class StepOutput:
     prefill_tokens: int  # prefix tokens this call had to run through the model (cache misses)
     decode_tokens: int  # tokens generated (== len(token_ids))
     context_sum: int = 0  # sum over processed tokens of their context length, for attention FLOPs
+    forwards: int = 0  # forward passes of the model this step took part in (in process; 0 when unknown)
+    speculation: Speculation | None = None  # what token-level speculation did for it, where it ran
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class RewardOutput:
     reward: float  # in [0, 1], higher is better
     prefill_tokens: int = 0  # tokens the PRM ran through its model for this request
     context_sum: int = 0
+    truncated: bool = False  # the input did not fit the PRM's context: it read the question and the latest steps
 
 
 @dataclass(frozen=True)
@@ -221,6 +227,39 @@ MODEL_ROLES = ("draft", "target", "prm")
 
 
 @dataclass
+class Speculation:
+    """What token-level speculation did for one step, or (summed) a trajectory: the tokens it took from the proposal
+    it was given (a rejected draft step) and from the draft's proposals, and what the draft ran to propose them."""
+
+    proposal_tokens: int = 0  # tokens of the given proposal that were verified
+    from_proposal: int = 0  # of those, tokens the step kept
+    proposed: int = 0  # tokens the draft proposed in speculation rounds
+    from_draft: int = 0  # of those, tokens the step kept
+    rounds: int = 0  # verification forwards of the target
+    draft: ModelUsage = field(default_factory=ModelUsage)
+
+    def add(self, other: Speculation) -> None:
+        for name in ("proposal_tokens", "from_proposal", "proposed", "from_draft", "rounds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.draft.add(other.draft)
+
+    @property
+    def token_acceptance_rate(self) -> float | None:
+        """The share of the draft's proposed tokens the target kept."""
+        return self.from_draft / self.proposed if self.proposed else None
+
+    def to_dict(self) -> dict:
+        return {
+            "proposal_tokens": self.proposal_tokens,
+            "tokens_from_proposal": self.from_proposal,
+            "draft_tokens_proposed": self.proposed,
+            "tokens_from_draft": self.from_draft,
+            "token_acceptance_rate": self.token_acceptance_rate,
+            "rounds": self.rounds,
+        }
+
+
+@dataclass
 class TrajectoryStats:
     steps_kept: int = 0
     steps_rejected: int = 0  # draft proposals the target rewrote
@@ -229,6 +268,9 @@ class TrajectoryStats:
     draft_tokens_discarded: int = 0
     target_tokens: int = 0
     prm_tokens: int = 0
+    prm_inputs_truncated: int = 0  # scorings whose input did not fit the PRM's context (earliest steps left out)
+    target_forwards: int = 0  # forwards of the target that wrote this trajectory's target tokens
+    speculation: Speculation = field(default_factory=Speculation)
     models: dict[str, ModelUsage] = field(default_factory=lambda: {r: ModelUsage() for r in MODEL_ROLES})
 
     @property
@@ -246,6 +288,11 @@ class TrajectoryStats:
         return (self.steps_rejected + self.steps_target_only) / n if n else 0.0
 
     @property
+    def target_forwards_per_token(self) -> float | None:
+        """Target forwards per token the target wrote: 1 for plain decoding, less with speculation."""
+        return self.target_forwards / self.target_tokens if self.target_tokens else None
+
+    @property
     def total_flops(self) -> float:
         return sum(m.flops for m in self.models.values())
 
@@ -258,8 +305,11 @@ class TrajectoryStats:
             "draft_tokens_discarded",
             "target_tokens",
             "prm_tokens",
+            "prm_inputs_truncated",
+            "target_forwards",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.speculation.add(other.speculation)
         for role, usage in other.models.items():
             self.models.setdefault(role, ModelUsage()).add(usage)
 
@@ -277,6 +327,10 @@ class TrajectoryStats:
                 "target": self.target_tokens,
                 "prm": self.prm_tokens,
             },
+            "prm_inputs_truncated": self.prm_inputs_truncated,
+            "target_forwards": self.target_forwards,
+            "target_forwards_per_target_token": self.target_forwards_per_token,
+            "speculation": self.speculation.to_dict(),
             "flops": {**{r: u.flops for r, u in self.models.items()}, "total": self.total_flops},
             "wall_time_s": {r: round(u.wall_time_s, 6) for r, u in self.models.items()},
             "models": {r: u.to_dict() for r, u in self.models.items()},

@@ -85,16 +85,23 @@ class StepwiseDecoder(Controller):
                 rejected.append((traj, proposal, reward))
         if not rejected:
             return
-        rewrites = self._generate(self.fallback, "target", [traj for traj, _, _ in rejected])
+        rewrites = self._generate(self.fallback, "target", [t for t, _, _ in rejected], [p for _, p, _ in rejected])
         for (traj, proposal, reward), rewrite in zip(rejected, rewrites, strict=True):
             commit_rsd_step(traj, proposal, reward, rewrite)
 
     # -- model calls, with their accounting ---------------------------------------------------------------
-    def _generate(self, generator: StepGenerator, role: str, batch: list[Trajectory]) -> list[StepOutput]:
-        """One step for each of `batch`: one call per group of trajectories that sample alike (usually one)."""
+    def _generate(
+        self,
+        generator: StepGenerator,
+        role: str,
+        batch: list[Trajectory],
+        proposals: Sequence[StepOutput] | None = None,
+    ) -> list[StepOutput]:
+        """One step for each of `batch` (a rewrite: with the rejected `proposals`): one call per group of
+        trajectories that sample alike (usually one)."""
         outputs: dict[int, StepOutput] = {}
         for params, group in group_by_params(batch).items():
-            requests = [self.step_request(generator, batch[i]) for i in group]
+            requests = [self.step_request(generator, batch[i], proposals[i] if proposals else None) for i in group]
             start = time.perf_counter()
             results = generator.generate_steps(requests, params)
             share = (time.perf_counter() - start) / len(requests)

@@ -16,11 +16,10 @@ from rsd.eval.harness import (
     EvalContext,
     EvalProblem,
     MethodSpec,
-    default_tinyworld_model,
     run_methods,
     select_shard,
 )
-from rsd.eval.report import plot_tradeoff, report_markdown, summarize, text_table
+from rsd.eval.report import compare_methods, report_markdown, summarize, text_table
 from rsd.eval.runfolder import REPORT, SUMMARY, RunFolder, fresh_run_dir, read_records, write_atomic
 from rsd.policies import make_policy
 
@@ -31,8 +30,17 @@ TINYWORLD_DEFAULT_PROBLEMS = 200
 # -- arguments ------------------------------------------------------------------------------------------------
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("problems")
-    group.add_argument("--dataset", default=TINYWORLD, help="tinyworld (default), a benchmark name, or a JSONL path")
-    group.add_argument("--data-dir", default=None, help="folder holding NAME/test.jsonl for named benchmarks")
+    from rsd.eval.datasets import BUILTIN_LAYOUTS, DATA_DIR_ENV
+
+    group.add_argument(
+        "--dataset",
+        default=TINYWORLD,
+        help=f"{TINYWORLD} (the built-in task, the default), a benchmark ({', '.join(BUILTIN_LAYOUTS)}: from "
+        f"--data-dir or ${DATA_DIR_ENV}, else the Hugging Face hub), a JSONL path, or hf:owner/name",
+    )
+    group.add_argument(
+        "--data-dir", default=None, help=f"folder holding NAME/test.jsonl for the benchmarks (default: ${DATA_DIR_ENV})"
+    )
     group.add_argument("--question-field", default=None, help="question field of a JSONL file")
     group.add_argument("--answer-field", default=None, help="gold answer field of a JSONL file")
     group.add_argument("--num-problems", type=int, default=None, help="first N problems (tinyworld: 200)")
@@ -54,19 +62,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample-temperature", type=float, default=0.7, help="their temperature when --temperature 0")
     group.add_argument("--sample-model", default="draft", choices=("draft", "target"), help="who samples (non-RSD)")
     group.add_argument("--aggregate", default="min", choices=AGGREGATES, help="step rewards -> solution score")
-    group.add_argument("--sd-lookahead", type=int, default=4, help="draft tokens per target check in `sd`")
 
 
 # -- building the run -----------------------------------------------------------------------------------------
 def fill_model_defaults(args: argparse.Namespace) -> None:
-    """No model arguments: the built-in tiny world's draft, target and PRM."""
+    """No model arguments: the built-in tiny world's draft, target and PRM, on its own task only (its models
+    know nothing else: on a real benchmark they would score 0% and say nothing of RSD)."""
     given = [args.draft, args.target, args.prm]
     if not any(given):
-        args.draft, args.target, args.prm = (default_tinyworld_model(r) for r in ("draft", "target", "prm"))
-        if args.threads is None:
-            # Models of 1-10M parameters gain nothing from intra-op threads, and lose several-fold when another
-            # process holds a core (threads wait on each other at every small matmul).
-            args.threads = 1
+        if args.dataset != TINYWORLD:
+            raise RSDError(
+                f"--dataset {args.dataset} needs models: pass --draft, --target and --prm (hub ids, checkpoint "
+                f"folders or server URLs); only --dataset {TINYWORLD} runs without them."
+            )
+        args.draft = args.target = args.prm = TINYWORLD  # each role's built-in model (rsd.hf_loading)
     elif not all(given):
         raise RSDError("pass all of --draft, --target and --prm, or none of them to run the built-in tiny world.")
 
@@ -148,7 +157,6 @@ def make_context(args: argparse.Namespace, rsd_models, pool) -> EvalContext:
         sample_temperature=args.sample_temperature,
         sample_model=args.sample_model,
         aggregate=args.aggregate,
-        sd_lookahead=args.sd_lookahead,
         grader=grader,
         voter=voter,
     )
@@ -174,21 +182,25 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], title: str, prefi
         folder.close()
     wanted = {p.id for p in problems}
     records = [r for r in folder.records if r["id"] in wanted]
-    summaries = summarize(records, [s.label for s in specs])
-    write_outputs(folder.path, title, summaries, config, time.perf_counter() - started)
+    summaries = summarize(records, [s.label for s in specs], config)
+    comparisons = compare_methods(records, summaries)
+    write_outputs(folder.path, title, summaries, comparisons, config, time.perf_counter() - started)
     return folder.path, summaries
 
 
-def write_outputs(path: Path, title: str, summaries: list[dict], config: dict, elapsed: float) -> None:
+def write_outputs(
+    path: Path, title: str, summaries: list[dict], comparisons: list[dict], config: dict, elapsed: float
+) -> None:
     summary = {
         "run_dir": str(path),
         "methods": summaries,
+        "comparisons": comparisons,
         "config": config,
         "versions": versions(),
         "elapsed_s": round(elapsed, 3),
     }
     write_atomic(path, SUMMARY, json.dumps(summary, indent=2) + "\n")
-    write_atomic(path, REPORT, report_markdown(title, summaries, config))
+    write_atomic(path, REPORT, report_markdown(title, summaries, config, comparisons))
 
 
 def print_result(args: argparse.Namespace, path: Path, summaries: list[dict]) -> None:
@@ -196,7 +208,7 @@ def print_result(args: argparse.Namespace, path: Path, summaries: list[dict]) ->
         print(json.dumps(json.loads((path / SUMMARY).read_text())))
         return
     print()
-    print(text_table(summaries))
+    print(text_table(summaries, json.loads((path / SUMMARY).read_text())["comparisons"]))
     print(f"\nrecords, summary and report: {path}")
 
 
@@ -238,7 +250,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     path, summaries = execute(args, specs, f"rsd sweep: {args.dataset}", "sweep")
     for s, spec in zip(summaries, specs, strict=True):
         s["label"] = spec.label.removeprefix("rsd[").rstrip("]")
-    plot = plot_tradeoff(summaries, path / "tradeoff.png", title=f"RSD on {args.dataset}")
+    from rsd.eval.plot import plot_tradeoff
+
+    plot = plot_tradeoff(summaries, path / "tradeoff.png", problems=args.dataset)
     print_result(args, path, summaries)
     if not args.json:
         print(f"plot: {plot}")
@@ -294,8 +308,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     config = {**base, "shard": None, "merged_from": [str(d) for d in args.runs]}
     write_atomic(out, "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_atomic(out, "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    summaries = summarize(records, base["methods"])
-    write_outputs(out, "rsd merge", summaries, config, 0.0)
+    summaries = summarize(records, base["methods"], config)
+    write_outputs(out, "rsd merge", summaries, compare_methods(records, summaries), config, 0.0)
     print_result(args, out, summaries)
     return 0
 
@@ -323,9 +337,9 @@ def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_
     add_model_arguments(cal, required=False)
     add_decoding_arguments(cal)
     add_dataset_arguments(cal)
-    cal.add_argument("--target-share", type=float, default=0.3, help="share of steps the target should write (0.3)")
-    cal.add_argument("--rounds", type=int, default=3, help="RSD runs that correct the keep-all delta (3; 0: none)")
-    cal.add_argument("--tolerance", type=float, default=0.02, help="stop once the share is this close (0.02)")
+    cal.add_argument("--target-share", type=float, default=0.3, help="share of steps the target should write")
+    cal.add_argument("--rounds", type=int, default=3, help="RSD runs that correct the keep-all delta (0: none)")
+    cal.add_argument("--tolerance", type=float, default=0.02, help="stop once the share is this close")
     cal.add_argument("--json", action="store_true", help="print one JSON object")
     cal.set_defaults(func=cmd_calibrate)
 

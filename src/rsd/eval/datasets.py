@@ -1,7 +1,9 @@
 """Benchmark problems: the built-in math test sets, any JSONL file, a Hugging Face hub dataset, or a plug-in.
 
 Built-in names read `DATA_DIR/NAME/SPLIT.jsonl` in the layout of the Qwen2.5-Math evaluation suite, each with
-its own rule for the question and the gold answer (the table in `BUILTIN_LAYOUTS`). Malformed rows are
+its own rule for the question and the gold answer (the table in `BUILTIN_LAYOUTS`). Without a data folder
+(`--data-dir` or $RSD_DATA_DIR) they load from the Hugging Face hub (`HUB_SOURCES`) through `datasets`, when it
+is installed and the hub is not offline (`choose_benchmark_source`). Malformed rows are
 reported with their line numbers and skipped, or refused up front with `strict=True`: a run never crashes
 on row 900 of a file.
 
@@ -12,10 +14,11 @@ synthetic task, is one such loader (it generates its problems and imports `rsd.t
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,10 +242,12 @@ def _olympiadbench(row: dict) -> tuple[str, str, dict]:
 
 
 def _minerva(row: dict) -> tuple[str, str, dict]:
+    if "solution" not in row and "answer" in row:  # the hub's copy gives the final answer alone
+        return _first_field(row, "problem", "question"), as_text(row["answer"]), _keep(row, "type")
     answer = last_boxed(str(get_field(row, "solution")))
     if not answer:
         raise BadRow("field 'solution' has no \\boxed{} answer")
-    return _first_field(row, "problem"), answer, _keep(row, "type")
+    return _first_field(row, "problem", "question"), answer, _keep(row, "type")
 
 
 def _choices(row: dict) -> list[str]:
@@ -301,9 +306,83 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """Where a built-in benchmark lives on the Hugging Face hub (its test split there)."""
+
+    repo: str
+    split: str
+    config: str | None = None
+
+
+# The public hub copies of the benchmarks. The Qwen2.5-Math evaluation files (read from --data-dir) are the ones
+# the RSD paper used; the hub copies hold the same problems except mmlu_stem (3153 rows against 3018).
+HUB_SOURCES: dict[str, HubSource] = {
+    "math500": HubSource("HuggingFaceH4/MATH-500", "test"),
+    "gsm8k": HubSource("openai/gsm8k", "test", "main"),
+    "gaokao2023en": HubSource("MARIO-Math-Reasoning/Gaokao2023-Math-En", "train"),
+    "olympiadbench": HubSource("Hothan/OlympiadBench", "train", "OE_TO_maths_en_COMP"),
+    "minerva_math": HubSource("math-ai/minervamath", "test"),
+    "mmlu_stem": HubSource("TIGER-Lab/MMLU-STEM", "test"),
+    "aime24": HubSource("HuggingFaceH4/aime_2024", "train"),
+    "amc23": HubSource("math-ai/amc23", "test"),
+}
+OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_offline(env: Mapping[str, str]) -> str | None:
+    """The variable that puts the hub offline, if one does (the values huggingface_hub takes for true)."""
+    return next((v for v in OFFLINE_ENVS if env.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None)
+
+
+def choose_benchmark_source(
+    name: str, data_dir: str | Path | None, env: Mapping[str, str], datasets_installed: bool
+) -> Path | HubSource:
+    """Where a built-in benchmark comes from: a data folder when one is given (--data-dir, else $RSD_DATA_DIR),
+    else the hub when `datasets` is installed and the hub is not offline; else one error saying what to do."""
+    if data_dir is not None or env.get(DATA_DIR_ENV):
+        return resolve_data_dir(data_dir if data_dir is not None else env[DATA_DIR_ENV])
+    hub = HUB_SOURCES[name]
+    fix = f"pass --data-dir (a folder holding {name}/test.jsonl) or set {DATA_DIR_ENV}"
+    offline = hub_offline(env)
+    if offline:
+        raise RSDError(f"no data folder for {name}, and the hub is offline ({offline}=1): {fix}.")
+    if not datasets_installed:
+        raise RSDError(
+            f"no data folder for {name}: {fix}, or install `datasets` (pip install datasets) to load it from the "
+            f"Hugging Face hub ({hub.repo})."
+        )
+    return hub
+
+
+def _load_builtin_from_hub(hub: HubSource, rule: RowRule, options: LoadOptions) -> list[Problem]:
+    import datasets  # optional and heavy: only for a benchmark loaded from the hub
+
+    split = hub.split if options.split == "test" else options.split
+    try:
+        table = datasets.load_dataset(hub.repo, hub.config, split=split)
+    except Exception as exc:  # no network, a moved repository: all end the same way for the user
+        raise RSDError(
+            f"cannot load {options.name} from the Hugging Face hub ({hub.repo}, split {split}): {first_line(exc)}; "
+            f"download the files once and pass --data-dir (README: Benchmark data)."
+        ) from exc
+    rows = [(i, dict(row), "") for i, row in enumerate(table, start=1)]
+    return problems_from_rows(
+        rows, rule, dataset=options.name, source=f"hub dataset {hub.repo}", strict=options.strict, limit=options.limit
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _builtin_loader(rule: RowRule) -> DatasetLoader:
     def load(options: LoadOptions) -> list[Problem]:
-        folder = resolve_data_dir(options.data_dir)
+        installed = importlib.util.find_spec("datasets") is not None
+        folder = choose_benchmark_source(options.name, options.data_dir, os.environ, installed)
+        if isinstance(folder, HubSource):
+            return _load_builtin_from_hub(folder, rule, options)
         path = folder / options.name / f"{options.split}.jsonl"
         if not path.is_file():
             raise RSDError(

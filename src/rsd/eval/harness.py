@@ -63,7 +63,6 @@ class EvalContext:
     sample_temperature: float = 0.7
     sample_model: str = "draft"
     aggregate: str = "min"
-    sd_lookahead: int = 4
     grader: Callable[[EvalProblem, str], tuple[str | None, bool]] | None = None
     voter: Callable[[EvalProblem, list[str]], int] | None = None
 
@@ -99,14 +98,7 @@ def single_record(ctx: EvalContext, spec: MethodSpec, problem: EvalProblem, traj
         "finish_reason": traj.finish_reason,
         "steps": [s.to_dict() for s in traj.steps],
         "stats": traj.stats.to_dict(),
-        **extra_fields(traj),
     }
-
-
-def extra_fields(traj: Trajectory) -> dict:
-    """What a method adds beyond the common record (token-level SD: its acceptance counts)."""
-    data = traj.to_dict()
-    return {k: data[k] for k in ("speculative",) if k in data}
 
 
 def by_id(problems: Sequence[EvalProblem]) -> dict[str, EvalProblem]:
@@ -116,15 +108,6 @@ def by_id(problems: Sequence[EvalProblem]) -> dict[str, EvalProblem]:
 # -- one-sample methods ---------------------------------------------------------------------------------------
 def run_stepwise(ctx: EvalContext, spec: MethodSpec, problems: Sequence[EvalProblem], emit: Emit) -> None:
     decoder = ctx.decoder(spec.kind, spec.policy)
-    index = by_id(problems)
-    prompted = [Prompted(p.id, p.question, p.prompt) for p in problems]
-    decoder.run(prompted, on_finish=lambda t: emit(single_record(ctx, spec, index[t.key], t)))
-
-
-def run_speculative(ctx: EvalContext, spec: MethodSpec, problems: Sequence[EvalProblem], emit: Emit) -> None:
-    from rsd.speculative import SpeculativeDecoder
-
-    decoder = SpeculativeDecoder(ctx.rsd.draft, ctx.rsd.target, ctx.config, k=ctx.sd_lookahead)
     index = by_id(problems)
     prompted = [Prompted(p.id, p.question, p.prompt) for p in problems]
     decoder.run(prompted, on_finish=lambda t: emit(single_record(ctx, spec, index[t.key], t)))
@@ -219,7 +202,7 @@ METHOD_RUNNERS: dict[str, Callable[[EvalContext, MethodSpec, Sequence[EvalProble
     "rsd": run_stepwise,
     "target": run_stepwise,
     "draft": run_stepwise,
-    "sd": run_speculative,
+    "sd": run_stepwise,
     "best-of-n": run_sampled,
     "majority": run_sampled,
     "rsd-best-of-n": run_sampled,

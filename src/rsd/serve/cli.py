@@ -66,13 +66,21 @@ def check_options(args: argparse.Namespace) -> None:
             raise RSDError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port.") from None
 
 
+def fill_models(args: argparse.Namespace) -> None:
+    """No model arguments: the built-in tiny world's draft, target and PRM."""
+    given = [args.draft, args.target, args.prm]
+    if not any(given):
+        args.draft = args.target = args.prm = "tinyworld"  # each role's built-in model
+    elif not all(given):
+        raise RSDError("pass all of --draft, --target and --prm, or none of them to serve the built-in tiny world.")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     check_server_libraries()
     check_options(args)  # before minutes of loading models
     from rsd.cli import build_rsd
-    from rsd.eval.commands import fill_model_defaults
 
-    fill_model_defaults(args)
+    fill_models(args)
     app = build_app(build_rsd(args), args)
     print(f"rsd serve: {args.served_model_name} ({args.method}) on http://{args.host}:{args.port}/v1", flush=True)
     return run_server(app, args)
