@@ -28,7 +28,7 @@ from rsd.controller import (
     record_generation,
     record_scoring,
 )
-from rsd.core import Prompted, RewardOutput, RSDError, StepGenerator, StepOutput, Trajectory
+from rsd.core import Prompted, RewardOutput, RSDError, Step, StepGenerator, StepOutput, Trajectory
 
 
 class AsyncStepwiseDecoder(Controller):
@@ -72,17 +72,39 @@ class AsyncStepwiseDecoder(Controller):
         except* RSDError as errors:
             raise errors.exceptions[0] from None  # the first problem, as one clear message
         finally:
-            await self._close_backends()
+            await self.aclose()
         return trajectories
+
+    async def solve(self, traj: Trajectory, on_step: Callable[[Step], None] | None = None) -> Trajectory:
+        """Decode one started trajectory (`start`) to its end on the running event loop; `on_step` sees each step
+        the moment it is committed. Its caches are released at the end, also when the task is cancelled (a server
+        whose client went away), so any number of these may run side by side on one loop."""
+        if not hasattr(self, "_in_process"):
+            self._in_process = asyncio.Lock()
+        try:
+            while not traj.finished:
+                committed = len(traj.steps)
+                await self._advance(traj)
+                if on_step is not None:
+                    for step in traj.steps[committed:]:
+                        on_step(step)
+        finally:
+            self.release(traj)
+        return traj
+
+    async def aclose(self) -> None:
+        """Close the served backends' connections (of the running event loop)."""
+        for backend in {id(b): b for b in (self.proposer, self.fallback, self.reward_model) if b}.values():
+            close = getattr(backend, "aclose", None)
+            if close is not None:
+                await close()
 
     # -- one trajectory -----------------------------------------------------------------------------------------
     async def _solve(
         self, traj: Trajectory, slots: asyncio.Semaphore, on_finish: Callable[[Trajectory], None] | None
     ) -> None:
         async with slots:
-            while not traj.finished:
-                await self._advance(traj)
-            self.release(traj)
+            await self.solve(traj)
         if on_finish is not None:
             on_finish(traj)
 
@@ -126,9 +148,3 @@ class AsyncStepwiseDecoder(Controller):
         async with self._in_process:
             [out] = await asyncio.to_thread(getattr(backend, batch_name), [request], *args)
         return out
-
-    async def _close_backends(self) -> None:
-        for backend in {id(b): b for b in (self.proposer, self.fallback, self.reward_model) if b}.values():
-            close = getattr(backend, "aclose", None)
-            if close is not None:
-                await close()

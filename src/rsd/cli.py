@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_diff(sub)
 
+    from rsd.serve.cli import register as register_serve
+
+    register_serve(sub, add_model_arguments, add_decoding_arguments)
+
     grade = sub.add_parser("grade", help="grade existing outputs in a JSONL file")
     add_grade_arguments(grade)
     grade.set_defaults(func=run_grade)
