@@ -92,17 +92,10 @@ class SpeculativeStepGenerator:
     ) -> None:
         """`max_rows`: a call of more rows than this is written by the target alone, one forward per token (the
         same steps): where speculation does not pay at that batch (`rsd.api.RSD`'s "auto" rewrites)."""
-        for role, generator in (("target", target), ("draft", draft)):
-            if not isinstance(getattr(generator, "engine", None), StepModel):
-                raise RSDError(
-                    f"speculative rewrites need the {role} in process (a model folder or hub id, not a server); "
-                    "use --rewrite plain, or serve the target with vLLM's --speculative-config."
-                )
-        if target.vocabulary_fingerprint() != draft.vocabulary_fingerprint():
-            raise RSDError(
-                "speculative rewrites need a draft and a target with the same tokenizer; pick a draft of the "
-                "target's model family, or use --rewrite plain (RSD itself works across tokenizers)."
-            )
+        problem = speculation_problem(target, draft)
+        if problem is not None:
+            need, other_fix = problem
+            raise RSDError(f"speculative rewrites need {need}; use --rewrite plain, or {other_fix}.")
         self.target_generator, self.draft_generator = target, draft
         self.target, self.draft = target.engine, draft.engine
         self.name, self.role, self.cost = target.name, target.role, target.cost
@@ -424,3 +417,17 @@ class SpeculativeStepGenerator:
             forwards=row.target.forwards,
             speculation=row.speculation,
         )
+
+
+def speculation_problem(target: Any, draft: Any) -> tuple[str, str] | None:
+    """Why the draft cannot help the target write its steps: (what speculation needs, another way to get there), or
+    None when it can."""
+    for role, generator in (("target", target), ("draft", draft)):
+        if not isinstance(getattr(generator, "engine", None), StepModel):
+            return (
+                f"the {role} in process (a model folder or hub id, not a server)",
+                "serve the target with vLLM's --speculative-config to speculate inside the server",
+            )
+    if target.vocabulary_fingerprint() != draft.vocabulary_fingerprint():
+        return "a draft and a target with the same tokenizer", "pick a draft of the target's model family"
+    return None
