@@ -98,6 +98,11 @@ class SpeculativeStepGenerator:
             raise RSDError(f"speculative rewrites need {need}; use --rewrite plain, or {other_fix}.")
         self.target_generator, self.draft_generator = target, draft
         self.target, self.draft = target.engine, draft.engine
+        if self.draft is self.target:
+            # One generator as both (RSD(draft=m, target=m)): the draft proposes while the target's call holds the
+            # rows, so it needs an arena of its own (over the same weights) and keeps its caches there.
+            engine = self.target
+            self.draft = StepModel(engine.model, engine.stop_rule.tokenizer, engine.stop_rule.eos_token_ids, "draft")
         self.name, self.role, self.cost = target.name, target.role, target.cost
         self.tokenizer = target.tokenizer
         self.accept = accept
