@@ -189,7 +189,7 @@ class SpeculativeStepGenerator:
                 for row, limit in zip(live, limits, strict=True)
             ]
             owns = [chosen[start : start + 1 + len(p)] for start, p in zip(starts, proposals, strict=True)]
-            live = self._verify_round(live, proposals, owns, fed, max(limits), params, outputs)
+            live = self._verify_round(live, proposals, owns, fed, params, outputs)
             if live:
                 self._park_idle(live)
                 self._roll_target_back(live)
@@ -238,7 +238,6 @@ class SpeculativeStepGenerator:
         proposals: list[list[int]],
         owns: list[list[int]],
         fed: list[int],
-        proposed: int,
         params: StepParams,
         outputs: list[StepOutput | None],
     ) -> list[Rewrite]:
@@ -251,8 +250,10 @@ class SpeculativeStepGenerator:
             row.run_after_prefix += 1 + len(proposal)
             row.target_held += count
             kept = self._accept(row, proposal, own, params)
-            # The draft fed the tokens before its last proposal; those the target kept stay in its cache.
-            row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, proposed - 1))
+            # The draft fed the tokens before the row's last proposal; those the target kept stay in its cache. (It
+            # fed more where another row needed more proposals: those are forgotten, so that what the row's draft
+            # holds, and so what its next steps cost, never depends on which rows shared the batch.)
+            row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, len(proposal) - 1))
             row.speculation.proposed += len(proposal)
             row.speculation.from_draft += kept
             row.speculation.rounds += 1
