@@ -257,7 +257,10 @@ class SpeculativeStepGenerator:
             row.speculation.proposed += len(proposal)
             row.speculation.from_draft += kept
             row.speculation.rounds += 1
-            self._measure(row.request.key, min(kept, len(proposal)), min(len(proposal), kept + 1))
+            # A proposed token was turned down only where the target's own token took its place; a step that ended
+            # inside the kept tokens turned none down (the draft was right as far as the step went).
+            rejected = kept < len(proposal) and len(row.written) - written_before > kept
+            self._measure(row.request.key, kept, kept + rejected)
         return self._leave_finished(live, outputs)
 
     def _measure(self, key: Hashable, accepted: int, trials: int) -> None:
