@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny import make_qwen2_lm, make_tokenizer  # noqa: E402
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper  # noqa: E402
+from vllm_servers import serving, start_vllm_server, vllm_python  # noqa: E402
 
 from rsd.api import RSD  # noqa: E402
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
@@ -48,7 +49,6 @@ from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.eval.harness import default_tinyworld_model  # noqa: E402
 from rsd.policies import Threshold  # noqa: E402
 from rsd.speculative import MAX_K, PRIOR_ACCEPTANCE, SpeculativeStepGenerator  # noqa: E402
-from rsd.testing.servers import serving, start_vllm_server, vllm_python  # noqa: E402
 
 LAYOUTS = ("qwen2", "llama", "qwen3")
 RUNNERS = ("engine", "eager")
@@ -915,7 +915,10 @@ def test_an_unknown_rewrite_is_refused():
 
 @pytest.mark.served
 @pytest.mark.slow
-@pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment: set RSD_VLLM_PYTHON to its python")
+@pytest.mark.skipif(
+    vllm_python() is None,
+    reason="no vLLM environment: run `bash scripts/setup_vllm_cpu.sh`, set RSD_VLLM_PYTHON to that venv's python",
+)
 def test_a_served_target_is_refused_and_auto_rewrites_plainly(tmp_path):
     model = Path(shutil.copytree(default_tinyworld_model("target"), tmp_path / "target"))
     with serving({"target": start_vllm_server(model, log_dir=tmp_path)}) as servers:
