@@ -171,6 +171,16 @@ class RSD:
             return self._speculative
         return SpeculativeStepGenerator(self.target, self.draft, max_rows=max_rows)
 
+    def sd_target(self) -> StepGenerator:
+        """The target of the `sd` method, or an error naming what sd needs (--rewrite plain is RSD's fix, not sd's)."""
+        from rsd.speculative import speculation_problem
+
+        problem = speculation_problem(self.target, self.draft)
+        if problem is not None:
+            need, other_fix = problem
+            raise RSDError(f"the sd method needs {need}; run the target method (the target alone), or {other_fix}.")
+        return self.speculative_target()
+
     def rewriter(self) -> StepGenerator:
         """Who rewrites rejected steps: the target with speculation where `rewrite` asks for it and it can run; with
         "auto", on a GPU only for calls of few rows (`AUTO_SPECULATIVE_ROWS`), where it was measured to pay."""
@@ -208,7 +218,7 @@ class RSD:
         if method in ("draft", "target"):
             return decoder_class(getattr(self, method), config, proposer_role=method)
         if method == "sd":
-            return decoder_class(self.speculative_target(), config, proposer_role="target")
+            return decoder_class(self.sd_target(), config, proposer_role="target")
         raise RSDError(f"unknown method {method!r}; use rsd, draft, target or sd.")
 
     def prompt(self, question: str, template: str = DEFAULT_TEMPLATE) -> str:

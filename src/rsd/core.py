@@ -100,7 +100,7 @@ class StepOutput:
     text: str  # decoded with special tokens removed
     stop: StopReason
     prefill_tokens: int  # prefix tokens this call had to run through the model (cache misses)
-    decode_tokens: int  # tokens generated (== len(token_ids))
+    decode_tokens: int  # tokens generated (len(token_ids)); with speculation, every token the model verified
     context_sum: int = 0  # sum over processed tokens of their context length, for attention FLOPs
     forwards: int = 0  # forward passes of the model this step took part in (in process; 0 when unknown)
     speculation: Speculation | None = None  # what token-level speculation did for it, where it ran

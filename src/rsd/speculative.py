@@ -92,19 +92,17 @@ class SpeculativeStepGenerator:
     ) -> None:
         """`max_rows`: a call of more rows than this is written by the target alone, one forward per token (the
         same steps): where speculation does not pay at that batch (`rsd.api.RSD`'s "auto" rewrites)."""
-        for role, generator in (("target", target), ("draft", draft)):
-            if not isinstance(getattr(generator, "engine", None), StepModel):
-                raise RSDError(
-                    f"speculative rewrites need the {role} in process (a model folder or hub id, not a server); "
-                    "use --rewrite plain, or serve the target with vLLM's --speculative-config."
-                )
-        if target.vocabulary_fingerprint() != draft.vocabulary_fingerprint():
-            raise RSDError(
-                "speculative rewrites need a draft and a target with the same tokenizer; pick a draft of the "
-                "target's model family, or use --rewrite plain (RSD itself works across tokenizers)."
-            )
+        problem = speculation_problem(target, draft)
+        if problem is not None:
+            need, other_fix = problem
+            raise RSDError(f"speculative rewrites need {need}; use --rewrite plain, or {other_fix}.")
         self.target_generator, self.draft_generator = target, draft
         self.target, self.draft = target.engine, draft.engine
+        if self.draft is self.target:
+            # One generator as both (RSD(draft=m, target=m)): the draft proposes while the target's call holds the
+            # rows, so it needs an arena of its own (over the same weights) and keeps its caches there.
+            engine = self.target
+            self.draft = StepModel(engine.model, engine.stop_rule.tokenizer, engine.stop_rule.eos_token_ids, "draft")
         self.name, self.role, self.cost = target.name, target.role, target.cost
         self.tokenizer = target.tokenizer
         self.accept = accept
@@ -191,7 +189,7 @@ class SpeculativeStepGenerator:
                 for row, limit in zip(live, limits, strict=True)
             ]
             owns = [chosen[start : start + 1 + len(p)] for start, p in zip(starts, proposals, strict=True)]
-            live = self._verify_round(live, proposals, owns, fed, max(limits), params, outputs)
+            live = self._verify_round(live, proposals, owns, fed, params, outputs)
             if live:
                 self._park_idle(live)
                 self._roll_target_back(live)
@@ -240,7 +238,6 @@ class SpeculativeStepGenerator:
         proposals: list[list[int]],
         owns: list[list[int]],
         fed: list[int],
-        proposed: int,
         params: StepParams,
         outputs: list[StepOutput | None],
     ) -> list[Rewrite]:
@@ -253,12 +250,17 @@ class SpeculativeStepGenerator:
             row.run_after_prefix += 1 + len(proposal)
             row.target_held += count
             kept = self._accept(row, proposal, own, params)
-            # The draft fed the tokens before its last proposal; those the target kept stay in its cache.
-            row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, proposed - 1))
+            # The draft fed the tokens before the row's last proposal; those the target kept stay in its cache. (It
+            # fed more where another row needed more proposals: those are forgotten, so that what the row's draft
+            # holds, and so what its next steps cost, never depends on which rows shared the batch.)
+            row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, len(proposal) - 1))
             row.speculation.proposed += len(proposal)
             row.speculation.from_draft += kept
             row.speculation.rounds += 1
-            self._measure(row.request.key, min(kept, len(proposal)), min(len(proposal), kept + 1))
+            # A proposed token was turned down only where the target's own token took its place; a step that ended
+            # inside the kept tokens turned none down (the draft was right as far as the step went).
+            rejected = kept < len(proposal) and len(row.written) - written_before > kept
+            self._measure(row.request.key, kept, kept + rejected)
         return self._leave_finished(live, outputs)
 
     def _measure(self, key: Hashable, accepted: int, trials: int) -> None:
@@ -424,3 +426,17 @@ class SpeculativeStepGenerator:
             forwards=row.target.forwards,
             speculation=row.speculation,
         )
+
+
+def speculation_problem(target: Any, draft: Any) -> tuple[str, str] | None:
+    """Why the draft cannot help the target write its steps: (what speculation needs, another way to get there), or
+    None when it can."""
+    for role, generator in (("target", target), ("draft", draft)):
+        if not isinstance(getattr(generator, "engine", None), StepModel):
+            return (
+                f"the {role} in process (a model folder or hub id, not a server)",
+                "serve the target with vLLM's --speculative-config to speculate inside the server",
+            )
+    if target.vocabulary_fingerprint() != draft.vocabulary_fingerprint():
+        return "a draft and a target with the same tokenizer", "pick a draft of the target's model family"
+    return None
