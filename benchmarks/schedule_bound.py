@@ -254,11 +254,15 @@ def costs_from_result(result: dict, steps: int, keep_share: float, step_tokens: 
 
 
 def is_gpu_speed_report(report: object) -> bool:
-    """Whether a parsed JSON file is `gpu_speed.py` output (benchmarks/results/ also holds other benchmarks')."""
+    """Whether a parsed JSON file is `gpu_speed.py` output with the per-model costs this replay needs (the draft and
+    the PRM timed alone, as `gpu_speed.py` recorded them at 16915a8; benchmarks/results/ also holds other output)."""
     if not isinstance(report, dict) or not isinstance(report.get("config"), dict):
         return False
     results = report.get("results")
-    return isinstance(results, list) and all(isinstance(r, dict) and "seconds_median" in r for r in results)
+    needed = ("target_only", "draft_alone", "prm_alone")
+    return isinstance(results, list) and all(
+        isinstance(r, dict) and all(k in r.get("seconds_median", {}) for k in needed) for r in results
+    )
 
 
 def own_shares(result: dict, one_row: dict) -> dict[str, float]:

@@ -253,14 +253,15 @@ def test_packed_chunks_place_every_token_and_never_let_a_tile_or_chunk_cross_a_r
     # column 6 on), in chunks of at most 6 tokens and tiles of at most 4.
     arena = Arena(layers=1, kv_heads=1, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
     arena.open([torch.zeros((1, 2, 1, past, 16)) if past else None for past in (3, 0, 6)], room=8)
-    feed = Feed.placed(arena, [[1] * 5, [2], [3] * 7])
+    tokens = [[1] * 5, [2], [3] * 7]
+    feed = Feed.placed(arena, [len(t) for t in tokens], [t for row in tokens for t in row])
     assert feed.positions == [3, 4, 5, 6, 7] + [0] + [6, 7, 8, 9, 10, 11, 12]
     assert feed.slots == [0] * 5 + [1] + [2] * 7
     assert feed.columns == list(range(6, 11)) + [6] + list(range(6, 13))
-    assert feed.rows == [(0, 0, 5), (1, 5, 1), (2, 6, 7)] and feed.last_tokens() == [4, 5, 12]
+    assert feed.rows == [(0, 0, 5), (1, 5, 1), (2, 6, 7)] and feed.kept_tokens([1, 1, 1]) == [4, 5, 12]
     assert arena.lo == [3, 6, 0, 6] and arena.next == [11, 7, 13, 6]
     monkeypatch.setattr(engine_forward, "PACKED_CHUNK_TOKENS", 6)
-    chunks = packed_chunks(feed, arena.lo, 4, feed.last_tokens())
+    chunks = packed_chunks(feed, arena.lo, 4, feed.kept_tokens([1, 1, 1]))
     assert [(first, end) for first, end, _, _ in chunks] == [(0, 6), (6, 12), (12, 13)]
     # [arena row, first token in the chunk, tokens, first real column, last token's column + 1]
     assert [tiles for _, _, tiles, _ in chunks] == [
