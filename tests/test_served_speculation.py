@@ -3,10 +3,11 @@
 - Verified rewrites: a greedy rewrite request that carries the rejected draft step is verified through the server
   (one request with `prompt_logprobs`, then the usual request if the step goes on). The step must be exactly the
   target's own, the one the plain request gives, whatever the proposal: agreeing fully, partly, not at all, running
-  past the delimiter, ending at EOS, cut by the step cap, diverging right before the delimiter (whose two halves
-  then lie in different requests).
+  past the delimiter, ending at EOS, cut by the step cap, diverging where a delimiter split over two tokens begins
+  (its halves then lie in different requests). "auto" verifies only where it pays; sampled rewrites never.
 - vLLM's own speculative decoding (`--speculative-config` with the tiny world's draft): rsd runs against such a
-  server and gets the same steps and trajectories as from the plain target server.
+  server and gets the same steps and trajectories as from the plain target server. If vLLM cannot start such a
+  server, that test skips with the end of the server's log.
 
 Two servers start together at the module's first server test (about 1-2 minutes on 2 cores) and are shared.
 """
