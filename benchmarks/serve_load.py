@@ -14,7 +14,7 @@ first step's chunk), and failures (any answer that is not a 200 ending in `[DONE
 batching the models themselves allow on this machine, against which the server's ratio reads.
 
 `--backend tinyworld` serves the committed tiny-world models in process (`rsd serve` with no model arguments);
-`--backend vllm` puts each of them behind a vLLM CPU server (`rsd.testing.servers`, PRM with STEP pooling, as
+`--backend vllm` puts each of them behind a vLLM CPU server (`tests/vllm_servers.py`, PRM with STEP pooling, as
 `tests/test_served.py` does) and serves RSD over those (`rsd serve --draft URL --target URL --prm URL`).
 Prints a markdown table per backend and three checks: throughput at 32 at least 4x that at 1, no failed
 request, p99 latency at 8 at most 3x the median latency at 1.
@@ -39,7 +39,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from rsd.testing.servers import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the vLLM test servers' helpers
+
+from vllm_servers import free_port  # noqa: E402
 
 from rsd.eval.harness import default_tinyworld_model
 from rsd.tinyworld.task import load_tinyworld
@@ -183,8 +186,8 @@ def rsd_serve(model_args: list[str], extra: list[str], log_dir: Path):
 @contextmanager
 def vllm_tinyworld(log_dir: Path):
     """The tiny world's draft, target and PRM behind vLLM CPU servers; yields their `rsd serve` model arguments."""
-    from rsd.testing.servers import serving, start_vllm_server
     from transformers import AutoTokenizer
+    from vllm_servers import serving, start_vllm_server
 
     from rsd.rewards.formats import QWEN_PRM_STEP_TAG
 

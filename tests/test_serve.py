@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from rsd.testing.servers import free_port, serving, start_vllm_server, vllm_python
 from transformers import AutoTokenizer
+from vllm_servers import free_port, serving, start_vllm_server, vllm_python
 
 from rsd.api import RSD
 from rsd.eval.harness import default_tinyworld_model

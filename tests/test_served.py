@@ -190,12 +190,13 @@ def decisions(traj: Trajectory) -> list[tuple[bool, str]]:
 
 
 def step_statistics(traj: Trajectory) -> dict:
-    """What both paths must count alike; prefill tokens differ by design (KV cache vs the server's block cache)."""
+    """What both paths must count alike; prefill tokens differ by design (KV cache vs the server's block cache), and
+    so do the served target's computed tokens (it verifies each rejected step before writing on)."""
     stats = traj.stats.to_dict()
     tokens = {k: v for k, v in stats["tokens"].items() if k != "prm"}
     return {k: stats[k] for k in ("num_steps", "steps_kept", "steps_rejected")} | {
         "tokens": tokens,
-        "decode": {role: usage["decode_tokens"] for role, usage in stats["models"].items()},
+        "decode": {role: usage["decode_tokens"] for role, usage in stats["models"].items() if role != "target"},
         "finish": traj.finish_reason,
     }
 

@@ -138,7 +138,8 @@ class RSD:
         "target", "prm") for served models. `rewrite`: how the target writes the steps it rewrites,
         "speculative" (verifying the rejected step, then token-level speculation with the draft: the same steps
         in fewer target forwards; needs both in process with one tokenizer), "plain" (one forward per token), or
-        "auto" (speculative wherever it can run)."""
+        "auto" (speculative wherever it pays: on a GPU in calls of few rows; a served target verifies greedy
+        rejected steps through its vLLM server, docs/serving.md)."""
         if rewrite not in REWRITES:
             raise RSDError(f"rewrite={rewrite!r}: choose one of {', '.join(REWRITES)}.")
         tokenizers = tokenizers or {}
@@ -157,6 +158,8 @@ class RSD:
             prm, prm_format, self.config.delimiter, device, dtype, trust_remote_code, tokenizers.get("prm")
         )
         self._speculative: StepGenerator | None = None
+        if rewrite == "plain" and hasattr(self.target, "verify"):
+            self.target.verify = "never"  # a served target: no request scores the rejected step first
         if rewrite == "speculative":
             self.speculative_target()  # refuse now, not after the first rejected step
 

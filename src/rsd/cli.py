@@ -84,7 +84,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "speculative", "plain"),
         help="how the target writes a rejected step: verifying it, then token-level speculation with the draft "
         "(speculative: the same step in fewer target forwards; needs both in process with one tokenizer), one "
-        "forward per token (plain), or speculative wherever it can run (auto, the default)",
+        "forward per token (plain), or speculative wherever it can run (auto, the default; a served vLLM target "
+        "verifies greedy rejected steps where that pays: docs/serving.md)",
     )
 
 

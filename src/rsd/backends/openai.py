@@ -13,6 +13,11 @@ in the output, the step cap as `max_tokens`. Why it stopped is read from both se
 The server's prefix cache does the job of the in-process KV cache: a trajectory is sent back to the replica that
 served its last step (affinity), where its prefix is cached, unless that replica is much busier than another.
 
+A greedy request that carries a proposal (a rejected draft step) is first verified on vLLM: one request reads
+prefix + proposal with `prompt_logprobs` (top-1), which gives the target's own argmax at every proposal position;
+the step keeps the proposal's longest prefix equal to it plus the target's own next token, and goes on with the
+usual request only if the step has not ended there. The step is the one the target writes without the proposal.
+
 Everything here is asynchronous (`httpx.AsyncClient`); the synchronous `StepGenerator` methods run the same
 coroutines on a private event-loop thread, so the lock-step `StepwiseDecoder` and the asynchronous controller
 (`rsd.async_loop`) drive the same code.
@@ -36,7 +41,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from rsd.core import ModelCost, RSDError, StepOutput, StepParams, StepRequest, StopReason
+from rsd.core import ModelCost, RSDError, Speculation, StepOutput, StepParams, StepRequest, StopReason
 
 log = logging.getLogger("rsd.served")
 T = TypeVar("T")
@@ -44,6 +49,9 @@ T = TypeVar("T")
 URL_SCHEMES = ("http://", "https://")
 # A probe the server and the local tokenizer must split identically (digits, spaces, newlines, punctuation).
 TOKENIZER_PROBE = "Tom has 3 apples and buys 4 more: 3 + 4 = 7.\n\nThe answer is \\boxed{7}."
+VERIFY_MIN_TOKENS = 10  # see ServerOptions.verify_min_tokens
+VERIFY_CHOICES = ("auto", "always", "never")  # ServedStepGenerator(verify=...)
+DELIMITER_WINDOW_SLACK = 4  # tokens beyond the delimiter's bytes a window decodes (characters split over tokens)
 
 
 def is_server_url(model: object) -> bool:
@@ -68,6 +76,10 @@ def parse_server_urls(spec: str | Sequence[str], role: str) -> list[str]:
     return roots
 
 
+class RequestRejected(RSDError):
+    """A server answered a request with HTTP 4xx: the request's own fault, not the server's."""
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How one role talks to its servers. Defaults suit a few GPUs; raise `max_concurrency` for many replicas."""
@@ -79,10 +91,18 @@ class ServerOptions:
     backoff_s: float = 0.5  # wait before the first retry; doubles with every further one
     max_backoff_s: float = 8.0
     affinity_slack: int = 4  # keep a trajectory on its replica unless it has this many more requests in flight
+    # Verify a rewrite's proposal (greedy, vLLM) when it has at least this many tokens, and when the replica has at
+    # most `verify_max_in_flight` other requests in flight: a shorter proposal saves fewer decode steps than the
+    # verifying request costs, and on a busy server that request's prefill (it reads no prefix cache) slows every
+    # other request (docs/serving.md has the figures).
+    verify_min_tokens: int = VERIFY_MIN_TOKENS
+    verify_max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1 or self.retries < 0 or self.timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise RSDError("server options: max_concurrency >= 1, retries >= 0 and positive timeouts, please.")
+        if self.verify_min_tokens < 1 or self.verify_max_in_flight < 0:
+            raise RSDError("server options: verify_min_tokens >= 1 and verify_max_in_flight >= 0, please.")
 
 
 @dataclass(eq=False)
@@ -223,7 +243,7 @@ class ServerPool:
                     server.in_flight -= 1
             if response is not None and response.status_code < 500:
                 if response.status_code >= 400:
-                    raise RSDError(self._rejected_message(server, path, response))
+                    raise RequestRejected(self._rejected_message(server, path, response))
                 if key is not None:
                     self._affinity[key] = server
                 server.failing = 0
@@ -266,6 +286,16 @@ class ServerPool:
                 self._next = (self._next + offset + 1) % n
                 return server
         return healthy[0]  # unreachable: some healthy server has the least load
+
+    def load(self, key: Hashable | None) -> int:
+        """Requests in flight at the replica a request for `key` would go to (its trajectory's, or the least busy)."""
+        now = time.monotonic()
+        healthy = [s for s in self.servers if s.failed_until <= now] or self.servers
+        least = min(s.in_flight for s in healthy)
+        sticky = self._affinity.get(key) if key is not None else None
+        if sticky in healthy and sticky.in_flight <= least + self.options.affinity_slack:
+            return sticky.in_flight
+        return least
 
     def _rejected_message(self, server: Server, path: str, response: httpx.Response) -> str:
         detail = short_body(response)
@@ -426,6 +456,38 @@ def token_ids_of(choice: dict) -> list[int] | None:
     return None
 
 
+def own_choices(prompt_logprobs: Sequence[dict | None]) -> list[int]:
+    """The model's argmax at each prompt position, from vLLM's `prompt_logprobs` with top-1 (token id -> rank)."""
+    choices = []
+    for position in prompt_logprobs:
+        if not position:
+            raise RSDError("the server returned no prompt logprobs for a position; is it vLLM 0.11 or later?")
+        firsts = [int(token) for token, entry in position.items() if entry.get("rank") == 1]
+        if not firsts:
+            raise RSDError("the server's prompt logprobs name no top-1 token; is it vLLM 0.11 or later?")
+        # Two firsts only on a tie: the top-1 entry is then the other one (the prompt's token comes first).
+        choices.append(firsts[-1])
+    return choices
+
+
+def agreeing_length(proposal: Sequence[int], choices: Sequence[int]) -> int:
+    """How many first tokens of `proposal` equal the model's own choice at their position."""
+    n = 0
+    while n < len(proposal) and proposal[n] == choices[n]:
+        n += 1
+    return n
+
+
+def delimiter_end(tokens: Sequence[int], start: int, delimiter: str, decode: Any) -> int | None:
+    """The length of `tokens` at which the delimiter first appears in their text, looking at tokens `start` on
+    (tokens[:start] hold none), or None. A delimiter completed by a token lies within its last len(bytes) tokens."""
+    window = len(delimiter.encode("utf-8")) + DELIMITER_WINDOW_SLACK
+    for n in range(start + 1, len(tokens) + 1):
+        if delimiter in decode(tokens[max(0, n - window) : n]):
+            return n
+    return None
+
+
 class ServedStepGenerator:
     """A model behind OpenAI-compatible servers as a `StepGenerator`, with an asynchronous one-step method."""
 
@@ -437,12 +499,22 @@ class ServedStepGenerator:
         served_model: str | None = None,
         options: ServerOptions | None = None,
         cost: ModelCost | None = None,
+        verify: str = "auto",
     ) -> None:
+        if verify not in VERIFY_CHOICES:
+            raise RSDError(f"verify={verify!r}: choose one of {', '.join(VERIFY_CHOICES)}.")
         self.role = role
         self.pool = ServerPool(urls, role, options)
         self.info = self.pool.discover(served_model)
         self.name = self.info.name
         self.tokenizer = load_served_tokenizer(tokenizer, self.info, role)
+        # Whether requests' proposals are verified first (greedy, vLLM): "auto" where it pays, "always", or "never"
+        # (`--rewrite plain`). The step is the same either way; only the requests and their cost differ.
+        self.verify = verify
+        self.speculating = False  # whether the server speculates itself (vLLM's --speculative-config), seen at start
+        # Stop tokens are special tokens; whether one of them ends a step is the server's call (its generation
+        # config may add some), so a verified step never ends at one that the server has not generated itself.
+        self.special_ids = set(getattr(self.tokenizer, "all_special_ids", None) or ())
         self.cost = cost or checkpoint_cost(tokenizer_folder(tokenizer, self.info))
         self.vocab_size = None  # the served embedding table is not visible over HTTP
         run_sync(self._check_server())
@@ -480,6 +552,19 @@ class ServedStepGenerator:
         if not request.prefix_ids:
             raise RSDError(f"request {request.key!r} has an empty prefix; give it at least one prompt token.")
         step = StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
+        proposal = self.verifiable_proposal(request, params)
+        try:
+            if proposal and await self._verify(request, proposal, params, step):
+                return step
+        except RequestRejected as exc:  # a server that refuses prompt logprobs (its --max-logprobs, say)
+            log.warning("the %s server refused a verifying request (%s); rewrites go on without", self.role, exc)
+            self.verify = "never"
+        await self._generate(request, params, step)
+        return step
+
+    async def _generate(self, request: StepRequest, params: StepParams, step: StepOutput) -> None:
+        """Write the step on from the tokens it holds (none, or a verified part) with the usual requests."""
+        verified = len(step.token_ids)
         while True:
             prefix = [*request.prefix_ids, *step.token_ids]
             piece = StepRequest(request.key, prefix, request.max_tokens - len(step.token_ids))
@@ -489,10 +574,93 @@ class ServedStepGenerator:
             # prompt's text as output and can "find" the delimiter there. A step ends at a delimiter of its own:
             # otherwise generation goes on from where the server stopped.
             if step.stop is not StopReason.DELIMITER or params.delimiter in step.text:
-                return step
+                break
             if len(step.token_ids) >= request.max_tokens:
                 step.stop = StopReason.LENGTH
-                return step
+                break
+        if verified:
+            # The server looks for the delimiter in its output alone: one that begins in the verified part and ends
+            # in the output went unseen there, and ends the step where the target writing alone would have stopped.
+            end = delimiter_end(step.token_ids, verified, params.delimiter, self._text)
+            if end is not None and end < len(step.token_ids):
+                del step.token_ids[end:]
+                step.text, step.stop = self._text(step.token_ids), StopReason.DELIMITER
+
+    # -- verifying a proposal -----------------------------------------------------------------------------------
+    def verifiable_proposal(self, request: StepRequest, params: StepParams) -> list[int]:
+        """The part of the request's proposal to verify, or [] where verifying does not pay or is not exact.
+
+        Greedy only: a served sampler's draws are not rsd's, so a sampled proposal could not be checked against
+        them. vLLM only: SGLang's completions return no prompt logprobs. Cut to leave room for the target's own
+        next token within the step cap, and before the first special token (whether it stops the step is for the
+        server to say, by generating it). "auto" verifies only where it pays (`_verifying_pays`); "always"
+        wherever it is exact."""
+        if self.verify == "never" or self.info.kind != "vllm" or params.temperature != 0:
+            return []
+        proposal = list(request.proposal[: request.max_tokens - 1])
+        special = next((i for i, token in enumerate(proposal) if token in self.special_ids), len(proposal))
+        proposal = proposal[:special]
+        if self.verify == "auto" and not self._verifying_pays(request, len(proposal)):
+            return []
+        return proposal
+
+    def _verifying_pays(self, request: StepRequest, tokens: int) -> bool:
+        """The measured rule of "auto" (docs/serving.md): a proposal long enough, a server that does not speculate
+        itself (its own draft writes the step faster than a verified one), and a replica that is not busy."""
+        options = self.pool.options
+        return (
+            tokens >= options.verify_min_tokens
+            and not self.speculating
+            and self.pool.load(request.key) <= options.verify_max_in_flight
+        )
+
+    async def _verify(self, request: StepRequest, proposal: list[int], params: StepParams, step: StepOutput) -> bool:
+        """One request reads prefix + proposal and gives the target's own choice at every proposal position; the
+        step takes the agreeing prefix and the target's next token. Returns whether the step ended there."""
+        prefix = list(request.prefix_ids)
+        piece = StepRequest(request.key, [*prefix, *proposal], 1)
+        payload = self._payload(piece, params) | {"prompt_logprobs": 1}
+        body = await self.pool.post("/v1/completions", payload, key=request.key)
+        choice = body["choices"][0]
+        own = own_choices((choice.get("prompt_logprobs") or [])[len(prefix) :])
+        if len(own) != len(proposal):
+            raise RSDError(f"the {self.role} server returned prompt logprobs for {len(own)} of {len(proposal)} "
+                           "proposed tokens; is it vLLM 0.11 or later?")  # fmt: skip
+        kept = agreeing_length(proposal, own)
+        server_stop = None
+        if kept == len(proposal):  # all agree: the next token is the one the server generated, stop or not
+            generated = token_ids_of(choice) or []
+            server_stop = stop_reason_of(choice, params.delimiter)
+            step.token_ids = [*proposal, *generated[:1]]
+        else:  # a special token the server did not generate may stop the step: the next request writes it
+            step.token_ids = proposal[:kept] + ([own[kept]] if own[kept] not in self.special_ids else [])
+        self._count_verification(step, body, len(prefix), len(proposal))
+        end = delimiter_end(step.token_ids, 0, params.delimiter, self._text)
+        if end is not None:
+            del step.token_ids[end:]
+            step.stop = StopReason.DELIMITER
+        elif server_stop is StopReason.EOS:
+            step.stop = StopReason.EOS
+        elif len(step.token_ids) >= request.max_tokens:
+            step.stop = StopReason.LENGTH
+        step.text = self._text(step.token_ids)
+        step.speculation = Speculation(proposal_tokens=len(proposal), from_proposal=min(kept, len(step.token_ids)),
+                                       rounds=1)  # fmt: skip
+        return end is not None or server_stop is StopReason.EOS or len(step.token_ids) >= request.max_tokens
+
+    def _count_verification(self, step: StepOutput, body: dict, prefix: int, proposal: int) -> None:
+        """The verifying request's cost: the prefix tokens it ran (vLLM reads no cache for prompt logprobs), the
+        proposal, and the one token it generated, all in one forward."""
+        usage = body.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens") or prefix + proposal)
+        cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        step.prefill_tokens += max(0, prefix - cached)
+        step.decode_tokens += min(proposal, prompt - cached) + 1
+        step.context_sum += context_sum(cached, prompt - cached) + context_sum(prompt, 1)
+        step.forwards += 1
+
+    def _text(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _payload(self, request: StepRequest, params: StepParams) -> dict:
         max_tokens = request.max_tokens
@@ -532,13 +700,16 @@ class ServedStepGenerator:
                 text += params.delimiter  # a server that trims the matched stop string
             ids = self.encode(text)
         step.token_ids += ids
-        step.text = self.tokenizer.decode(step.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        step.text = self._text(step.token_ids)
         usage = body.get("usage") or {}
         prompt = int(usage.get("prompt_tokens") or len(request.prefix_ids))
         cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
         step.prefill_tokens += prompt - cached
         step.decode_tokens += len(ids)
         step.context_sum += context_sum(cached, prompt - cached) + context_sum(prompt, len(ids))
+        # One forward of the target per generated token (the first with the prompt); a server that speculates
+        # itself (vLLM's --speculative-config) runs fewer, which its /metrics count.
+        step.forwards += len(ids)
 
     # -- start-up probe -----------------------------------------------------------------------------------------
     async def _check_server(self) -> None:
@@ -550,6 +721,7 @@ class ServedStepGenerator:
         probe_ids = self.encode(TOKENIZER_PROBE)
         for server in self.pool.servers:
             if self.info.kind == "vllm":
+                self.speculating |= await self._speculates(server)
                 payload = {"model": self.name, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
                 served_ids = (await self._probe(server, "/tokenize", payload)).get("tokens")
                 if served_ids is not None and list(served_ids) != probe_ids:
@@ -559,6 +731,16 @@ class ServedStepGenerator:
                     )
             payload = {"model": self.name, "prompt": probe_ids[:4], "max_tokens": 1, "temperature": 0.0}
             await self._probe(server, "/v1/completions", payload)
+
+    async def _speculates(self, server: Server) -> bool:
+        """Whether a vLLM server runs speculative decoding: its /metrics then count draft tokens."""
+        try:
+            response = await self.pool.client().get(
+                server.root + "/metrics", timeout=self.pool.options.connect_timeout_s
+            )
+        except httpx.HTTPError:
+            return False  # no metrics: assume it does not
+        return response.status_code == 200 and "vllm:spec_decode" in response.text
 
     async def _probe(self, server: Server, path: str, payload: dict) -> dict:
         try:
