@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,8 +50,26 @@ def summarize_method(method: str, records: Sequence[dict]) -> dict:
         "flops": {**flops, "total": sum(flops.values())},
         "wall_time_s": round(sum(wall.values()), 4),
         "wall_time_by_model_s": {r: round(t, 4) for r, t in wall.items()},
+        "finish_reasons": finish_reasons(records),
         **({"speculative": speculative_summary(speculative)} if speculative else {}),
     }
+
+
+def finish_reasons(records: Sequence[dict]) -> dict[str, int]:
+    """How many problems ended for each reason ("eos", "max_new_tokens", "max_steps", "context", ...)."""
+    return dict(sorted(Counter(r["finish_reason"] for r in records if r.get("finish_reason")).items()))
+
+
+def finish_reason_note(summaries: Sequence[dict]) -> str | None:
+    """A footnote for the table where some problems ended other than at EOS (a budget, or a full context)."""
+    if all(set(s.get("finish_reasons", {})) <= {"eos"} for s in summaries):
+        return None
+    parts = [
+        f"{s['method']} " + ", ".join(f"{n} {reason}" for reason, n in s["finish_reasons"].items())
+        for s in summaries
+        if s.get("finish_reasons")
+    ]
+    return "problems by finish reason: " + "; ".join(parts)
 
 
 def speculative_summary(per_problem: Sequence[dict]) -> dict:
@@ -100,7 +119,9 @@ def text_table(summaries: Sequence[dict]) -> str:
 
 
 def report_markdown(title: str, summaries: Sequence[dict], config: dict) -> str:
-    lines = [f"# {title}", "", markdown_table(summaries), "## Configuration", "", "```"]
+    footnote = finish_reason_note(summaries)
+    lines = [f"# {title}", "", markdown_table(summaries), *([footnote, ""] if footnote else [])]
+    lines += ["## Configuration", "", "```"]
     lines += [f"{k}: {v}" for k, v in sorted(config.items())]
     lines += ["```", ""]
     return "\n".join(lines)
