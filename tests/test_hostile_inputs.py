@@ -279,6 +279,14 @@ def test_out_folders_that_cannot_hold_a_run_are_refused(root, poisoned, finished
     assert a_file.read_text() == "mine"
 
 
+def test_a_run_that_fails_before_its_first_record_leaves_no_folder(root, poisoned):
+    out = root / "failed-at-load"
+    result, _ = run_rsd("eval", *poisoned, "--num-problems", "2", "--out", out)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "could not load the draft tokenizer" in result.stderr  # the checks passed; the model itself failed
+    assert not out.exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not bind root")
 def test_a_read_only_out_folder_is_refused(root, poisoned):
     locked = root / "read-only"

@@ -160,10 +160,9 @@ def remove_leftovers(out: Path) -> None:
     for folder in out.parent.glob(f".{out.name}{MERGING_MARK}*"):
         try:
             with FolderLock(folder).acquire("it is still being written."):
-                pass
+                shutil.rmtree(folder, ignore_errors=True)
         except RSDError:
             continue  # another merge is building it now
-        shutil.rmtree(folder, ignore_errors=True)
         note(f"removed {folder}, left by a merge that was killed.")
 
 

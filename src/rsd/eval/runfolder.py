@@ -155,15 +155,15 @@ class RunFolder:
         return self
 
     def __exit__(self, kind, *exc) -> None:
+        abandoned = kind is not None and self.created and not self.records
+        if abandoned:  # a run that failed before its first record leaves no empty folder behind
+            self._file.close()
+            for name in (CONFIG, RECORDS, LOCK):  # while still holding the lock: nobody else has written here
+                (self.path / name).unlink(missing_ok=True)
         self.close()
-        if kind is not None and self.created and not self.records:
-            self._remove()  # a run that failed before its first record leaves no empty folder behind
-
-    def _remove(self) -> None:
-        for name in (CONFIG, RECORDS, LOCK):
-            (self.path / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
+        if abandoned:
+            with contextlib.suppress(OSError):  # another process may have started in it since
+                self.path.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------
