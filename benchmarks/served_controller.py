@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from rsd.async_loop import AsyncStepwiseDecoder  # noqa: E402
 from rsd.backends.openai import ServedStepGenerator  # noqa: E402
-from rsd.core import StepRequest, Trajectory  # noqa: E402
-from rsd.loop import Prompted, RunConfig, StepwiseDecoder, reward_request  # noqa: E402
+from rsd.controller import reward_request  # noqa: E402
+from rsd.core import Prompted, RunConfig, StepRequest, Trajectory  # noqa: E402  # noqa: E402
+from rsd.loop import StepwiseDecoder  # noqa: E402
 from rsd.policies import Threshold  # noqa: E402
 from rsd.rewards.pooling import ServedRewardModel, convert_skywork  # noqa: E402
 from rsd.testing.servers import prometheus_counter, start_vllm_server, stop_all, wait_until_ready  # noqa: E402
@@ -144,9 +145,8 @@ def median_first_reward(draft, prm, problems: list[Prompted], config: RunConfig)
     """A threshold that keeps about half the draft's first steps: random PRMs have no meaningful 0.7."""
     requests = [StepRequest(p.key, draft.encode(p.prompt), config.step_max_tokens) for p in problems]
     firsts = draft.generate_steps(requests, config.step_params())
-    starts = [Trajectory(p.key, p.question, p.prompt, []) for p in problems]
     rewards = prm.score_steps(
-        [reward_request(t, s.text, config.delimiter) for t, s in zip(starts, firsts, strict=True)]
+        [reward_request(p.key, p.question, [s.text], config.delimiter) for p, s in zip(problems, firsts, strict=True)]
     )
     return statistics.median(r.reward for r in rewards)
 

@@ -29,7 +29,10 @@ from rsd.eval.datasets import (  # noqa: E402
 from rsd.eval.prompts import QWEN25_MATH_COT_SYSTEM, TEMPLATES, build_prompt  # noqa: E402
 
 DATA_DIR = Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_data = pytest.mark.skipif(not (DATA_DIR / "math500").is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "math500").is_dir(),
+    reason=f"benchmark data not found at {DATA_DIR}: set {DATA_DIR_ENV} to a folder holding NAME/test.jsonl",
+)
 
 # The README's row counts; gaokao2023en has two rows with an empty gold answer (lines 168 and 193), skipped.
 EXPECTED_ROWS = {

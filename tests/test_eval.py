@@ -85,7 +85,7 @@ def test_every_method_runs_in_one_table(setup):
     assert by_name["best-of-n"]["flops"]["prm"] > 0  # the PRM ranked the samples
     assert by_name["best-of-n"]["wall_time_by_model_s"]["prm"] > 0  # and its time counts in the method's
     assert by_name["majority"]["flops"]["prm"] == 0
-    assert 0.0 <= by_name["sd"]["speculative"]["token_acceptance_rate"] <= 1.0
+    assert 0.0 <= by_name["sd"]["speculation"]["token_acceptance_rate"] <= 1.0
     for name in ("records.jsonl", "summary.json", "report.md", "config.json"):
         assert (out / name).is_file()
     records = records_of(out)
@@ -93,6 +93,37 @@ def test_every_method_runs_in_one_table(setup):
     bon = next(r for r in records if r["method"] == "best-of-n")
     assert len(bon["samples"]) == 2 and bon["response"] == bon["samples"][bon["chosen"]]["text"]
     assert "rsd" in (out / "report.md").read_text()
+    check_columns_mean_what_they_say(summary, out)
+
+
+def check_columns_mean_what_they_say(summary: dict, out: Path) -> None:
+    """Acceptance only where something was accepted, sd's token acceptance in the table, N in the names of
+    N-sample methods, pass@k for them, and every method paired with the target (RSD with every baseline)."""
+    by_name = {m["method"]: m for m in summary["methods"]}
+    for name in ("target", "draft", "best-of-n", "majority"):  # nothing proposed for anyone to accept
+        assert by_name[name]["acceptance_rate"] is None and by_name[name]["token_acceptance_rate"] is None
+    for name in ("rsd", "rsd-best-of-n", "rsd-majority"):
+        assert by_name[name]["acceptance_rate"] is not None
+    sd = by_name["sd"]
+    assert sd["token_acceptance_rate"] == sd["speculation"]["token_acceptance_rate"]
+    assert sd["target_step_share"] is None and sd["steps_by_source"]["mixed"] == sd["steps"]
+    assert by_name["best-of-n"]["display"] == "best-of-n (N=2, min)"
+    assert by_name["majority"]["display"] == "majority (N=2)"
+    for name in ("best-of-n", "majority", "rsd-best-of-n", "rsd-majority"):
+        sampled = by_name[name]
+        assert list(sampled["pass_at_k"]) == ["1", "2"]
+        assert sampled["pass_at_k"]["2"] == sampled["coverage"]["accuracy"]
+        assert len(sampled["coverage"]["accuracy_ci"]) == 2
+    pairs = {(c["a"], c["b"]) for c in summary["comparisons"]}
+    assert {(m, "target") for m in by_name if m != "target"} <= pairs
+    assert {("rsd", b) for b in ("draft", "sd", "best-of-n", "majority")} <= pairs
+
+    report = (out / "report.md").read_text()
+    table = report.split("## Paired comparisons")[0]
+    sd_row = next(line for line in table.splitlines() if line.startswith("| sd |"))
+    assert f"{sd['token_acceptance_rate']:.1%}" in sd_row
+    assert "| best-of-n (N=2, min) |" in table and "| majority (N=2) |" in table
+    assert "## Sampling methods" in report and "pass@2" in report
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(setup):
@@ -154,17 +185,3 @@ def test_sweep_writes_a_table_and_a_plot(setup):
     assert by_label["rsd[threshold,delta=1.01]"]["target_step_share"] == 1.0
     png = out / "tradeoff.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-
-
-def test_sweep_plot_labels_drop_shared_parts_and_crowded_points():
-    from rsd.eval.report import legible_labels, short_labels
-
-    sweep = [
-        {"method": f"rsd[threshold,delta={d}]", "accuracy": a, "flops_vs_target": f}
-        for d, a, f in [(0.1, 0.98, 0.470), (0.3, 0.98, 0.475), (0.7, 0.99, 0.58), (0.95, 0.995, 0.96)]
-    ]
-    assert short_labels(sweep) == ["delta=0.1", "delta=0.3", "delta=0.7", "delta=0.95"]
-    assert short_labels([{"method": "rsd", "label": "sigmoid,alpha=10"}]) == ["sigmoid,alpha=10"]
-    points = [(s["flops_vs_target"], s["accuracy"]) for s in sweep] + [(1.0, 1.0), (0.1, 0.55)]
-    drawn = [text for _, text in legible_labels(sweep, "flops_vs_target", points)]
-    assert drawn == ["delta=0.1", "delta=0.7", "delta=0.95"]  # 0.3 sits on top of 0.1: marker only

@@ -35,7 +35,10 @@ from rsd.eval.grading import (
 
 DATA_DIR = Path(os.environ.get("RSD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SCORED = DATA_DIR / "scored_responses" / "math_cot_100.jsonl"
-needs_scored = pytest.mark.skipif(not SCORED.is_file(), reason=f"real scored responses not found at {SCORED}")
+NEEDS_SCORED = "set RSD_DATA_DIR to a folder holding scored_responses/math_cot_100.jsonl"
+needs_scored = pytest.mark.skipif(
+    not SCORED.is_file(), reason=f"real scored responses not found at {SCORED}: {NEEDS_SCORED}"
+)
 
 # Rows where the file's own grader is wrong and we are right (see docs/grading.md): row 3's gold
 # "\text{4:30 p.m.}" became "4:30p.." in its `gt`, and row 72's "10{,}000" was never matched to "10000".
@@ -51,7 +54,7 @@ def pool():
 @pytest.fixture(scope="module")
 def scored_rows() -> list[dict]:
     if not SCORED.is_file():
-        pytest.skip(f"real scored responses not found at {SCORED}")
+        pytest.skip(f"real scored responses not found at {SCORED}: {NEEDS_SCORED}")
     return [json.loads(line) for line in SCORED.read_text().splitlines()]
 
 

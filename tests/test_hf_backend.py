@@ -1,9 +1,8 @@
-"""The transformers step generator against a plain reference: full forwards without a cache, argmax each token.
+"""The in-process step generator against a plain reference: full forwards without a cache, argmax each token.
 
-Every test runs once per decode path (transformers' own forward, and the static KV buffers of
-`rsd.backends.static_decode`; with CUDA, also their CUDA graphs) and per prefill split (one forward per call, and
-one per tail length, `rsd.backends.packing`). Runs on the CPU in float32;
-RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
+Every test runs once per runner: rsd's engine (`rsd.engine.runner.ModelRunner`; on CUDA with its CUDA graphs) and
+transformers' own forward (`rsd.engine.transformers_runner`, the escape hatch RSD_DECODE=eager). Runs on the CPU in
+float32; RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
 """
 
 from __future__ import annotations
@@ -20,31 +19,28 @@ from tiny import make_qwen2_lm, make_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from rsd.backends.hf import DELIMITER_WINDOW_SLACK, HFStepGenerator  # noqa: E402
-from rsd.backends.packing import FORWARD_TOKENS_ENV  # noqa: E402
-from rsd.backends.static_decode import DECODE_ENV  # noqa: E402
+from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.core import RSDError, StepGenerator, StepOutput, StepParams, StepRequest, StopReason  # noqa: E402
+from rsd.engine.runner import DECODE_ENV, ModelRunner  # noqa: E402
+from rsd.engine.steps import DELIMITER_WINDOW_SLACK  # noqa: E402
+from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.hf_loading import load_tokenizer  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
-DECODE_PATHS = ["eager", "static"] + (["graphs"] if DEVICE.startswith("cuda") else [])
+RUNNERS = ["engine", "transformers"]
 ATTENTION_SHARPNESS = 8.0
 GREEDY = StepParams()
 hf_logging.disable_progress_bar()
 PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles per hour for", "Step 1:"]
 
 
-@pytest.fixture(autouse=True, params=DECODE_PATHS)
-def decode_path(request, monkeypatch) -> str:
-    """Every generator a test builds takes this decode path ("auto" reads the variable)."""
-    monkeypatch.setenv(DECODE_ENV, request.param)
-    return request.param
-
-
-@pytest.fixture(autouse=True, params=["one-forward", "split-by-length"])
-def prefill_split(request, monkeypatch) -> str:
-    """One prefill forward per call whatever the tails (a price no padding reaches), or one per tail length."""
-    monkeypatch.setenv(FORWARD_TOKENS_ENV, "1000000000" if request.param == "one-forward" else "1")
+@pytest.fixture(autouse=True, params=RUNNERS)
+def runner_kind(request, monkeypatch) -> str:
+    """Every generator a test builds runs on this runner (RSD_DECODE=eager: transformers' forward)."""
+    if request.param == "transformers":
+        monkeypatch.setenv(DECODE_ENV, "eager")
+    else:
+        monkeypatch.delenv(DECODE_ENV, raising=False)
     return request.param
 
 
@@ -115,10 +111,11 @@ def assert_matches_reference(generator, prompt: list[int], outputs: list[StepOut
         prefix += tokens
 
 
-def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, decode_path):
+def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, runner_kind):
     gen = load_generator(model_dir)
     assert isinstance(gen, StepGenerator)
-    assert gen.decode_mode == decode_path
+    assert isinstance(gen.engine.runner, ModelRunner if runner_kind == "engine" else TransformersRunner)
+    assert gen.context_length == 2048
     assert gen.role == "draft" and gen.name == str(model_dir)
     assert tokenizer.eos_token_id in gen.eos_token_ids
     total = sum(p.numel() for p in gen.model.parameters())
@@ -144,7 +141,7 @@ def test_one_row_fed_back_matches_uncached_greedy(model_dir):
     assert len(prefixes["a"]) - len(prompt) >= 12  # several steps were really generated
 
 
-def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, prefill_split):
+def test_batch_of_different_lengths_matches_uncached_greedy(model_dir):
     gen = load_generator(model_dir)
     forwards = count_prefill_forwards(gen)
     prompts = {f"row{i}": gen.encode(text) for i, text in enumerate(PROMPTS[:3])}
@@ -160,27 +157,26 @@ def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, prefill_s
     for i, key in enumerate(prompts):
         assert_matches_reference(gen, prompts[key], outputs[key] + [mixed[i]], cap=caps[key])
     assert_matches_reference(gen, late["late"], [mixed[-1]], cap=6)
-    # The last call's tails: one token for each cached row, the whole prompt for the late one.
-    assert forwards[-1] == (2 if prefill_split == "split-by-length" else 1)
+    # The last call's tails, one token for each cached row and the whole prompt for the late one, in one forward.
+    assert forwards[-1] == 1
 
 
 def count_prefill_forwards(gen: HFStepGenerator) -> list[int]:
-    """Prefill forwards per call, as the generator runs them (the count is appended at each call): transformers'
-    forwards, or on the static path the decoder's own prefill forwards in its arena."""
+    """Prefill forwards per call, as the generator runs them (the count is appended at each call)."""
     counts: list[int] = []
     generate = gen.generate_steps
-    owner, name = (gen._static, "prefill") if gen._static is not None else (gen, "_prefill_group")
-    run_group = getattr(owner, name)
+    runner = gen.engine.runner
+    extend = runner.extend
 
-    def counted_group(*args):
+    def counted_extend(*args, **kwargs):
         counts[-1] += 1
-        return run_group(*args)
+        return extend(*args, **kwargs)
 
     def counted_generate(*args):
         counts.append(0)
         return generate(*args)
 
-    setattr(owner, name, counted_group)
+    runner.extend = counted_extend
     gen.generate_steps = counted_generate
     return counts
 
@@ -250,12 +246,6 @@ def test_sampling_is_seeded_and_independent_of_the_batch(model_dir):
     # A nucleus of (almost) nothing keeps only the top token: sampling becomes greedy.
     greedy, _ = run_steps(load_generator(model_dir), {"a": prompts["a"]}, {"a": 8}, 3)
     assert sample("a", seed=3, top_p=1e-9)["a"] == [t for o in greedy["a"] for t in o.token_ids]
-    # A rider in the call changes no draw either.
-    gen = load_generator(model_dir)
-    gen.ride_along = True
-    params = StepParams(temperature=1.0, top_p=0.9, seed=1)
-    requests = [StepRequest("a", prompts["a"], 8), StepRequest("c", prompts["c"], 0, cache_only=True)]
-    assert gen.generate_steps(requests, params)[0].token_ids == alone["a"][:8]
 
 
 def steer_lm_head(model, token: int, like: int, scale: float = 1.05) -> None:
@@ -327,7 +317,8 @@ def test_the_delimiter_prefilter_decides_like_decoding_every_window(model_dir, s
     if source == "tiny-world":
         gen = HFStepGenerator.from_model(gen.model, load_tokenizer(default_tinyworld_model("draft"), "draft", False))
     vocab = len(gen.tokenizer)
-    marked = [t for t in range(vocab) if any(c in gen._decode_text([t]) for c in "\n. ")]
+    rule = gen.engine.stop_rule
+    marked = [t for t in range(vocab) if any(c in rule.text([t]) for c in "\n. ")]
     rng = random.Random(3)
     for delimiter in ("\n\n", "\n", ".\n", " .", "ки"):
         checked = 0
@@ -336,14 +327,14 @@ def test_the_delimiter_prefilter_decides_like_decoding_every_window(model_dir, s
             tokens: list[int] = []
             for _ in range(8):
                 tokens.append(rng.choice(marked) if rng.random() < 0.6 else rng.randrange(vocab))
-                every_window = delimiter in gen._decode_text(tokens[-window:])
-                assert gen._completes_delimiter(tokens, delimiter) == every_window, (delimiter, tokens)
+                every_window = delimiter in rule.text(tokens[-window:])
+                assert rule.completes_delimiter(tokens, delimiter) == every_window, (delimiter, tokens)
                 if every_window:
                     checked += 1
                     break
         assert checked or delimiter not in ("\n", "\n\n")  # the usual delimiters did end some steps
-    skipped = sum(not known for known in gen._completers.values())
-    assert skipped > len(gen._completers) / 4  # and most tokens skip the decode
+    skipped = sum(not known for known in rule.completers.values())
+    assert skipped > len(rule.completers) / 4  # and most tokens skip the decode
 
 
 def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir):
@@ -352,146 +343,6 @@ def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir):
     out, empty = gen.generate_steps([StepRequest("l", prompt, 3), StepRequest("z", prompt, 0)], GREEDY)
     assert out.stop == StopReason.LENGTH and len(out.token_ids) == 3
     assert (empty.token_ids, empty.stop, empty.prefill_tokens) == ([], StopReason.LENGTH, 0)
-
-
-def ride(gen: HFStepGenerator, writer: list[int], cap: int, riders: dict[str, list[int]]) -> list[StepOutput]:
-    """One call: a step for the writer row "w", and cache-only requests for `riders`."""
-    requests = [StepRequest("w", writer, cap)] + [
-        StepRequest(key, prefix, 0, cache_only=True) for key, prefix in riders.items()
-    ]
-    return gen.generate_steps(requests, GREEDY)
-
-
-def counts(out: StepOutput) -> tuple:
-    return out.token_ids, out.stop, out.prefill_tokens, out.decode_tokens, out.context_sum
-
-
-@pytest.mark.parametrize("rider_cached", [True, False], ids=["cached-rider", "new-rider"])
-def test_cache_only_requests_ride_along_and_change_no_output_or_count(model_dir, decode_path, rider_cached):
-    writer, rider = (load_generator(model_dir).encode(text) for text in (PROMPTS[2], PROMPTS[0]))
-
-    def calls(gen: HFStepGenerator) -> tuple[list[StepOutput], list[int]]:
-        outputs = gen.generate_steps([StepRequest("r", rider, 1)], GREEDY) if rider_cached else []
-        extended = rider + reference_step(gen, rider, 6)[0]
-        outputs += ride(gen, writer, 8, {"r": extended})
-        return [*outputs, gen.generate_steps([StepRequest("r", extended, 5)], GREEDY)[0]], extended
-
-    gen = load_generator(model_dir)
-    gen.ride_along = True
-    assert gen.rides_along == (decode_path != "eager")
-    riding, extended = calls(gen)
-    plain, _ = calls(load_generator(model_dir))  # rides nothing: runs each tail when a step needs it
-    ridden, following = riding[-2], riding[-1]
-    # The rider's output is empty; its tokens count in the next step, as if they had run there.
-    assert (ridden.token_ids, ridden.prefill_tokens, ridden.context_sum) == ([], 0, 0)
-    assert [counts(out) for out in riding] == [counts(out) for out in plain]
-    assert following.prefill_tokens == len(extended) - (len(rider) if rider_cached else 0)
-    assert_matches_reference(gen, writer, [riding[-3]], cap=8)
-    assert_matches_reference(gen, extended, [following], cap=5)
-
-
-def test_riding_holds_the_tail_in_the_cache(model_dir, decode_path):
-    gen = load_generator(model_dir)
-    gen.ride_along = True
-    rider = gen.encode(PROMPTS[0])
-    gen.generate_steps([StepRequest("r", rider, 1)], GREEDY)
-    extended = rider + reference_step(gen, rider, 6)[0]
-    ride(gen, gen.encode(PROMPTS[2]), 8, {"r": extended})
-    # Ridden: every token but the last (it heads the next step's tail, like a sampled token). Else as it was.
-    assert gen._caches["r"].ids == (extended[:-1] if decode_path != "eager" else rider)
-    gen.release(["r"])
-    assert "r" not in gen._caches and "r" not in gen._ridden
-
-
-def test_a_rider_longer_than_the_call_prefills_its_head_and_keeps_what_it_fed(model_dir, decode_path):
-    gen = load_generator(model_dir)
-    gen.ride_along = True
-    writer, rider = gen.encode(PROMPTS[1]), gen.encode(PROMPTS[2] + " " + PROMPTS[0])
-    out, ridden = ride(gen, writer, 3, {"long": rider})
-    assert len(out.token_ids) == 3
-    if decode_path != "eager":  # the writer decodes 3 tokens: the rider's last 3 ride, the rest is prefilled
-        assert gen._caches["long"].ids == rider[:-1]
-    following = gen.generate_steps([StepRequest("long", rider, 4)], GREEDY)[0]
-    assert (ridden.prefill_tokens, following.prefill_tokens) == (0, len(rider))
-    assert_matches_reference(gen, rider, [following], cap=4)
-
-
-def test_a_rider_stops_where_the_writers_stop_and_keeps_a_valid_prefix(model_dir, decode_path):
-    gen = load_generator(model_dir)
-    gen.ride_along = True
-    writer, rider = gen.encode(PROMPTS[2]), gen.encode(PROMPTS[1] + " " + PROMPTS[0] + " " + PROMPTS[3])
-    natural, _ = reference_step(gen, writer, 20, delimiter="never there")
-    j = next(j for j in range(2, len(natural) - 1) if len(gen.tokenizer.decode(natural[j : j + 2])) == 2)
-    params = StepParams(delimiter=gen.tokenizer.decode(natural[j : j + 2]))
-    requests = [StepRequest("w", writer, 20), StepRequest("part", rider, 0, cache_only=True)]
-    out, ridden = gen.generate_steps(requests, params)
-    assert out.stop == StopReason.DELIMITER and len(out.token_ids) < 20
-    if decode_path != "eager":  # the rider fed one tail token per decode forward the writer ran, then stopped
-        cached = gen._caches["part"].ids
-        assert cached == rider[: len(cached)] and len(rider) - 20 < len(cached) < len(rider) - 1
-    following = gen.generate_steps([StepRequest("part", rider, 4)], GREEDY)[0]
-    assert (ridden.prefill_tokens, following.prefill_tokens) == (0, len(rider))
-    assert_matches_reference(gen, rider, [following], cap=4)
-
-
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "taking-turns"])
-def test_riders_follow_their_rows_when_the_arena_shrinks(model_dir, decode_path, overlap):
-    gen = load_generator(model_dir)
-    gen.ride_along, gen.overlap_decode = True, overlap
-    short, long, rider = (gen.encode(p) for p in PROMPTS[:3])
-    gen.generate_steps([StepRequest("r", rider, 1)], GREEDY)
-    extended = rider + reference_step(gen, rider, 9)[0]
-    requests = [StepRequest("a", short, 2), StepRequest("b", long, 10), StepRequest("r", extended, 0, cache_only=True)]
-    a, b, _ = gen.generate_steps(requests, GREEDY)  # after "a" ends, "b" and "r" move to a 2-row bucket
-    assert_matches_reference(gen, short, [a], cap=2)
-    assert_matches_reference(gen, long, [b], cap=10)
-    if decode_path != "eager":
-        assert gen._caches["r"].ids == extended[:-1]
-    following = gen.generate_steps([StepRequest("r", extended, 4)], GREEDY)[0]
-    assert_matches_reference(gen, extended, [following], cap=4)
-
-
-def test_random_calls_with_riders_match_a_generator_without_them(model_dir, decode_path):
-    """Calls of random writers (caps 1-9) and random riders, each trajectory sometimes rolled back into what was
-    generated or ridden before: the writers' outputs, counts included, equal those of a generator that never
-    rides, and what a rider holds is a prefix of what it brought."""
-    import random
-
-    rng = random.Random(11)
-    riding, plain = load_generator(model_dir), load_generator(model_dir)
-    riding.ride_along = True
-    base = [riding.encode(text) for text in PROMPTS]
-    prefixes = {f"t{i}": list(base[i % len(base)]) for i in range(6)}
-    for _ in range(10):
-        keys = rng.sample(sorted(prefixes), 4)
-        writers, riders = keys[:2], keys[2:]
-        for key in keys:  # each brings tokens its generator has not seen, sometimes after a rollback
-            if rng.random() < 0.4:
-                del prefixes[key][max(2, len(prefixes[key]) - rng.randrange(1, 8)) :]
-            prefixes[key] += [rng.randrange(20, 200) for _ in range(rng.randrange(1 if key in riders else 0, 12))]
-        caps = {key: rng.randrange(1, 10) for key in writers}
-        requests = [StepRequest(key, prefixes[key], caps[key]) for key in writers]
-        ridden = requests + [StepRequest(key, prefixes[key], 0, cache_only=True) for key in riders]
-        got = riding.generate_steps(ridden, GREEDY)[: len(writers)]
-        want = plain.generate_steps(requests, GREEDY)
-        assert [counts(out) for out in got] == [counts(out) for out in want]
-        for key, out in zip(writers, got, strict=True):
-            prefixes[key] += out.token_ids if rng.random() < 0.7 else out.token_ids[:1]  # sometimes a rollback
-        for key in riders if riding.rides_along else ():  # what a rider holds is a prefix of what it brought
-            cache = riding._caches.get(key)
-            assert cache is None or cache.ids == prefixes[key][: len(cache.ids)]
-
-
-def test_a_cache_only_request_alone_runs_nothing(model_dir):
-    gen = load_generator(model_dir)
-    gen.ride_along = True
-    prompt = gen.encode(PROMPTS[0])
-    (out,) = gen.generate_steps([StepRequest("alone", prompt, 0, cache_only=True)], GREEDY)
-    assert (out.token_ids, out.prefill_tokens) == ([], 0) and "alone" not in gen._caches
-
-
-def test_riding_is_off_by_default_on_the_cpu(model_dir):
-    assert load_generator(model_dir).ride_along is DEVICE.startswith("cuda")
 
 
 def test_release_forgets_the_cache(model_dir):

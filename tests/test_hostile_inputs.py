@@ -29,6 +29,8 @@ DATA_DIR = Path(os.environ.get("RSD_DATA_DIR", Path(__file__).resolve().parents[
 needs_data = pytest.mark.skipif(not (DATA_DIR / "gsm8k").is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
 # Fast tiny-world runs: the draft alone, graded in-process.
 SMALL = ["--methods", "draft", "--no-progress", "--grade-workers", "0"]
+# The tiny world's models, named, for problems other than its own task.
+TINY_MODELS = ["--draft", "tinyworld", "--target", "tinyworld", "--prm", "tinyworld"]
 
 
 def run_rsd(*args: object, env: dict | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
@@ -453,7 +455,7 @@ def test_an_edited_data_row_is_run_again_never_reused(root):
     problems = [{"question": p.question, "answer": str(p.answer)} for p in load_tinyworld(n=4)]
     path = data_file(root / "edited.jsonl", problems[:3])  # ids are line numbers: no id field
     out = root / "edited-run"
-    args = ["eval", "--dataset", path, *SMALL, "--out", out]
+    args = ["eval", "--dataset", path, *TINY_MODELS, *SMALL, "--out", out]
     assert run_rsd(*args)[0].returncode == 0
     first = {r["id"]: r for r in records_of(out)}
 
@@ -464,7 +466,7 @@ def test_an_edited_data_row_is_run_again_never_reused(root):
     assert "3 record(s) of problems whose question, gold or prompt changed" in result.stderr
     assert_each_problem_once(out, 4)
     fresh = root / "edited-fresh"
-    assert run_rsd("eval", "--dataset", path, *SMALL, "--out", fresh)[0].returncode == 0
+    assert run_rsd("eval", "--dataset", path, *TINY_MODELS, *SMALL, "--out", fresh)[0].returncode == 0
     assert summary_of(out)["methods"][0]["correct"] == summary_of(fresh)["methods"][0]["correct"]
     latest = {r["id"]: r for r in records_of(out)}
     assert latest["2"]["question"] == first["1"]["question"] != first["2"]["question"]
@@ -495,7 +497,7 @@ def test_ctrl_c_names_the_folder_and_the_command_that_resumes(root):
 
 @needs_data
 def test_shards_of_a_real_benchmark_merge_as_documented(root):
-    args = ["eval", "--dataset", "gsm8k", "--data-dir", DATA_DIR, "--num-problems", "4", *SMALL]
+    args = ["eval", "--dataset", "gsm8k", "--data-dir", DATA_DIR, "--num-problems", "4", *TINY_MODELS, *SMALL]
     args += ["--max-new-tokens", "16"]
     for i in range(2):
         assert run_rsd(*args, "--shard", f"{i}/2", "--out", root / f"gsm8k-{i}")[0].returncode == 0

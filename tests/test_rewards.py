@@ -149,7 +149,7 @@ def load(path: Path, scoring: str = "transformers", **kwargs):
     assert prm.arena_prefill is False  # the CPU default
     if scoring != "transformers" and prm.arena_problem is not None:
         # Mistral's sliding window: test_a_sliding_window_prm_refuses_the_arena checks the refusal.
-        pytest.skip(f"{prm.prm_format}'s body scores through transformers only ({prm.arena_problem})")
+        pytest.skip(f"not applicable: {prm.prm_format}'s body scores through transformers only ({prm.arena_problem})")
     prm.arena_prefill = scoring in ("arena", "arena-packed")
     if scoring == "arena-packed":  # as on a GPU in half precision: tails packed through rsd's Triton kernels
         pytest.importorskip("triton", reason="Triton is not installed: pip install -e '.[dev]' brings it")

@@ -71,7 +71,10 @@ def test_the_command_reads_a_results_file_and_refuses_a_missing_one(tmp_path, ca
         schedule_bound.main([str(other)])
 
 
-@pytest.mark.skipif(not any(RESULTS.glob("*.json")), reason="no committed GPU results in benchmarks/results/")
+@pytest.mark.skipif(
+    not any(RESULTS.glob("*.json")),
+    reason="no GPU results in benchmarks/results/: run benchmarks/gpu_speed.py on a GPU and save its JSON there",
+)
 def test_committed_gpu_results_replay():
     for path in sorted(RESULTS.glob("*.json")):
         report = json.loads(path.read_text())

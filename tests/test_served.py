@@ -61,10 +61,8 @@ from rsd.tinyworld.task import is_correct_answer, last_boxed_value, load_tinywor
 
 hf_logging.disable_progress_bar()
 VLLM_PYTHON = vllm_python()
-vllm = pytest.mark.skipif(
-    VLLM_PYTHON is None,
-    reason="no vLLM environment: run `bash scripts/setup_vllm_cpu.sh`, set RSD_VLLM_PYTHON to that venv's python",
-)
+NO_VLLM = "no vLLM environment: run `bash scripts/setup_vllm_cpu.sh`, set RSD_VLLM_PYTHON to that venv's python"
+vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason=NO_VLLM)
 FAST_FAIL = ServerOptions(retries=2, backoff_s=0.1, connect_timeout_s=2.0, timeout_s=60.0)
 QUESTIONS = [f"Tom has {a} apples and buys {b} more. How many apples does he have?" for a, b in
              [(3, 4), (5, 2), (12, 7), (9, 9), (1, 8), (20, 5), (6, 6), (14, 3), (2, 11), (8, 1)]] + [
@@ -163,7 +161,7 @@ def tinyworld(tmp_path_factory):
     """The committed tiny-world draft, target and PRM, each behind a vLLM server. Both sides load one copy of the
     weights: the committed ones may be retrained while the tests run."""
     if VLLM_PYTHON is None:
-        pytest.skip("no vLLM environment (RSD_VLLM_PYTHON)")
+        pytest.skip(NO_VLLM)
     root = tmp_path_factory.mktemp("tinyworld")
     models = {role: Path(shutil.copytree(default_tinyworld_model(role), root / role)) for role in TINYWORLD_ROLES}
     tag_id = AutoTokenizer.from_pretrained(models["prm"]).convert_tokens_to_ids(QWEN_PRM_STEP_TAG)
@@ -292,7 +290,7 @@ FORMAT_SERVE_ARGS = {
 @pytest.fixture(scope="class")
 def format_prms(tmp_path_factory):
     if VLLM_PYTHON is None:
-        pytest.skip("no vLLM environment (RSD_VLLM_PYTHON)")
+        pytest.skip(NO_VLLM)
     root = tmp_path_factory.mktemp("prm-formats")
     folders = {fmt: PRM_BUILDERS[fmt](root / fmt, seed=5 + i) for i, fmt in enumerate(FORMAT_SERVE_ARGS)}
     started = {
@@ -416,7 +414,7 @@ def start_in_process_vllm(draft: Path, folder: Path) -> tuple[subprocess.Popen, 
 @pytest.fixture(scope="module")
 def servers(checkpoints, tmp_path_factory):
     if VLLM_PYTHON is None:
-        pytest.skip("no vLLM environment (RSD_VLLM_PYTHON)")
+        pytest.skip(NO_VLLM)
     tag_id = make_tokenizer().convert_tokens_to_ids("<extra_0>")
     qwen_pooler = f'{{"pooling_type": "STEP", "step_tag_id": {tag_id}}}'
     logs = tmp_path_factory.mktemp("logs")

@@ -157,7 +157,7 @@ def test_steps_end_at_the_step_cap_and_the_budget(models):
 
 def test_greedy_matches_target_only_decoding_step_for_step(models):
     # The same trajectory as RSD's target-only baseline, cut into the same steps, from the transformers backend.
-    hf = pytest.importorskip("rsd.backends.hf")
+    hf = pytest.importorskip("rsd.backends.hf", reason="the transformers backend does not import: pip install -e .")
     tokenizer = models["tokenizer"]
     target = hf.HFStepGenerator.from_model(models["target"].model, tokenizer, role="target")
     draft = hf.HFStepGenerator.from_model(models["close"].model, tokenizer, role="draft")

@@ -15,9 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny import make_tokenizer  # noqa: E402
-
-from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.backends.kv import common_prefix_length  # noqa: E402
 from rsd.backends.static_decode import (  # noqa: E402
     DECODE_ENV,
@@ -28,9 +25,13 @@ from rsd.backends.static_decode import (  # noqa: E402
     resolve_decode_mode,
     static_decode_problem,
 )
+from tiny import make_tokenizer  # noqa: E402
+
+from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.core import RSDError, StepParams, StepRequest  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
+NEEDS_CUDA_GRAPHS = "CUDA graphs need a GPU: run with RSD_TEST_DEVICE=cuda on one"
 FAST_PATHS = ["static"] + (["graphs"] if DEVICE.startswith("cuda") else [])
 PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles per hour for", "Step 1:", "So"]
 GREEDY = StepParams(delimiter="\n\n")
@@ -322,7 +323,7 @@ def test_a_failed_compile_warns_and_decodes_without_it(tokenizer, monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason=NEEDS_CUDA_GRAPHS)
 def test_graphs_are_captured_once_per_shape(tokenizer):
     model = build("qwen2", tokenizer)
     gen = HFStepGenerator.from_model(model, tokenizer, decode="graphs")
@@ -336,7 +337,7 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert all(gen._static._graphs[key] is graphs[key] for key in graphs)
 
 
-@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need RSD_TEST_DEVICE=cuda and a GPU")
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason=NEEDS_CUDA_GRAPHS)
 def test_each_projection_setting_replays_its_own_graphs(tokenizer):
     model = build("qwen2", tokenizer)
     gen = HFStepGenerator.from_model(model, tokenizer, decode="graphs")
@@ -398,7 +399,10 @@ def test_auto_keeps_the_cpu_on_transformers_and_checks_its_inputs(tokenizer, mon
         resolve_decode_mode("auto", model, "cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where capturing a CUDA graph fails")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="checks the fallback where a CUDA graph cannot be captured: runs on a machine without CUDA",
+)
 def test_a_failed_capture_warns_once_and_decodes_without_graphs(tokenizer):
     from rsd.backends.static_decode import StaticDecoder
 

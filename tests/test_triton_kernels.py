@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from rsd.backends.prefill_attention import packed_attention  # noqa: E402
+from rsd.backends.static_decode import StaticDecoder, rms_norm, rotate, signed_sin  # noqa: E402
 from test_static_decode import assert_rows_leave_the_batch_alike, build, trajectories  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
@@ -21,8 +23,6 @@ from rsd.backends import layer_kernels as kernels  # noqa: E402
 from rsd.backends import split_attention as split  # noqa: E402
 from rsd.backends import static_decode  # noqa: E402
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
-from rsd.backends.prefill_attention import packed_attention  # noqa: E402
-from rsd.backends.static_decode import StaticDecoder, rms_norm, rotate, signed_sin  # noqa: E402
 from rsd.core import RSDError  # noqa: E402
 
 DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
@@ -68,7 +68,10 @@ def test_split_kernels_equal_sdpa_over_masked_arena_columns(rows, kv_heads, grou
     torch.testing.assert_close(out[0].float(), values[0, :, -1:].float().expand_as(out[0]))
 
 
-@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="Triton's interpreter has no bfloat16 (numpy has none)")
+@pytest.mark.skipif(
+    not DEVICE.startswith("cuda"),
+    reason="Triton's interpreter has no bfloat16 (numpy has none): run with RSD_TEST_DEVICE=cuda on a GPU",
+)
 def test_split_kernels_in_bfloat16_stay_within_its_rounding():
     query, keys, values = arena_views(4, 2, 6, 64, 520, dtype=torch.bfloat16)
     mask = torch.ones((4, 520), dtype=torch.bool, device=DEVICE)

@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RSD": "rsd.api",
-    "RunConfig": "rsd.loop",
-    "Prompted": "rsd.loop",
+    "RunConfig": "rsd.core",
+    "Prompted": "rsd.core",
     "StepwiseDecoder": "rsd.loop",
-    "SpeculativeDecoder": "rsd.speculative",
+    "SpeculativeStepGenerator": "rsd.speculative",
     "make_policy": "rsd.policies",
     "Threshold": "rsd.policies",
     "Constant": "rsd.policies",

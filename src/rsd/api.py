@@ -5,6 +5,9 @@ rsd = RSD(draft="Qwen/Qwen2.5-Math-1.5B-Instruct", target="Qwen/Qwen2.5-Math-7B-
           prm="Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B", delta=0.7)
 [result] = rsd.generate(["What is 17 * 23?"])
 print(result.text, result.stats.acceptance_rate)
+
+`"tinyworld"` in any slot is the built-in tiny world's model of that role (`"tinyworld:target"` names one model
+anywhere): `RSD(draft="tinyworld", target="tinyworld", prm="tinyworld")` runs without a download.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from rsd.core import RewardModel, RSDError, StepGenerator, Trajectory
-from rsd.loop import Prompted, RunConfig, StepwiseDecoder
-from rsd.policies import Policy, make_policy
+from rsd.core import Prompted, RewardModel, RSDError, RunConfig, StepGenerator, Trajectory
+from rsd.loop import StepwiseDecoder
+from rsd.policies import DEFAULT_DELTA, Policy, make_policy
 
 if TYPE_CHECKING:
     from rsd.calibration import Calibration
 
 DEFAULT_TEMPLATE = "qwen25-math-cot"
+REWRITES = ("auto", "speculative", "plain")  # how the target writes a step: with the draft's help, or alone
 
 
 def load_generator(
@@ -77,6 +81,17 @@ def load_reward_model(
     raise RSDError(f"prm must be a model name or path, a RewardModel or a callable, not {type(prm).__name__}.")
 
 
+def check_sources(models: dict[str, object]) -> None:
+    """Every model name resolvable before any is loaded: a misspelt PRM fails in a second, not after the draft
+    and the target have loaded (`rsd.hf_loading.check_model_source`)."""
+    from rsd.backends.openai import is_server_url
+    from rsd.hf_loading import check_model_source
+
+    for role, model in models.items():
+        if isinstance(model, str) and not is_server_url(model):
+            check_model_source(model, role)
+
+
 def check_pair(draft: StepGenerator, target: StepGenerator) -> None:
     """Refuse a draft/target pair that shares token ids some model cannot read (it would crash mid-run)."""
     if draft.vocabulary_fingerprint() != target.vocabulary_fingerprint():
@@ -102,7 +117,7 @@ class RSD:
         target: str | StepGenerator,
         prm: str | RewardModel | Callable,
         policy: str | Policy = "threshold",
-        delta: float = 0.7,
+        delta: float = DEFAULT_DELTA,
         alpha: float = 10.0,
         p: float = 0.5,
         prm_format: str | None = None,
@@ -111,10 +126,21 @@ class RSD:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         tokenizers: dict[str, str] | None = None,
+        rewrite: str = "auto",
     ) -> None:
-        """`tokenizers` names a local tokenizer per role ("draft", "target", "prm") for served models."""
+        """`draft`, `target` and `prm` each take a hub id, a local folder, `http://HOST:PORT/v1` server URLs, a
+        built model, "tinyworld" (the built-in model of that role) or "tinyworld:ROLE"; the PRM also takes any
+        callable `(question, steps) -> reward`. `tokenizers` names a local tokenizer per role ("draft",
+        "target", "prm") for served models. `rewrite`: how the target writes the steps it rewrites,
+        "speculative" (verifying the rejected step, then token-level speculation with the draft: the same steps
+        in fewer target forwards; needs both in process with one tokenizer), "plain" (one forward per token), or
+        "auto" (speculative wherever it can run)."""
+        if rewrite not in REWRITES:
+            raise RSDError(f"rewrite={rewrite!r}: choose one of {', '.join(REWRITES)}.")
         tokenizers = tokenizers or {}
+        check_sources({"draft": draft, "target": target, "prm": prm})
         self.config = config or RunConfig()
+        self.rewrite = rewrite
         if prm_format is not None:
             from rsd.rewards.formats import check_prm_format
 
@@ -126,6 +152,28 @@ class RSD:
         self.prm = load_reward_model(
             prm, prm_format, self.config.delimiter, device, dtype, trust_remote_code, tokenizers.get("prm")
         )
+        self._speculative: StepGenerator | None = None
+        if rewrite == "speculative":
+            self.speculative_target()  # refuse now, not after the first rejected step
+
+    def speculative_target(self) -> StepGenerator:
+        """The target writing its steps with the draft's help (`rsd.speculative`); an error naming why it cannot."""
+        if self._speculative is None:
+            from rsd.speculative import SpeculativeStepGenerator
+
+            self._speculative = SpeculativeStepGenerator(self.target, self.draft)
+        return self._speculative
+
+    def rewriter(self) -> StepGenerator:
+        """Who rewrites rejected steps: the target with speculation where `rewrite` asks for it and it can run."""
+        if self.rewrite == "plain":
+            return self.target
+        if self.rewrite == "speculative":
+            return self.speculative_target()
+        try:
+            return self.speculative_target()
+        except RSDError:  # served, or another tokenizer: the target alone
+            return self.target
 
     @property
     def served(self) -> bool:
@@ -133,8 +181,10 @@ class RSD:
         return any(hasattr(m, "pool") for m in (self.draft, self.target, self.prm))
 
     def decoder(self, method: str = "rsd", policy: Policy | None = None, **overrides) -> StepwiseDecoder:
-        """The decoder of one method: `rsd`, `draft` (draft alone) or `target` (target alone). `policy` replaces
-        RSD's weighting function for this decoder; `overrides` replace fields of the run configuration.
+        """The decoder of one method: `rsd`, `draft` (draft alone), `target` (target alone, one forward per token)
+        or `sd` (the target alone with token-level speculation from the draft: the same text in fewer target
+        forwards). `policy` replaces RSD's weighting function for this decoder; `overrides` replace fields of the
+        run configuration.
 
         In-process models advance in batched rounds (`StepwiseDecoder`); served models advance each trajectory
         as soon as its own step is done (`AsyncStepwiseDecoder`). Both give the same results.
@@ -145,10 +195,12 @@ class RSD:
             from rsd.async_loop import AsyncStepwiseDecoder as decoder_class
         if method == "rsd":
             policy = policy or self.policy
-            return decoder_class(self.draft, config, self.prm, self.target, policy, proposer_role="draft")
+            return decoder_class(self.draft, config, self.prm, self.rewriter(), policy, proposer_role="draft")
         if method in ("draft", "target"):
             return decoder_class(getattr(self, method), config, proposer_role=method)
-        raise RSDError(f"unknown method {method!r}; use rsd, draft or target.")
+        if method == "sd":
+            return decoder_class(self.speculative_target(), config, proposer_role="target")
+        raise RSDError(f"unknown method {method!r}; use rsd, draft, target or sd.")
 
     def prompt(self, question: str, template: str = DEFAULT_TEMPLATE) -> str:
         from rsd.eval.prompts import build_prompt
@@ -177,9 +229,11 @@ class RSD:
         questions: str | Sequence[str],
         template: str = DEFAULT_TEMPLATE,
         method: str = "rsd",
+        on_finish: Callable[[Trajectory], None] | None = None,
     ) -> list[Trajectory]:
-        """Decode each question; results come back in the order of the questions."""
+        """Decode each question; results come back in the order of the questions. `on_finish` is called with
+        each trajectory the moment it ends (in the order they end), e.g. to advance a progress bar."""
         if isinstance(questions, str):
             questions = [questions]
         problems = [Prompted(i, q, self.prompt(q, template)) for i, q in enumerate(questions)]
-        return self.decoder(method).run(problems)
+        return self.decoder(method).run(problems, on_finish=on_finish)

@@ -21,24 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rsd.core import (
-    RewardOutput,
-    RSDError,
-    StepGenerator,
-    StepOutput,
-    StepRequest,
-    Trajectory,
-)
-from rsd.loop import (
+from rsd.controller import (
     Controller,
-    Prompted,
     commit_rsd_step,
     commit_single_model_step,
-    decide,
     record_generation,
     record_scoring,
-    reward_request,
 )
+from rsd.core import Prompted, RewardOutput, RSDError, StepGenerator, StepOutput, Trajectory
 
 
 class AsyncStepwiseDecoder(Controller):
@@ -50,7 +40,7 @@ class AsyncStepwiseDecoder(Controller):
     exceeds the run's wall time.
     """
 
-    _locks: dict[int, asyncio.Lock]  # per backend, made by each run (locks belong to one event loop)
+    _in_process: asyncio.Lock  # one at a time for in-process models, made by each run (it belongs to one event loop)
 
     # -- entry points -----------------------------------------------------------------------------------------
     def run(
@@ -72,9 +62,9 @@ class AsyncStepwiseDecoder(Controller):
         problems: Sequence[Prompted],
         on_finish: Callable[[Trajectory], None] | None = None,
     ) -> list[Trajectory]:
-        trajectories = [self._start(p) for p in problems]  # checks every problem before any request goes out
+        trajectories = [self.start(p) for p in problems]  # checks every problem before any request goes out
         slots = asyncio.Semaphore(self.config.batch_size)
-        self._locks = {}
+        self._in_process = asyncio.Lock()
         try:
             async with asyncio.TaskGroup() as group:
                 for traj in trajectories:
@@ -86,71 +76,56 @@ class AsyncStepwiseDecoder(Controller):
         return trajectories
 
     # -- one trajectory -----------------------------------------------------------------------------------------
-    def _start(self, problem: Prompted) -> Trajectory:
-        if not problem.question.strip():
-            raise RSDError(f"problem {problem.key!r} has an empty question; give every problem some text.")
-        return Trajectory(problem.key, problem.question, problem.prompt, self.proposer.encode(problem.prompt))
-
     async def _solve(
         self, traj: Trajectory, slots: asyncio.Semaphore, on_finish: Callable[[Trajectory], None] | None
     ) -> None:
         async with slots:
             while not traj.finished:
                 await self._advance(traj)
-            self._release(traj)
+            self.release(traj)
         if on_finish is not None:
             on_finish(traj)
 
     async def _advance(self, traj: Trajectory) -> None:
+        if any(self.room(g, traj) < 1 for g in self.generators):
+            traj.finish("context")
+            return
         proposal = await self._generate(self.proposer, self.proposer_role, traj)
         if self.reward_model is None:
-            commit_single_model_step(traj, proposal, self.proposer_role, self.config)
+            commit_single_model_step(traj, proposal, self.proposer_role)
             return
         reward = await self._score(traj, proposal)
-        kept = decide(self.policy, self.config.seed, traj, reward)
-        rewrite = None if kept else await self._generate(self.fallback, "target", traj)
-        commit_rsd_step(traj, proposal, reward, rewrite, self.config)
+        rewrite = None if self.decide(traj, reward) else await self._generate(self.fallback, "target", traj, proposal)
+        commit_rsd_step(traj, proposal, reward, rewrite)
 
     # -- model calls, with their accounting ------------------------------------------------------------------------
-    def _prefix_ids(self, generator: StepGenerator, traj: Trajectory) -> list[int]:
-        if self.shared_ids or generator is self.proposer:
-            return traj.prompt_ids + traj.generated_ids
-        return generator.encode(traj.prompt + traj.text)
-
-    async def _generate(self, generator: StepGenerator, role: str, traj: Trajectory) -> StepOutput:
-        request = StepRequest(
-            key=traj.key,
-            prefix_ids=self._prefix_ids(generator, traj),
-            max_tokens=min(self.config.step_max_tokens, self.config.max_new_tokens - traj.num_generated_tokens),
-        )
-        params = self.config.step_params()
+    async def _generate(
+        self, generator: StepGenerator, role: str, traj: Trajectory, proposal: StepOutput | None = None
+    ) -> StepOutput:
+        request = self.step_request(generator, traj, proposal)
+        params = traj.config.step_params()
         start = time.perf_counter()
         out = await self._call(generator, "agenerate_step", "generate_steps", request, params)
         record_generation(traj, role, generator, out, time.perf_counter() - start)
         return out
 
     async def _score(self, traj: Trajectory, proposal: StepOutput) -> float:
-        request = reward_request(traj, proposal.text, self.config.delimiter)
+        request = self.reward_request(traj, proposal.text)
         start = time.perf_counter()
         out: RewardOutput = await self._call(self.reward_model, "ascore", "score_steps", request)
-        record_scoring(traj, self.reward_model, out, time.perf_counter() - start)
+        record_scoring(traj.stats, self.reward_model, out, time.perf_counter() - start)
         return out.reward
 
     async def _call(self, backend: Any, async_name: str, batch_name: str, request: Any, *args: Any) -> Any:
-        """Await the backend's asynchronous method, or run its batch method for this one request on a thread
-        (one at a time per backend: in-process models are not safe to call from two threads)."""
+        """Await the backend's asynchronous method, or run its batch method for this one request on a thread (one
+        call at a time over all in-process models: they are not safe to call from two threads, and a speculative
+        target drives the draft's model too)."""
         method = getattr(backend, async_name, None)
         if method is not None:
             return await method(request, *args)
-        lock = self._locks.setdefault(id(backend), asyncio.Lock())
-        async with lock:
+        async with self._in_process:
             [out] = await asyncio.to_thread(getattr(backend, batch_name), [request], *args)
         return out
-
-    def _release(self, traj: Trajectory) -> None:
-        for backend in (self.proposer, self.fallback, self.reward_model):
-            if backend is not None:
-                backend.release([traj.key])
 
     async def _close_backends(self) -> None:
         for backend in {id(b): b for b in (self.proposer, self.fallback, self.reward_model) if b}.values():

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rsd.core import RSDError, Trajectory, TrajectoryStats
-from rsd.loop import Prompted
+from rsd.core import Prompted, RSDError, Trajectory, TrajectoryStats
 from rsd.policies import Threshold
 
 if TYPE_CHECKING:

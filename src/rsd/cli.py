@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -15,9 +16,27 @@ from rsd.eval.datasets import DEFAULT_MAX_QUESTION_CHARS
 from rsd.policies import DEFAULT_DELTA, POLICY_NAMES
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, unless its help already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("models")
-    where = "hub id, local checkpoint folder, or http://HOST:PORT/v1 server URLs (comma-separated replicas)"
+    where = (
+        "hub id, local checkpoint folder, http://HOST:PORT/v1 server URLs (comma-separated replicas), or "
+        "tinyworld (the built-in tiny world's model of this role; tinyworld:draft|target|prm names one)"
+    )
     group.add_argument("--draft", required=required, help=f"draft model: {where}")
     group.add_argument("--target", required=required, help=f"target model: {where}")
     group.add_argument("--prm", required=required, help=f"process reward model: {where}")
@@ -44,7 +63,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument("--policy", default="threshold", choices=POLICY_NAMES, help="weighting function of the reward")
-    group.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="threshold of threshold/logistic (0.7)")
+    group.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="threshold of threshold/logistic")
     group.add_argument("--alpha", type=float, default=10.0, help="slope of the logistic weighting")
     group.add_argument("--p", type=float, default=0.5, help="keep probability of the constant weighting")
     group.add_argument("--template", default="qwen25-math-cot", help="prompt template name, a template file, or none")
@@ -52,15 +71,29 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--step-max-tokens", type=int, default=256, help="a step ends after this many tokens")
     group.add_argument("--max-new-tokens", type=int, default=2048, help="generated-token budget per problem")
     group.add_argument("--delimiter", default="\n\n", help="step delimiter (default: a blank line)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    group.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: sample from the smallest set of "
+        "tokens whose probabilities sum to this (1 = all tokens; only with --temperature > 0)",
+    )
     group.add_argument("--seed", type=int, default=0, help="seeds sampling and soft weighting draws")
     group.add_argument("--batch-size", type=int, default=32, help="problems decoded together")
+    group.add_argument(
+        "--rewrite",
+        default="auto",
+        choices=("auto", "speculative", "plain"),
+        help="how the target writes a rejected step: verifying it, then token-level speculation with the draft "
+        "(speculative: the same step in fewer target forwards; needs both in process with one tokenizer), one "
+        "forward per token (plain), or speculative wherever it can run (auto, the default)",
+    )
 
 
 def run_config(args: argparse.Namespace):
+    from rsd.core import RunConfig
     from rsd.eval.checks import parse_delimiter
-    from rsd.loop import RunConfig
 
     return RunConfig(
         delimiter=parse_delimiter(args.delimiter),
@@ -85,8 +118,13 @@ def set_threads(threads: int | None) -> None:
 
 def build_rsd(args: argparse.Namespace):
     from rsd.api import RSD
+    from rsd.hf_loading import is_builtin_model
 
     quiet_libraries()
+    if args.threads is None and all(is_builtin_model(m) for m in (args.draft, args.target, args.prm)):
+        # Models of 1-10M parameters gain nothing from intra-op threads, and lose several-fold when another
+        # process holds a core (threads wait on each other at every small matmul).
+        args.threads = 1
     set_threads(args.threads)
     return RSD(
         draft=args.draft,
@@ -101,6 +139,7 @@ def build_rsd(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        rewrite=args.rewrite,
         tokenizers={
             "draft": args.draft_tokenizer,
             "target": args.target_tokenizer,
@@ -110,18 +149,52 @@ def build_rsd(args: argparse.Namespace):
 
 
 # -- rsd generate ---------------------------------------------------------------------------------------------
+PROGRESS_FROM = 2  # questions from which `rsd generate` shows a progress bar (on stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    questions = args.question
+    questions = list(args.question or [])
     if any(not q.strip() for q in questions):
         raise RSDError("--question is empty; pass the problem text, e.g. --question 'What is 2 + 3?'.")
-    results = build_rsd(args).generate(questions, template=args.template, method=args.method)
-    if args.json:
+    if args.questions:
+        from rsd.questions import read_questions
+
+        questions += read_questions(args.questions)
+    if not questions:
+        raise RSDError("no question given; pass --question TEXT, or --questions FILE (one per line, or JSONL).")
+    check_question_lengths(questions, args.max_question_chars)
+    rsd = build_rsd(args)
+    bar = generation_progress(len(questions), enabled=len(questions) >= PROGRESS_FROM and not args.no_progress)
+    try:
+        results = rsd.generate(questions, template=args.template, method=args.method, on_finish=lambda _: bar.update())
+    finally:
+        bar.close()
+    if args.jsonl:
+        for traj in results:
+            print(json.dumps(generation_json(traj), ensure_ascii=False))
+    elif args.json:
         payload = [generation_json(t) for t in results]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, ensure_ascii=False))
     else:
         for traj in results:
             print_generation(traj)
     return 0
+
+
+def check_question_lengths(questions: list[str], bound: int) -> None:
+    """The character bound a data file's rows are held to, for the questions of `rsd generate` too."""
+    for i, question in enumerate(questions, start=1):
+        if len(question) > bound:
+            raise RSDError(
+                f"question {i} has {len(question):,} characters, over --max-question-chars {bound}; shorten it or "
+                f"raise the bound."
+            )
+
+
+def generation_progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="questions", unit="question", disable=not enabled, file=sys.stderr)
 
 
 def generation_json(traj: Trajectory) -> dict:
@@ -176,20 +249,38 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="rsd", description="Reward-Guided Speculative Decoding for reasoning.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from rsd import __version__
+
+    parser = OneLineParser(
+        prog="rsd", description="Reward-Guided Speculative Decoding for reasoning.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"rsd {__version__}")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=functools.partial(OneLineParser, formatter_class=HelpFormatter),
+    )
 
     gen = sub.add_parser("generate", help="solve questions with RSD and show every step")
     add_model_arguments(gen, required=True)
     add_decoding_arguments(gen)
-    gen.add_argument("--question", action="append", required=True, help="the problem (repeat for a batch)")
-    gen.add_argument("--method", default="rsd", choices=("rsd", "draft", "target"), help="rsd, or one model alone")
-    gen.add_argument("--json", action="store_true", help="print one JSON object (a list for several questions)")
+    gen.add_argument("--question", action="append", help="the problem (repeat for a batch)")
     gen.add_argument(
-        "--max-question-chars",
-        type=int,
-        default=DEFAULT_MAX_QUESTION_CHARS,
-        help=f"refuse a longer question ({DEFAULT_MAX_QUESTION_CHARS})",
+        "--questions",
+        metavar="FILE",
+        help="a file of questions: one per line, or JSONL with a 'question' field; - reads stdin",
+    )
+    gen.add_argument(
+        "--method",
+        default="rsd",
+        choices=("rsd", "draft", "target", "sd"),
+        help="rsd, one model alone, or sd (the target alone with token-level speculation from the draft)",
+    )
+    gen.add_argument("--json", action="store_true", help="print one JSON object (a list for several questions)")
+    gen.add_argument("--jsonl", action="store_true", help="print one JSON object per line, one per question")
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar shown for several questions")
+    gen.add_argument(
+        "--max-question-chars", type=int, default=DEFAULT_MAX_QUESTION_CHARS, help="refuse a longer question"
     )
     gen.set_defaults(func=cmd_generate)
 
@@ -197,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rsd.eval.grade_cmd import add_grade_arguments, run_grade
 
     register(sub, add_model_arguments, add_decoding_arguments)
+    from rsd.eval.diff_cmd import register as register_diff
+
+    register_diff(sub)
 
     grade = sub.add_parser("grade", help="grade existing outputs in a JSONL file")
     add_grade_arguments(grade)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from rsd.policies import Policy
 
 DEFAULT_DELIMITER = "\n\n"
 
@@ -34,23 +37,59 @@ class StepParams:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """How long trajectories may grow and how steps are sampled. Saved with every result."""
+
+    delimiter: str = DEFAULT_DELIMITER  # ends a step; the only place it is defined for a run
+    step_max_tokens: int = 256  # a step that reaches this many tokens ends there
+    max_new_tokens: int = 2048  # generated-token budget of a trajectory
+    max_steps: int = 64  # step budget of a trajectory
+    temperature: float = 0.0  # 0: greedy, the paper's setting
+    top_p: float = 1.0
+    seed: int = 0  # seeds sampling and the soft weighting functions' draws
+    batch_size: int = 32  # trajectories advanced together in one round
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            raise RSDError("the step delimiter is empty; pass a non-empty --delimiter such as '\\n\\n'.")
+        for name in ("step_max_tokens", "max_new_tokens", "max_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RSDError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0 <= self.temperature < float("inf") or not 0 < self.top_p <= 1:
+            raise RSDError("temperature must be a finite number >= 0 and top-p in (0, 1].")
+
+    def step_params(self) -> StepParams:
+        return StepParams(self.delimiter, self.temperature, self.top_p, self.seed)
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """A problem ready to decode: its key, its raw question (for the PRM) and the generators' prompt text.
+
+    `config` and `policy` replace the controller's for this problem alone (a server's per-request settings); the
+    step delimiter and batch size stay the controller's."""
+
+    key: Hashable
+    question: str
+    prompt: str
+    config: RunConfig | None = None
+    policy: Policy | None = None
+
+
+@dataclass(frozen=True)
 class StepRequest:
     """Ask a generator for the next step of one trajectory.
 
     `prefix_ids` is the whole prefix (prompt + accepted steps) in the generator's own tokenization. The backend
     compares it with what it has cached for `key` and only processes the new tail.
-
-    A `cache_only` request (with `max_tokens` 0) asks for no step: it tells a generator that reports
-    `rides_along` which prefix the trajectory will bring next, so that it can run the tail while it decodes the
-    call's other rows, where one more row costs next to nothing. Its output is empty, with no tokens: the generator
-    counts what it ran in the trajectory's next step, which would have run it otherwise. Any other generator
-    returns the same empty output and runs nothing.
     """
 
     key: Hashable
     prefix_ids: Sequence[int]
-    max_tokens: int  # the step cap, already clipped to the trajectory's remaining token budget
-    cache_only: bool = False
+    max_tokens: int  # the step cap, already clipped to the trajectory's remaining token budget and context
+    # A guess of the step's tokens (a rejected draft step), in the generator's ids. A generator may verify it to
+    # write the step with fewer forwards; the step it writes is the same with or without it.
+    proposal: Sequence[int] = ()
 
 
 @dataclass
@@ -63,6 +102,8 @@ class StepOutput:
     prefill_tokens: int  # prefix tokens this call had to run through the model (cache misses)
     decode_tokens: int  # tokens generated (== len(token_ids))
     context_sum: int = 0  # sum over processed tokens of their context length, for attention FLOPs
+    forwards: int = 0  # forward passes of the model this step took part in (in process; 0 when unknown)
+    speculation: Speculation | None = None  # what token-level speculation did for it, where it ran
 
 
 @dataclass(frozen=True)
@@ -79,6 +120,7 @@ class RewardOutput:
     reward: float  # in [0, 1], higher is better
     prefill_tokens: int = 0  # tokens the PRM ran through its model for this request
     context_sum: int = 0
+    truncated: bool = False  # the input did not fit the PRM's context: it read the question and the latest steps
 
 
 @dataclass(frozen=True)
@@ -185,6 +227,39 @@ MODEL_ROLES = ("draft", "target", "prm")
 
 
 @dataclass
+class Speculation:
+    """What token-level speculation did for one step, or (summed) a trajectory: the tokens it took from the proposal
+    it was given (a rejected draft step) and from the draft's proposals, and what the draft ran to propose them."""
+
+    proposal_tokens: int = 0  # tokens of the given proposal that were verified
+    from_proposal: int = 0  # of those, tokens the step kept
+    proposed: int = 0  # tokens the draft proposed in speculation rounds
+    from_draft: int = 0  # of those, tokens the step kept
+    rounds: int = 0  # verification forwards of the target
+    draft: ModelUsage = field(default_factory=ModelUsage)
+
+    def add(self, other: Speculation) -> None:
+        for name in ("proposal_tokens", "from_proposal", "proposed", "from_draft", "rounds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.draft.add(other.draft)
+
+    @property
+    def token_acceptance_rate(self) -> float | None:
+        """The share of the draft's proposed tokens the target kept."""
+        return self.from_draft / self.proposed if self.proposed else None
+
+    def to_dict(self) -> dict:
+        return {
+            "proposal_tokens": self.proposal_tokens,
+            "tokens_from_proposal": self.from_proposal,
+            "draft_tokens_proposed": self.proposed,
+            "tokens_from_draft": self.from_draft,
+            "token_acceptance_rate": self.token_acceptance_rate,
+            "rounds": self.rounds,
+        }
+
+
+@dataclass
 class TrajectoryStats:
     steps_kept: int = 0
     steps_rejected: int = 0  # draft proposals the target rewrote
@@ -193,6 +268,9 @@ class TrajectoryStats:
     draft_tokens_discarded: int = 0
     target_tokens: int = 0
     prm_tokens: int = 0
+    prm_inputs_truncated: int = 0  # scorings whose input did not fit the PRM's context (earliest steps left out)
+    target_forwards: int = 0  # forwards of the target that wrote this trajectory's target tokens
+    speculation: Speculation = field(default_factory=Speculation)
     models: dict[str, ModelUsage] = field(default_factory=lambda: {r: ModelUsage() for r in MODEL_ROLES})
 
     @property
@@ -210,6 +288,11 @@ class TrajectoryStats:
         return (self.steps_rejected + self.steps_target_only) / n if n else 0.0
 
     @property
+    def target_forwards_per_token(self) -> float | None:
+        """Target forwards per token the target wrote: 1 for plain decoding, less with speculation."""
+        return self.target_forwards / self.target_tokens if self.target_tokens else None
+
+    @property
     def total_flops(self) -> float:
         return sum(m.flops for m in self.models.values())
 
@@ -222,8 +305,11 @@ class TrajectoryStats:
             "draft_tokens_discarded",
             "target_tokens",
             "prm_tokens",
+            "prm_inputs_truncated",
+            "target_forwards",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.speculation.add(other.speculation)
         for role, usage in other.models.items():
             self.models.setdefault(role, ModelUsage()).add(usage)
 
@@ -241,6 +327,10 @@ class TrajectoryStats:
                 "target": self.target_tokens,
                 "prm": self.prm_tokens,
             },
+            "prm_inputs_truncated": self.prm_inputs_truncated,
+            "target_forwards": self.target_forwards,
+            "target_forwards_per_target_token": self.target_forwards_per_token,
+            "speculation": self.speculation.to_dict(),
             "flops": {**{r: u.flops for r, u in self.models.items()}, "total": self.total_flops},
             "wall_time_s": {r: round(u.wall_time_s, 6) for r, u in self.models.items()},
             "models": {r: u.to_dict() for r, u in self.models.items()},
@@ -257,8 +347,13 @@ class Trajectory:
     prompt_ids: list[int]
     steps: list[Step] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "eos", "max_new_tokens" or "max_steps"
+    finish_reason: str | None = None  # "eos", "max_new_tokens", "max_steps" or "context"
     stats: TrajectoryStats = field(default_factory=TrajectoryStats)
+    config: RunConfig = field(default_factory=lambda: RunConfig())  # its budgets and sampling (`Prompted.config`)
+    policy: Policy | None = None  # its weighting function, when it is not the controller's
+
+    def finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
 
     @property
     def generated_ids(self) -> list[int]:

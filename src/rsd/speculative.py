@@ -1,432 +1,419 @@
-"""Token-level speculative decoding (Leviathan et al. 2023; Chen et al. 2023), the lossless baseline for RSD.
+"""Token-level speculation: the target writes a step with fewer forwards, exactly as it would alone.
 
-One round, for one trajectory:
-  1. the draft proposes up to k tokens, one forward pass each (it stops early at EOS);
-  2. the target scores the proposal in one forward pass, which also gives its distribution one token further;
-  3. the acceptance rule keeps a prefix of the proposal, and the target adds one token of its own: the
-     correction at the first rejection, or a bonus token when all k pass.
-Both models keep a KV cache across rounds; on rejection it is cropped back to the accepted tokens, so nothing is
-read twice. Each round writes between 1 and k + 1 tokens, and the output distribution is exactly the target's
-(greedy: the target's own greedy text, token for token).
+When the target writes a step (a rejected draft step in RSD, or every step of the `sd` method), it does not decode
+one token per forward:
 
-The tokens are committed through the same step rule as RSD's generators (a step ends at EOS, once its text holds
-the delimiter, or at its token cap) and `rsd.loop.append_step`, so a trajectory ends for the same reasons and
-reports look the same: every step is the target's (`source="target"`, `kept=True`, no reward).
+  1. it first reads the proposal it was given (in RSD, the rejected draft step) in the same forward that runs its
+     prefix, and keeps the longest prefix of it that it would have written itself, plus its own next token;
+  2. then rounds: the draft proposes k tokens (one decode forward each), the target reads them all in one forward,
+     keeps what it agrees with and adds its own next token; both models roll back the rest (their next feed
+     overwrites it: nothing is copied); k follows the acceptance measured so far;
+  3. until the step ends (delimiter, EOS or cap), where the target alone would end it.
 
-Accounting, per trajectory (`traj.stats`):
-- `models["draft"]`: `prefill_tokens` are the tokens the draft reads without having proposed them (the prompt,
-  then the target's corrections and bonus tokens), `decode_tokens` the tokens it proposes; `calls` counts its
-  forward passes.
-- `models["target"]`: every token the target runs through a verification pass counts as a prefill ("scored")
-  token: the prompt, each round's last committed token and the proposal. `decode_tokens` stays 0 because the
-  target never decodes one token at a time; the tokens it writes are counted in `target_tokens`. `calls` counts
-  verification passes.
-- FLOPs are `cost.flops(tokens run, context_sum)` over the tokens each model actually ran through its layers.
-- Tokens by source: accepted draft tokens are `draft_tokens_kept`, rejected ones (and accepted ones cut off by the
-  end of the trajectory) `draft_tokens_discarded`, the target's corrections and bonus tokens `target_tokens`;
-  `draft_tokens_kept + target_tokens` is the number of generated tokens. Every step counts in
-  `steps_target_only`, since the target's distribution decides each of them.
-- `traj.speculative` holds what only this method has: k, rounds, tokens proposed and accepted, and the token
-  acceptance rate; `traj.to_dict()` writes it under "speculative".
+Exact by construction: a proposed token stays only if it equals the target's own choice at its position
+(`rsd.engine.sampler.choose`: the argmax, or a top-p draw with the uniform fixed by (seed, trajectory, position)),
+so the step is, token for token, the one the target writes alone with the same seed, greedy or sampled. The draft
+samples with the same uniforms, which makes its proposals agree often when its distribution is close. (The
+speculative-sampling rule of Leviathan et al. would not be exact for RSD's rewrites: a rejected step is not a sample
+of the draft's distribution once the PRM's rejection is conditioned on.)
 
-Trajectories are decoded one at a time (batch 1); `RunConfig.batch_size` is not used.
+All rewriting rows verify in one forward; a row that finishes leaves both arenas while the others go on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from rsd.core import ModelCost, ModelUsage, RSDError, Step, StopReason, Trajectory
-from rsd.loop import Prompted, RunConfig, append_step
+from rsd.core import (
+    RSDError,
+    Speculation,
+    StepOutput,
+    StepParams,
+    StepRequest,
+    StopReason,
+)
+from rsd.engine.kv_cache import to_device
+from rsd.engine.sampler import Draw, accepted_length, choose
+from rsd.engine.steps import Row, StepModel, check_requests
 
-DEFAULT_K = 4
-
-
-class LoadedCausalLM(Protocol):
-    """What this module needs of a loaded model (`rsd.backends.hf.HFStepGenerator` provides it)."""
-
-    model: Any  # a transformers PreTrainedModel with a causal LM head
-    tokenizer: Any
-    eos_token_ids: Any  # a collection of ints
-    cost: ModelCost
-    device: Any
-
-
-# -- the acceptance rule ------------------------------------------------------------------------------------------
-# Both rules take the proposal x_1..x_n and the target's scores for the n + 1 positions it covers (row i is the
-# distribution of the token after x_1..x_i), and return (how many proposed tokens stay, the target's next token).
+MAX_K = 8  # the most tokens the draft proposes per round
+PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
+ACCEPTANCE_MEMORY = 0.7  # weight of what was measured before, per round
+AcceptRule = Callable[[Sequence[int], Sequence[int]], int]  # (proposal, the target's own choices) -> tokens kept
 
 
-def accept_greedy(proposal: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """Keep the proposal while it equals the target's argmax; the target's argmax at the first miss follows."""
-    choices = target_logits.argmax(dim=-1)
-    accepted = count_leading_true(choices[:-1] == proposal)
-    return accepted, int(choices[accepted])
-
-
-def accept_sampled(
-    proposal: torch.Tensor,
-    draft_probs: torch.Tensor,
-    target_probs: torch.Tensor,
-    generator: torch.Generator,
-) -> tuple[int, int]:
-    """The speculative sampling rule: the tokens it returns are distributed as the target's, whatever the draft."""
-    # Token x_i stays with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection the target's token is
-    # drawn from norm(max(0, p_i - q_i)); when all n stay, a bonus token is drawn from p_{n+1}.
-    n = len(proposal)
-    rows = torch.arange(n, device=proposal.device)
-    p, q = target_probs[rows, proposal], draft_probs[rows, proposal]
-    u = torch.rand(n, generator=generator, device=proposal.device)
-    accepted = count_leading_true(u * q < p)  # q > 0 since x_i was drawn from q_i; p == 0 never passes
-    if accepted == n:
-        return n, draw(target_probs[n], generator)
-    residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
-    if not residual.sum() > 0:
-        residual = target_probs[accepted]  # p == q up to rounding: the rejection had probability ~0
-    return accepted, draw(residual, generator)
-
-
-def count_leading_true(flags: torch.Tensor) -> int:
-    return int(flags.to(torch.int64).cumprod(dim=0).sum()) if len(flags) else 0
-
-
-def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(weights, 1, generator=generator))
-
-
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution both models sample from: softmax(logits / T), cut to the top-p nucleus and renormalized."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Drop a token when the more likely ones already reach top_p: the smallest set of mass >= top_p stays.
-    sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p] = 0.0
-    nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return nucleus / nucleus.sum(dim=-1, keepdim=True)
-
-
-def problem_seed(seed: int, key: Hashable, stream: str) -> int:
-    """A stable seed per (run seed, problem, model): Python's own hash of a string changes from run to run."""
-    digest = hashlib.sha256(f"{seed}|{key!r}|{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# -- the records this method adds ---------------------------------------------------------------------------------
 @dataclass
-class SpeculativeStats:
-    """Token-level figures of speculative decoding, for one trajectory or (with `add`) a whole run."""
+class Rewrite:
+    """One step being written with speculation, and what it cost."""
 
-    k: int = DEFAULT_K  # tokens the draft proposes per round (fewer near EOS or the token budget)
-    rounds: int = 0  # target verification passes
-    draft_tokens_proposed: int = 0
-    draft_tokens_accepted: int = 0  # as the acceptance rule decided, before the trajectory's end cut anything
+    index: int  # position of the request in the call
+    request: StepRequest
+    target: Row  # the target's bookkeeping (cached prefix, context, forwards)
+    draft: Row | None = None  # the draft's, once it proposes
+    proposal: list[int] = field(default_factory=list)
+    written: list[int] = field(default_factory=list)
+    stop: StopReason | None = None
+    target_slot: int = 0
+    draft_slot: int = 0
+    target_held: int = 0  # tokens past the prefix the target's arena holds for the row
+    draft_held: int = 0  # tokens of prefix + written (+ proposals) the draft's arena holds
+    draft_consistent: int = 0  # of those, how many agree with prefix + written after a verification
+    run_after_prefix: int = 0  # tokens the target ran after its prefill (verified tokens)
+    speculation: Speculation = field(default_factory=Speculation)
 
     @property
-    def token_acceptance_rate(self) -> float | None:
-        return self.draft_tokens_accepted / self.draft_tokens_proposed if self.draft_tokens_proposed else None
-
-    def add(self, other: SpeculativeStats) -> None:
-        self.rounds += other.rounds
-        self.draft_tokens_proposed += other.draft_tokens_proposed
-        self.draft_tokens_accepted += other.draft_tokens_accepted
-
-    def to_dict(self, generated_tokens: int) -> dict:
-        return {
-            "k": self.k,
-            "rounds": self.rounds,
-            "draft_tokens_proposed": self.draft_tokens_proposed,
-            "draft_tokens_accepted": self.draft_tokens_accepted,
-            "token_acceptance_rate": self.token_acceptance_rate,
-            # The speed-up's upper bound: tokens written per target forward pass (plain decoding: 1).
-            "tokens_per_target_pass": generated_tokens / self.rounds if self.rounds else None,
-        }
-
-
-@dataclass
-class SpeculativeTrajectory(Trajectory):
-    """A `Trajectory` that also carries the token-level statistics of speculative decoding."""
-
-    speculative: SpeculativeStats = field(default_factory=SpeculativeStats)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "speculative": self.speculative.to_dict(self.num_generated_tokens)}
-
-
-# -- one model with its KV cache ----------------------------------------------------------------------------------
-class CachedLM:
-    """One model's KV cache for one trajectory: it holds a prefix of the sequence, is extended and cropped."""
-
-    def __init__(self, lm: LoadedCausalLM) -> None:
-        self.lm = lm
-        self.cache: Any = None  # created by the model on the first forward pass
-        self.length = 0  # tokens whose keys and values the cache holds
-        self.usage = ModelUsage()
-        self.tokens_run = 0
-        self.context_sum = 0
-
-    @torch.inference_mode()
-    def forward(self, ids: Sequence[int], positions_kept: int) -> torch.Tensor:
-        """Append `ids` to the cache; the logits (float32) of the last `positions_kept` of them."""
-        inputs = torch.tensor([list(ids)], dtype=torch.long, device=self.lm.device)
-        kwargs = {cache_argument(self.lm.model): self.cache} if self.cache is not None else {}
-        out = self.lm.model(input_ids=inputs, use_cache=True, logits_to_keep=positions_kept, **kwargs)
-        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        n, start = len(ids), self.length
-        self.length += n
-        self.tokens_run += n
-        self.context_sum += n * start + n * (n + 1) // 2  # token at position i attends to i + 1 tokens
-        self.usage.calls += 1
-        return out.logits[0, -positions_kept:].float()
-
-    def crop(self, length: int) -> None:
-        """Forget every token past `length` (a rejected proposal)."""
-        if self.length > length:
-            self.cache.crop(length - self.length)  # a negative count: tokens to drop, in every transformers
-            self.length = length
-
-    def final_usage(self) -> ModelUsage:
-        self.usage.flops = self.lm.cost.flops(self.tokens_run, self.context_sum)
-        return self.usage
-
-
-_CACHE_ARGUMENT: dict[type, str] = {}
-
-
-def cache_argument(model: Any) -> str:
-    """transformers 5 renamed the forward's `past_key_values` to `cache`; use whichever this model takes."""
-    kind = type(model)
-    if kind not in _CACHE_ARGUMENT:
-        names = inspect.signature(model.forward).parameters
-        _CACHE_ARGUMENT[kind] = "cache" if "cache" in names else "past_key_values"
-    return _CACHE_ARGUMENT[kind]
-
-
-def fit_vocabulary(logits: torch.Tensor, size: int) -> torch.Tensor:
-    """The draft's logits over the target's ids: extra rows dropped (the target could not read them), missing ones
-    -inf. Any proposal distribution keeps the rule lossless, as long as the same one is used in the ratio."""
-    if logits.shape[-1] >= size:
-        return logits[..., :size]
-    pad = logits.new_full((*logits.shape[:-1], size - logits.shape[-1]), float("-inf"))
-    return torch.cat([logits, pad], dim=-1)
-
-
-# -- the decoder --------------------------------------------------------------------------------------------------
-@dataclass
-class _Decoding:
-    """The state of one trajectory being decoded."""
-
-    traj: SpeculativeTrajectory
-    ids: list[int]  # prompt + committed tokens
-    open_step: list[int]  # committed tokens of the step not yet closed
-    draft: CachedLM
-    target: CachedLM
-    draft_rng: torch.Generator | None  # None when greedy
-    target_rng: torch.Generator | None
+    def prefix(self) -> Sequence[int]:
+        return self.request.prefix_ids
 
     @property
-    def generated(self) -> int:
-        return self.traj.num_generated_tokens + len(self.open_step)
+    def cap(self) -> int:
+        return self.request.max_tokens
+
+    @property
+    def position(self) -> int:
+        """Position of the next token to choose."""
+        return len(self.prefix) + len(self.written)
 
 
-class SpeculativeDecoder:
-    """Token-level speculative decoding of whole trajectories, with the interface of `StepwiseDecoder`."""
+class SpeculativeStepGenerator:
+    """The target as a `StepGenerator` whose steps the draft helps write (both in process, one tokenizer).
 
-    # The sampling rule, a class attribute so that a test can swap in a wrong rule and see the test fail.
-    sampled_rule: Callable[..., tuple[int, int]] = staticmethod(accept_sampled)
+    Its steps equal the target's own; requests may carry a `proposal` (a rejected draft step) to verify first.
+    `accept` decides how many proposed tokens stay given the target's own choices: `accepted_length` (they stay
+    while they are equal) is the only exact rule; another one makes the forwards of a run at a set acceptance, to
+    time them on models that never agree (random weights)."""
 
-    def __init__(self, draft: LoadedCausalLM, target: LoadedCausalLM, config: RunConfig, k: int = DEFAULT_K) -> None:
-        if k < 1:
-            raise RSDError(f"speculative decoding needs k >= 1 draft tokens per round, got {k}.")
-        check_shared_vocabulary(draft, target)
-        self.draft = draft
-        self.target = target
-        self.config = config
-        self.k = k
-        self.eos_ids = frozenset(int(t) for t in target.eos_token_ids)
-        self.vocabulary = int(target.model.get_output_embeddings().weight.shape[0])  # rows of the target's logits
+    def __init__(self, target: Any, draft: Any, accept: AcceptRule = accepted_length) -> None:
+        for role, generator in (("target", target), ("draft", draft)):
+            if not isinstance(getattr(generator, "engine", None), StepModel):
+                raise RSDError(
+                    f"speculative rewrites need the {role} in process (a model folder or hub id, not a server); "
+                    "use --rewrite plain, or serve the target with vLLM's --speculative-config."
+                )
+        if target.vocabulary_fingerprint() != draft.vocabulary_fingerprint():
+            raise RSDError(
+                "speculative rewrites need a draft and a target with the same tokenizer; pick a draft of the "
+                "target's model family, or use --rewrite plain (RSD itself works across tokenizers)."
+            )
+        self.target_generator, self.draft_generator = target, draft
+        self.target, self.draft = target.engine, draft.engine
+        self.name, self.role, self.cost = target.name, target.role, target.cost
+        self.tokenizer = target.tokenizer
+        self.accept = accept
+        # Per trajectory, the token acceptance measured over its rounds (smoothed): its k follows its own history,
+        # so a step's forwards and counts never depend on which trajectories share the batch.
+        self.acceptance: dict[Hashable, float] = {}
+        # A draft forward's price in target forwards: on a GPU both cost their weights' bytes, so their sizes.
+        self.draft_price = max(0.02, draft.cost.parameters / max(1, target.cost.parameters))
 
-    def run(
+    # -- the StepGenerator interface ------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        return self.target_generator.context_length
+
+    def encode(self, text: str) -> list[int]:
+        return self.target_generator.encode(text)
+
+    def vocabulary_fingerprint(self) -> str:
+        return self.target_generator.vocabulary_fingerprint()
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        self.target.prefixes.release(keys)
+        self.draft.prefixes.release(keys)
+        for key in keys:
+            self.acceptance.pop(key, None)
+
+    def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
+        check_requests(requests)
+        outputs: list[StepOutput | None] = [None] * len(requests)
+        rows = []
+        for i, request in enumerate(requests):
+            if request.max_tokens < 1:  # no budget left: nothing runs, the cache stays
+                outputs[i] = StepOutput([], "", StopReason.LENGTH, prefill_tokens=0, decode_tokens=0)
+            else:
+                rows.append(Rewrite(i, request, Row(i, request)))
+        if rows:
+            with torch.inference_mode():
+                live = self._verify_proposals(rows, params, outputs)
+                if live:
+                    self._rounds(live, params, outputs)
+        return outputs  # type: ignore[return-value]
+
+    # -- the first forward: the prefix and the proposal -----------------------------------------------------
+    def _verify_proposals(
+        self, rows: list[Rewrite], params: StepParams, outputs: list[StepOutput | None]
+    ) -> list[Rewrite]:
+        """Prefill every row and verify its proposal in the same forward; returns the rows that go on."""
+        for row in rows:
+            row.proposal = list(row.request.proposal[: row.cap - 1])
+        room = max(row.cap for row in rows) + MAX_K + 2
+        logits = self.target.open([row.target for row in rows], room, [row.proposal for row in rows])
+        draws: list[Draw | None] = [
+            (row.request.key, len(row.prefix) + j) for row in rows for j in range(1 + len(row.proposal))
+        ]
+        choices = choose(logits, params, draws).tolist()
+        first = 0
+        for slot, row in enumerate(rows):
+            own = choices[first : first + 1 + len(row.proposal)]
+            first += len(own)
+            row.target_slot, row.target_held, row.run_after_prefix = slot, len(row.proposal), 0
+            kept = self._accept(row, row.proposal, own, params)
+            row.speculation.proposal_tokens += len(row.proposal)
+            row.speculation.from_proposal += kept
+            row.speculation.rounds += 1
+        return self._leave_finished(rows, outputs)
+
+    # -- rounds: the draft proposes, the target verifies ----------------------------------------------------------
+    def _rounds(self, live: list[Rewrite], params: StepParams, outputs: list[StepOutput | None]) -> None:
+        self._roll_target_back(live)
+        draft_logits = self._open_draft(live)
+        while live:
+            limits = [max(0, min(self.round_size(row.request.key), row.cap - len(row.written) - 1)) for row in live]
+            table = self._propose(live, draft_logits, limits, params)
+            logits, starts, fed, draws = self._verify(live, table, limits)
+            choices = choose(logits, params, draws)
+            read = (choices if table is None else torch.cat([choices, table.flatten()])).tolist()  # the round's wait
+            chosen, table_read = read[: len(draws)], read[len(draws) :]
+            slots = self.draft.runner.slots
+            proposals = [
+                [table_read[j * slots + row.draft_slot] for j in range(limit)]
+                for row, limit in zip(live, limits, strict=True)
+            ]
+            owns = [chosen[start : start + 1 + len(p)] for start, p in zip(starts, proposals, strict=True)]
+            live = self._verify_round(live, proposals, owns, fed, max(limits), params, outputs)
+            if live:
+                self._park_idle(live)
+                self._roll_target_back(live)
+                draft_logits = self._catch_up_draft(live)
+
+    def _verify(
+        self, live: list[Rewrite], table: torch.Tensor | None, limits: list[int]
+    ) -> tuple[torch.Tensor, list[int], list[int], list[Draw | None]]:
+        """The target reads each row's last written token and its proposals in one forward, without waiting for the
+        draft's proposals (they stay on the device). Returns the logits, each row's first logit row, the tokens each
+        row ran, and each logit row's draw. On a GPU every slot reads the same count (one CUDA graph per count)."""
+        runner = self.target.runner
+        if [row.target_slot for row in live] != sorted(row.target_slot for row in live):
+            raise AssertionError("speculation bookkeeping: rows out of their slots' order")
+        tokens = 1 + max(limits)
+        uniform = runner.can_verify(tokens)
+        draft_slots = self.draft.runner.slots
+        by_slot = {row.target_slot: (i, row, limit) for i, (row, limit) in enumerate(zip(live, limits, strict=True))}
+        zero = len(live) + (0 if table is None else table.numel())  # a harmless id for idle slots and padding
+        index: list[int] = []
+        draws: list[Draw | None] = []
+        starts, fed, counts = [], [], [0] * runner.slots
+        for slot in range(runner.slots):
+            i, row, limit = by_slot.get(slot, (None, None, 0))
+            count = tokens if uniform else (1 + limit if row is not None else 0)
+            if row is None:
+                index += [zero] * count
+                draws += [None] * count
+                continue
+            starts.append(len(index))
+            fed.append(count)
+            counts[slot] = count
+            own = [i, *(len(live) + j * draft_slots + row.draft_slot for j in range(count - 1))]
+            index += [*own[: 1 + limit], *[zero] * (count - 1 - limit)]
+            draws += [(row.request.key, row.position + j) for j in range(count)]
+        device = runner.device
+        last = to_device(torch.tensor([row.written[-1] for row in live] + [0], dtype=torch.long), device)
+        source = last if table is None else torch.cat([last[:-1], table.flatten().to(device), last[-1:]])
+        ids = source[to_device(torch.tensor(index, dtype=torch.long), device)]
+        logits = runner.verify(ids, tokens) if uniform else runner.extend_ids(counts, ids)
+        return logits, starts, fed, draws
+
+    def _verify_round(
         self,
-        problems: Sequence[Prompted],
-        on_finish: Callable[[Trajectory], None] | None = None,
-    ) -> list[Trajectory]:
-        """Decode every problem, in order; `on_finish` sees each trajectory the moment it ends."""
-        done: list[Trajectory] = []
-        for problem in problems:
-            traj = self.decode(problem)
-            done.append(traj)
-            if on_finish is not None:
-                on_finish(traj)
-        return done
+        live: list[Rewrite],
+        proposals: list[list[int]],
+        owns: list[list[int]],
+        fed: list[int],
+        proposed: int,
+        params: StepParams,
+        outputs: list[StepOutput | None],
+    ) -> list[Rewrite]:
+        """Keep what the target agrees with; returns the rows that go on (those that end leave both arenas). A row's
+        counts are its own tokens (its last one and its proposals), whatever the others made the forward run."""
+        for row, proposal, own, count in zip(live, proposals, owns, fed, strict=True):
+            written_before = len(row.written)
+            row.target.count_run(row.position - 1, 1 + len(proposal))
+            row.target.forwards += 1
+            row.run_after_prefix += 1 + len(proposal)
+            row.target_held += count
+            kept = self._accept(row, proposal, own, params)
+            # The draft fed the tokens before its last proposal; those the target kept stay in its cache.
+            row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, proposed - 1))
+            row.speculation.proposed += len(proposal)
+            row.speculation.from_draft += kept
+            row.speculation.rounds += 1
+            self._measure(row.request.key, min(kept, len(proposal)), min(len(proposal), kept + 1))
+        return self._leave_finished(live, outputs)
 
-    def decode(self, problem: Prompted) -> SpeculativeTrajectory:
-        state = self._start(problem)
-        while not state.traj.finished:
-            self._round(state)
-        state.traj.stats.models["draft"].add(state.draft.final_usage())
-        state.traj.stats.models["target"].add(state.target.final_usage())
-        return state.traj
+    def _measure(self, key: Hashable, accepted: int, trials: int) -> None:
+        """Fold a round's accepted tokens out of its trials (tokens checked) into the trajectory's acceptance."""
+        if trials:
+            before = self.acceptance.get(key, PRIOR_ACCEPTANCE)
+            self.acceptance[key] = ACCEPTANCE_MEMORY * before + (1 - ACCEPTANCE_MEMORY) * accepted / trials
 
-    # -- setup --------------------------------------------------------------------------------------------------
-    def _start(self, problem: Prompted) -> _Decoding:
-        if not problem.question.strip():
-            raise RSDError(f"problem {problem.key!r} has an empty question; give every problem some text.")
-        prompt_ids = self._encode(problem.prompt)
-        if not prompt_ids:
-            raise RSDError(f"problem {problem.key!r} has an empty prompt; give every problem a prompt.")
-        traj = SpeculativeTrajectory(
-            key=problem.key,
-            question=problem.question,
-            prompt=problem.prompt,
-            prompt_ids=prompt_ids,
-            speculative=SpeculativeStats(k=self.k),
-        )
-        sampling = self.config.temperature > 0
-        return _Decoding(
-            traj=traj,
-            ids=list(prompt_ids),
-            open_step=[],
-            draft=CachedLM(self.draft),
-            target=CachedLM(self.target),
-            draft_rng=self._generator(self.draft, problem.key, "draft") if sampling else None,
-            target_rng=self._generator(self.target, problem.key, "target") if sampling else None,
-        )
+    def _park_idle(self, live: list[Rewrite]) -> None:
+        """Slots whose rows left (the bucket did not shrink) start their columns over in both arenas."""
+        for runner, taken in ((self.target.runner, {r.target_slot for r in live}),
+                              (self.draft.runner, {r.draft_slot for r in live})):  # fmt: skip
+            idle = [slot for slot in range(runner.slots) if slot not in taken]
+            if idle:
+                runner.park(idle)
 
-    def _encode(self, text: str) -> list[int]:
-        encode = getattr(self.target, "encode", None)
-        if callable(encode):
-            return list(encode(text))
-        return list(self.target.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _accept(self, row: Rewrite, proposal: list[int], own: list[int], params: StepParams) -> int:
+        """Append the proposal's kept tokens and the target's own next one, up to where the step ends. Returns how
+        many proposed tokens the step kept."""
+        kept = min(self.accept(proposal, own[: len(proposal)]), len(proposal))
+        new = [*proposal[:kept], own[kept]]
+        before = len(row.written)
+        row.written += new
+        stays, stop = self.target.stop_rule.first_stop(row.written, before, row.cap, params.delimiter)
+        del row.written[stays:]
+        row.stop = stop
+        return min(kept, stays - before)
 
-    def _generator(self, lm: LoadedCausalLM, key: Hashable, stream: str) -> torch.Generator:
-        generator = torch.Generator(device=lm.device)
-        generator.manual_seed(problem_seed(self.config.seed, key, stream))
-        return generator
+    def _leave_finished(self, rows: list[Rewrite], outputs: list[StepOutput | None]) -> list[Rewrite]:
+        """Finished rows leave both arenas with their caches; the others move to the front. Returns the others."""
+        going_on = []
+        for row in rows:
+            if row.stop is None:
+                going_on.append(row)
+                continue
+            self.target.leave(row.target, row.target_slot, [*row.prefix, *row.written[:-1]])
+            if row.draft is not None:
+                held = [*row.prefix, *row.written][: min(row.draft_consistent, row.position)]
+                self.draft.leave(row.draft, row.draft_slot, held)
+            outputs[row.index] = self._output(row)
+        self._compact(going_on, rows)
+        return going_on
 
-    # -- one round: propose, verify, commit ---------------------------------------------------------------------
-    def _round(self, state: _Decoding) -> None:
-        # Never write past the token budget: a round writes at most (proposal + 1) tokens.
-        budget = self.config.max_new_tokens - state.generated
-        proposal, draft_probs = self._propose(state, min(self.k, budget - 1))
-        accepted, next_token = self._verify(state, proposal, draft_probs)
-        spec = state.traj.speculative
-        spec.rounds += 1
-        spec.draft_tokens_proposed += len(proposal)
-        spec.draft_tokens_accepted += accepted
-        # Both caches keep the sequence up to the accepted tokens; the target's token is read in the next round.
-        kept_length = len(state.ids) + accepted
-        state.target.crop(kept_length)
-        state.draft.crop(kept_length)
-        state.traj.stats.draft_tokens_discarded += len(proposal) - accepted
-        self._commit(state, proposal[:accepted], next_token)
+    def _compact(self, going_on: list[Rewrite], rows: list[Rewrite]) -> None:
+        if not going_on or len(going_on) == len(rows):
+            return
+        if self.target.runner.keep([row.target_slot for row in going_on]) is not None:
+            for slot, row in enumerate(going_on):
+                row.target_slot = slot
+        if going_on[0].draft is not None and self.draft.runner.keep([row.draft_slot for row in going_on]) is not None:
+            for slot, row in enumerate(going_on):
+                row.draft_slot = slot
 
-    def _propose(self, state: _Decoding, n: int) -> tuple[list[int], torch.Tensor | None]:
-        """Up to n draft tokens, and the draft's distribution at each when sampling."""
-        if n <= 0:
-            return [], None
-        start = time.perf_counter()
-        draft = state.draft
-        feed = state.ids[draft.length :]  # what the draft has not read yet: the prompt, or the target's tokens
-        draft.usage.prefill_tokens += len(feed)
-        proposal: list[int] = []
-        rows: list[torch.Tensor] = []
-        while len(proposal) < n:
-            logits = fit_vocabulary(draft.forward(feed, 1)[-1], self.vocabulary)
-            if state.draft_rng is None:
-                token = int(logits.argmax())
-            else:
-                rows.append(sampling_probs(logits, self.config.temperature, self.config.top_p))
-                token = draw(rows[-1], state.draft_rng)
-            proposal.append(token)
-            if token in self.eos_ids:
-                break  # nothing after EOS could be kept
-            feed = [token]
-        draft.usage.decode_tokens += len(proposal)
-        draft.usage.wall_time_s += time.perf_counter() - start
-        return proposal, torch.stack(rows) if rows else None
+    # -- the draft's side ---------------------------------------------------------------------------------------
+    def _roll_target_back(self, live: list[Rewrite]) -> None:
+        """The target holds the prefix and every written token but the last (which heads the next feed)."""
+        counts = [0] * self.target.runner.slots
+        for row in live:
+            counts[row.target_slot] = row.target_held - (len(row.written) - 1)
+            row.target_held = len(row.written) - 1
+        self.target.runner.rollback(counts)
 
-    def _verify(self, state: _Decoding, proposal: list[int], draft_probs: torch.Tensor | None) -> tuple[int, int]:
-        """The target's pass over the proposal: how many tokens stay, and the target's own next token."""
-        start = time.perf_counter()
-        target = state.target
-        feed = state.ids[target.length :] + proposal
-        target.usage.prefill_tokens += len(feed)
-        logits = target.forward(feed, len(proposal) + 1)
-        tokens = torch.tensor(proposal, dtype=torch.long, device=logits.device)
-        if state.target_rng is None:
-            result = accept_greedy(tokens, logits)
-        else:
-            target_probs = sampling_probs(logits, self.config.temperature, self.config.top_p)
-            if draft_probs is None:  # no proposal this round
-                draft_probs = target_probs[:0]
-            result = self.sampled_rule(tokens, draft_probs.to(logits.device), target_probs, state.target_rng)
-        target.usage.wall_time_s += time.perf_counter() - start
-        return result
+    def _open_draft(self, live: list[Rewrite]) -> torch.Tensor:
+        """The draft's call over the going-on rows, each at its prefix and written tokens: its logits at the last."""
+        for row in live:
+            row.draft = Row(row.index, StepRequest(row.request.key, [*row.prefix, *row.written], row.cap))
+        room = max(row.cap for row in live) + MAX_K + 2
+        logits = self.draft.open([row.draft for row in live], room)
+        for slot, row in enumerate(live):
+            row.draft_slot, row.draft_held = slot, row.position
+            usage = row.speculation.draft
+            usage.prefill_tokens += len(row.draft.prefix) - row.draft.reused
+            usage.calls += 1
+        return logits
 
-    # -- committing tokens into steps ---------------------------------------------------------------------------
-    def _commit(self, state: _Decoding, accepted: list[int], next_token: int) -> None:
-        """Append the round's tokens, closing steps as they end; tokens past the trajectory's end are dropped."""
-        stats = state.traj.stats
-        tokens = [*accepted, next_token]
-        for i, token in enumerate(tokens):
-            if state.traj.finished:
-                stats.draft_tokens_discarded += max(0, len(accepted) - i)
-                return
-            from_draft = i < len(accepted)
-            if from_draft:
-                stats.draft_tokens_kept += 1
-            else:
-                stats.target_tokens += 1
-            state.ids.append(token)
-            state.open_step.append(token)
-            stop = self._step_stop(state, token)
-            if stop is not None:
-                self._close_step(state, stop)
+    def _propose(
+        self, live: list[Rewrite], logits: torch.Tensor, limits: list[int], params: StepParams
+    ) -> torch.Tensor | None:
+        """Draft tokens for every slot, [the most any row needs, draft slots] on the device (the first from `logits`,
+        one per slot or per row of a call's first feed, which sit at slots 0, 1, ...; one decode forward each after):
+        nothing waits for them."""
+        if max(limits) < 1:
+            return None
+        runner = self.draft.runner
+        slots = runner.slots
+        first = choose(logits, params, self._draft_draws(live, 0, logits.shape[0]))
+        chosen = [torch.nn.functional.pad(first, (0, slots - first.shape[0]))]
+        for j in range(1, max(limits)):
+            logits = runner.decode(chosen[-1])
+            chosen.append(choose(logits, params, self._draft_draws(live, j, slots)))
+            for row, limit in zip(live, limits, strict=True):
+                if j < limit:  # a decode this row's own proposals needed (others ride on it)
+                    row.draft.count_run(row.draft_held, 1)
+                    usage = row.speculation.draft
+                    usage.decode_tokens += 1
+                    usage.calls += 1
+                row.draft_held += 1
+        return torch.stack(chosen)
 
-    def _step_stop(self, state: _Decoding, token: int) -> StopReason | None:
-        """The step rule of RSD's generators: EOS, then the delimiter, then the token caps."""
-        if token in self.eos_ids:
-            return StopReason.EOS
-        if self._completes_delimiter(state.open_step):
-            return StopReason.DELIMITER
-        if len(state.open_step) >= self.config.step_max_tokens or state.generated >= self.config.max_new_tokens:
-            return StopReason.LENGTH
-        return None
+    def _draft_draws(self, live: list[Rewrite], ahead: int, size: int) -> list[Draw | None]:
+        """Each row's draw for its proposed token `ahead` past its next one, by the draft's slot."""
+        draws: list[Draw | None] = [None] * size
+        for row in live:
+            if row.draft_slot < size:
+                draws[row.draft_slot] = (row.request.key, row.position + ahead)
+        return draws
 
-    def _completes_delimiter(self, step_ids: list[int]) -> bool:
-        # As in rsd.backends.hf: every token adds at least one byte, so a delimiter the newest token completes lies
-        # within the last len(bytes) tokens (plus slack for decoders that strip a leading space); an earlier one
-        # would have ended the step already. Decoding only that window keeps a long step linear.
-        window = len(self.config.delimiter.encode("utf-8")) + 2
-        return self.config.delimiter in self._decode(step_ids[-window:])
+    def _catch_up_draft(self, live: list[Rewrite]) -> torch.Tensor:
+        """Roll the draft back to what the target kept, then feed it what it has not read: the target's own token,
+        after the last proposal when every one was kept. One decode forward (two when a row needs two tokens: the
+        others then forget their second). Returns the draft's logits per slot."""
+        runner = self.draft.runner
+        slots = runner.slots
+        counts, first, second, two = [0] * slots, [0] * slots, [0] * slots, [False] * slots
+        for row in live:
+            consistent = min(row.draft_consistent, row.position)
+            feed = row.written[consistent - len(row.prefix) :]
+            if not 1 <= len(feed) <= 2:
+                raise AssertionError(f"speculation bookkeeping: the draft catches up {len(feed)} tokens")
+            slot = row.draft_slot
+            counts[slot] = row.draft_held - consistent
+            first[slot] = feed[0]
+            if len(feed) == 2:
+                second[slot], two[slot] = feed[1], True
+            row.draft.count_run(consistent, len(feed))
+            row.draft_held = row.position
+            usage = row.speculation.draft
+            usage.decode_tokens += len(feed)
+            usage.calls += len(feed)
+        runner.rollback(counts)
+        device = runner.device
+        logits = runner.decode(to_device(torch.tensor(first, dtype=torch.long), device))
+        if any(two):
+            logits = logits.clone()  # a graph's output: the next replay overwrites it
+            again = runner.decode(to_device(torch.tensor(second, dtype=torch.long), device))
+            runner.rollback([0 if two[slot] else 1 for slot in range(slots)])
+            both = to_device(torch.tensor(two), device)
+            logits = torch.where(both[:, None], again, logits)
+        return logits
 
-    def _close_step(self, state: _Decoding, stop: StopReason) -> None:
-        ids, state.open_step = state.open_step, []
-        step = Step("target", self._decode(ids), ids, None, True, stop=stop)
-        state.traj.stats.steps_target_only += 1
-        append_step(state.traj, step, self.config)
+    def round_size(self, key: Hashable) -> int:
+        """The k that maximises the expected tokens per unit of work at the trajectory's measured acceptance a: a
+        round of k proposals writes (1 - a^(k+1)) / (1 - a) tokens for one target forward and k draft forwards."""
+        a = min(self.acceptance.get(key, PRIOR_ACCEPTANCE), 0.999)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.target.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        def tokens_per_work(k: int) -> float:
+            return (1 - a ** (k + 1)) / (1 - a) / (1 + self.draft_price * k)
 
+        return max(range(1, MAX_K + 1), key=tokens_per_work)
 
-def check_shared_vocabulary(draft: LoadedCausalLM, target: LoadedCausalLM) -> None:
-    """Token-level verification compares token ids, so both models must give every id the same text."""
-    fingerprints = [getattr(lm, "vocabulary_fingerprint", None) for lm in (draft, target)]
-    if all(callable(f) for f in fingerprints):
-        same = fingerprints[0]() == fingerprints[1]()
-    else:
-        same = draft.tokenizer.get_vocab() == target.tokenizer.get_vocab()
-    if not same:
-        raise RSDError(
-            "token-level speculative decoding needs a draft and a target with the same tokenizer; "
-            "pick a draft of the target's model family (RSD itself works across tokenizers)."
+    def _output(self, row: Rewrite) -> StepOutput:
+        draft = row.draft
+        if draft is not None:
+            usage = row.speculation.draft
+            usage.flops = self.draft_generator.cost.flops(usage.prefill_tokens + usage.decode_tokens, draft.context_sum)
+        return StepOutput(
+            token_ids=row.written,
+            text=self.target.stop_rule.text(row.written),
+            stop=row.stop or StopReason.LENGTH,
+            prefill_tokens=len(row.prefix) - row.target.reused,
+            decode_tokens=len(row.proposal) + row.run_after_prefix,
+            context_sum=row.target.context_sum,
+            forwards=row.target.forwards,
+            speculation=row.speculation,
         )

@@ -468,9 +468,14 @@ class ServedStepGenerator:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def vocabulary_fingerprint(self) -> str:
-        from rsd.backends.hf import vocabulary_fingerprint
+        from rsd.hf_loading import vocabulary_fingerprint
 
         return vocabulary_fingerprint(self.tokenizer)
+
+    @property
+    def context_length(self) -> int | None:
+        """The servers' `max_model_len`, where `/v1/models` gives it."""
+        return self.info.max_model_len
 
     def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
         async def all_steps() -> list[StepOutput]:

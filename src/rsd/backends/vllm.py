@@ -49,7 +49,7 @@ class VLLMStepGenerator:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def vocabulary_fingerprint(self) -> str:
-        from rsd.backends.hf import vocabulary_fingerprint
+        from rsd.hf_loading import vocabulary_fingerprint
 
         return vocabulary_fingerprint(self.tokenizer)
 

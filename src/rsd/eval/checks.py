@@ -73,7 +73,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
         parse_shard(args.shard)
     check_dataset_options(args)
-    check_questions(args)
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -153,22 +152,6 @@ def check_dataset_options(args: argparse.Namespace) -> None:
             )
     elif getattr(args, "problem_seed", None) is not None:
         raise RSDError(f"--problem-seed picks tinyworld problems; {dataset} is read from data: drop it.")
-
-
-def check_questions(args: argparse.Namespace) -> None:
-    """`rsd generate --question`: not empty, and within the character bound a data file's rows are held to."""
-    questions = getattr(args, "question", None)
-    if not questions:
-        return
-    if any(not q.strip() for q in questions):
-        raise RSDError("--question is empty; pass the problem text, e.g. --question 'What is 2 + 3?'.")
-    bound = getattr(args, "max_question_chars", None)
-    for i, question in enumerate(questions, start=1):
-        if bound is not None and len(question) > bound:
-            raise RSDError(
-                f"--question {i} has {len(question):,} characters, over --max-question-chars {bound}; shorten it or "
-                f"raise the bound."
-            )
 
 
 def check_output_file(path: Path, flag: str) -> None:

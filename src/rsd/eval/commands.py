@@ -20,11 +20,10 @@ from rsd.eval.harness import (
     EvalContext,
     EvalProblem,
     MethodSpec,
-    default_tinyworld_model,
     run_methods,
     select_shard,
 )
-from rsd.eval.report import finish_reason_note, plot_tradeoff, report_markdown, summarize, text_table
+from rsd.eval.report import compare_methods, report_markdown, summarize, text_table
 from rsd.eval.runfolder import PLOT, REPORT, SUMMARY, RunFolder, current_records, fresh_run_dir, note
 from rsd.policies import make_policy
 
@@ -35,8 +34,17 @@ TINYWORLD_DEFAULT_PROBLEMS = 200
 # -- arguments ------------------------------------------------------------------------------------------------
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("problems")
-    group.add_argument("--dataset", default=TINYWORLD, help="tinyworld (default), a benchmark name, or a JSONL path")
-    group.add_argument("--data-dir", default=None, help="folder holding NAME/test.jsonl for named benchmarks")
+    from rsd.eval.datasets import BUILTIN_LAYOUTS, DATA_DIR_ENV
+
+    group.add_argument(
+        "--dataset",
+        default=TINYWORLD,
+        help=f"{TINYWORLD} (the built-in task, the default), a benchmark ({', '.join(BUILTIN_LAYOUTS)}: from "
+        f"--data-dir or ${DATA_DIR_ENV}, else the Hugging Face hub), a JSONL path, or hf:owner/name",
+    )
+    group.add_argument(
+        "--data-dir", default=None, help=f"folder holding NAME/test.jsonl for the benchmarks (default: ${DATA_DIR_ENV})"
+    )
     group.add_argument("--question-field", default=None, help="question field of a JSONL file")
     group.add_argument("--answer-field", default=None, help="gold answer field of a JSONL file")
     group.add_argument("--num-problems", type=int, default=None, help="first N problems (tinyworld: 200)")
@@ -46,7 +54,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-question-chars",
         type=int,
         default=DEFAULT_MAX_QUESTION_CHARS,
-        help=f"a longer question is a malformed row ({DEFAULT_MAX_QUESTION_CHARS})",
+        help="a longer question is a malformed row",
     )
     group.add_argument("--shard", default=None, help="i/n: run every n-th problem from i (combine with rsd merge)")
 
@@ -64,19 +72,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample-temperature", type=float, default=0.7, help="their temperature when --temperature 0")
     group.add_argument("--sample-model", default="draft", choices=("draft", "target"), help="who samples (non-RSD)")
     group.add_argument("--aggregate", default="min", choices=AGGREGATES, help="step rewards -> solution score")
-    group.add_argument("--sd-lookahead", type=int, default=4, help="draft tokens per target check in `sd`")
 
 
 # -- building the run -----------------------------------------------------------------------------------------
 def fill_model_defaults(args: argparse.Namespace) -> None:
-    """No model arguments: the built-in tiny world's draft, target and PRM."""
+    """No model arguments: the built-in tiny world's draft, target and PRM, on its own task only (its models
+    know nothing else: on a real benchmark they would score 0% and say nothing of RSD)."""
     given = [args.draft, args.target, args.prm]
     if not any(given):
-        args.draft, args.target, args.prm = (default_tinyworld_model(r) for r in ("draft", "target", "prm"))
-        if args.threads is None:
-            # Models of 1-10M parameters gain nothing from intra-op threads, and lose several-fold when another
-            # process holds a core (threads wait on each other at every small matmul).
-            args.threads = 1
+        if args.dataset != TINYWORLD:
+            raise RSDError(
+                f"--dataset {args.dataset} needs models: pass --draft, --target and --prm (hub ids, checkpoint "
+                f"folders or server URLs); only --dataset {TINYWORLD} runs without them."
+            )
+        args.draft = args.target = args.prm = TINYWORLD  # each role's built-in model (rsd.hf_loading)
     elif not all(given):
         raise RSDError("pass all of --draft, --target and --prm, or none of them to run the built-in tiny world.")
 
@@ -168,7 +177,6 @@ def make_context(args: argparse.Namespace, rsd_models, pool) -> EvalContext:
         sample_temperature=args.sample_temperature,
         sample_model=args.sample_model,
         aggregate=args.aggregate,
-        sd_lookahead=args.sd_lookahead,
         grader=grader,
         voter=voter,
     )
@@ -200,10 +208,12 @@ def execute(
         with GradingPool(workers=args.grade_workers) as pool:
             run_methods(make_context(args, rsd_models, pool), specs, problems, folder, progress=not args.no_progress)
         selection = current_records(folder.records, wanted, labels)
-        summaries = summarize(selection.records, labels)
+        summaries = summarize(selection.records, labels, config)
+        comparisons = compare_methods(selection.records, summaries)
         if finish is not None:
             finish(folder.path, summaries)
-        write_outputs(folder.path, title, summaries, config, time.perf_counter() - started, selection.counts())
+        elapsed = time.perf_counter() - started
+        write_outputs(folder.path, title, summaries, comparisons, config, elapsed, selection.counts())
     return folder.path, summaries
 
 
@@ -211,6 +221,7 @@ def write_outputs(
     path: Path,
     title: str,
     summaries: list[dict],
+    comparisons: list[dict],
     config: dict,
     elapsed: float,
     records: dict | None = None,
@@ -221,12 +232,13 @@ def write_outputs(
     summary = {
         "run_dir": str(run_dir or path),
         "methods": summaries,
+        "comparisons": comparisons,
         "config": config,
         "versions": versions(),
         "elapsed_s": round(elapsed, 3),
         **({"records": records} if records is not None else {}),
     }
-    write_atomic(path, REPORT, report_markdown(title, summaries, config))
+    write_atomic(path, REPORT, report_markdown(title, summaries, config, comparisons))
     write_atomic(path, SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
@@ -235,9 +247,7 @@ def print_result(args: argparse.Namespace, path: Path, summaries: list[dict]) ->
         print(json.dumps(json.loads((path / SUMMARY).read_text())))
         return
     print()
-    print(text_table(summaries))
-    if footnote := finish_reason_note(summaries):
-        print(footnote)
+    print(text_table(summaries, json.loads((path / SUMMARY).read_text())["comparisons"]))
     print(f"\nrecords, summary and report: {path}")
 
 
@@ -280,10 +290,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     specs = sweep_specs(args)
 
     def plot(path: Path, summaries: list[dict]) -> None:
+        from rsd.eval.plot import plot_tradeoff
+
         for s, spec in zip(summaries, specs, strict=True):
             s["label"] = spec.label.removeprefix("rsd[").rstrip("]")
         with atomic_output(path / PLOT) as tmp:
-            plot_tradeoff(summaries, tmp, title=f"RSD on {args.dataset}")
+            plot_tradeoff(summaries, tmp, problems=args.dataset)
 
     path, summaries = execute(args, specs, f"rsd sweep: {args.dataset}", "sweep", finish=plot)
     print_result(args, path, summaries)
@@ -297,7 +309,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """The delta for a target share, from a keep-all pass over the problems (`rsd.calibration`)."""
     from rsd.calibration import calibrate, check_target_share
     from rsd.cli import build_rsd
-    from rsd.loop import Prompted
+    from rsd.core import Prompted
 
     check_target_share(args.target_share)  # before minutes of loading models
     fill_model_defaults(args)
@@ -357,9 +369,9 @@ def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_
     add_model_arguments(cal, required=False)
     add_decoding_arguments(cal)
     add_dataset_arguments(cal)
-    cal.add_argument("--target-share", type=float, default=0.3, help="share of steps the target should write (0.3)")
-    cal.add_argument("--rounds", type=int, default=3, help="RSD runs that correct the keep-all delta (3; 0: none)")
-    cal.add_argument("--tolerance", type=float, default=0.02, help="stop once the share is this close (0.02)")
+    cal.add_argument("--target-share", type=float, default=0.3, help="share of steps the target should write")
+    cal.add_argument("--rounds", type=int, default=3, help="RSD runs that correct the keep-all delta (0: none)")
+    cal.add_argument("--tolerance", type=float, default=0.02, help="stop once the share is this close")
     cal.add_argument("--json", action="store_true", help="print one JSON object")
     cal.set_defaults(func=cmd_calibrate)
 

@@ -1,7 +1,9 @@
 """Benchmark problems: the built-in math test sets, any JSONL file, a Hugging Face hub dataset, or a plug-in.
 
 Built-in names read `DATA_DIR/NAME/SPLIT.jsonl` in the layout of the Qwen2.5-Math evaluation suite, each with
-its own rule for the question and the gold answer (the table in `BUILTIN_LAYOUTS`). Malformed rows are
+its own rule for the question and the gold answer (the table in `BUILTIN_LAYOUTS`). Without a data folder
+(`--data-dir` or $RSD_DATA_DIR) they load from the Hugging Face hub (`HUB_SOURCES`) through `datasets`, when it
+is installed and the hub is not offline (`choose_benchmark_source`). Malformed rows are
 reported with their line numbers and skipped, or refused up front with `strict=True`: a run never crashes
 on row 900 of a file.
 
@@ -14,11 +16,12 @@ from __future__ import annotations
 import ast
 import codecs
 import functools
+import importlib.util
 import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,6 +276,7 @@ class FieldNames:
     answer: str | None = None
 
 
+DEFAULT_FIELDS = FieldNames()
 BuiltinRule = Callable[[dict, FieldNames], tuple[str, str, dict]]
 
 
@@ -291,12 +295,12 @@ def _keep(row: dict, *names: str) -> dict:
     return {n: row[n] for n in names if n in row}
 
 
-def _math500(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _math500(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     answer = as_text(get_field(row, fields.answer or "answer"))
     return _question(row, fields, "problem"), answer, _keep(row, "subject", "level")
 
 
-def _gsm8k(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _gsm8k(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     name = fields.answer or "answer"
     solution = str(get_field(row, name))
     if "####" not in solution:
@@ -304,12 +308,12 @@ def _gsm8k(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
     return _question(row, fields, "question"), solution.split("####")[-1].strip().replace(",", ""), {}
 
 
-def _gaokao(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _gaokao(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     answer = as_text(get_field(row, fields.answer or "answer")).replace("$", "").strip()
     return _question(row, fields, "question"), answer, {}
 
 
-def _olympiadbench(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _olympiadbench(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     name = fields.answer or "final_answer"
     finals = get_field(row, name)
     if not isinstance(finals, list) or not finals:
@@ -321,12 +325,15 @@ def _olympiadbench(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
     return question, as_text(finals[0]).replace("$", "").strip(), extra
 
 
-def _minerva(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _minerva(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    question = _question(row, fields, "problem", "question")
+    if not fields.answer and "solution" not in row and "answer" in row:  # the hub's copy: the final answer alone
+        return question, as_text(row["answer"]), _keep(row, "type")
     name = fields.answer or "solution"
     answer = last_boxed(str(get_field(row, name)))
     if not answer:
         raise BadRow(f"field {name!r} has no \\boxed{{}} answer")
-    return _question(row, fields, "problem"), answer, _keep(row, "type")
+    return question, answer, _keep(row, "type")
 
 
 def _choices(row: dict) -> list[str]:
@@ -341,7 +348,7 @@ def _choices(row: dict) -> list[str]:
     return [str(c).strip() for c in choices]
 
 
-def _mmlu_stem(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _mmlu_stem(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     choices = _choices(row)
     name = fields.answer or "answer"
     index = get_field(row, name)
@@ -356,7 +363,7 @@ def _mmlu_stem(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
     return question, CHOICE_LETTERS[index], meta
 
 
-def _competition(row: dict, fields: FieldNames) -> tuple[str, str, dict]:
+def _competition(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     answer = as_text(get_field(row, fields.answer or "answer"))
     return _question(row, fields, "problem", "question"), answer, _keep(row, "url")
 
@@ -387,9 +394,91 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """Where a built-in benchmark lives on the Hugging Face hub (its test split there)."""
+
+    repo: str
+    split: str
+    config: str | None = None
+
+
+# The public hub copies of the benchmarks. The Qwen2.5-Math evaluation files (read from --data-dir) are the ones
+# the RSD paper used; the hub copies hold the same problems except mmlu_stem (3153 rows against 3018).
+HUB_SOURCES: dict[str, HubSource] = {
+    "math500": HubSource("HuggingFaceH4/MATH-500", "test"),
+    "gsm8k": HubSource("openai/gsm8k", "test", "main"),
+    "gaokao2023en": HubSource("MARIO-Math-Reasoning/Gaokao2023-Math-En", "train"),
+    "olympiadbench": HubSource("Hothan/OlympiadBench", "train", "OE_TO_maths_en_COMP"),
+    "minerva_math": HubSource("math-ai/minervamath", "test"),
+    "mmlu_stem": HubSource("TIGER-Lab/MMLU-STEM", "test"),
+    "aime24": HubSource("HuggingFaceH4/aime_2024", "train"),
+    "amc23": HubSource("math-ai/amc23", "test"),
+}
+OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_offline(env: Mapping[str, str]) -> str | None:
+    """The variable that puts the hub offline, if one does (the values huggingface_hub takes for true)."""
+    return next((v for v in OFFLINE_ENVS if env.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None)
+
+
+def choose_benchmark_source(
+    name: str, data_dir: str | Path | None, env: Mapping[str, str], datasets_installed: bool
+) -> Path | HubSource:
+    """Where a built-in benchmark comes from: a data folder when one is given (--data-dir, else $RSD_DATA_DIR),
+    else the hub when `datasets` is installed and the hub is not offline; else one error saying what to do."""
+    if data_dir is not None or env.get(DATA_DIR_ENV):
+        return resolve_data_dir(data_dir if data_dir is not None else env[DATA_DIR_ENV])
+    hub = HUB_SOURCES[name]
+    fix = f"pass --data-dir (a folder holding {name}/test.jsonl) or set {DATA_DIR_ENV}"
+    offline = hub_offline(env)
+    if offline:
+        raise RSDError(f"no data folder for {name}, and the hub is offline ({offline}=1): {fix}.")
+    if not datasets_installed:
+        raise RSDError(
+            f"no data folder for {name}: {fix}, or install `datasets` (pip install datasets) to load it from the "
+            f"Hugging Face hub ({hub.repo})."
+        )
+    return hub
+
+
+def _load_builtin_from_hub(hub: HubSource, rule: RowRule, options: LoadOptions) -> list[Problem]:
+    import datasets  # optional and heavy: only for a benchmark loaded from the hub
+
+    split = hub.split if options.split == "test" else options.split
+    try:
+        table = datasets.load_dataset(hub.repo, hub.config, split=split)
+    except Exception as exc:  # no network, a moved repository: all end the same way for the user
+        raise RSDError(
+            f"cannot load {options.name} from the Hugging Face hub ({hub.repo}, split {split}): {first_line(exc)}; "
+            f"download the files once and pass --data-dir (README: Benchmark data)."
+        ) from exc
+    rows = [(i, dict(row), "") for i, row in enumerate(table, start=1)]
+    source = f"hub dataset {hub.repo}"
+    return problems_from_rows(
+        rows,
+        rule,
+        dataset=options.name,
+        source=source,
+        strict=options.strict,
+        limit=options.limit,
+        max_question_chars=options.max_question_chars,
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _builtin_loader(rule: BuiltinRule) -> DatasetLoader:
     def load(options: LoadOptions) -> list[Problem]:
-        folder = resolve_data_dir(options.data_dir)
+        row_rule = functools.partial(rule, fields=FieldNames(options.question_field, options.answer_field))
+        installed = importlib.util.find_spec("datasets") is not None
+        folder = choose_benchmark_source(options.name, options.data_dir, os.environ, installed)
+        if isinstance(folder, HubSource):
+            return _load_builtin_from_hub(folder, row_rule, options)
         path = folder / options.name / f"{options.split}.jsonl"
         if not path.is_file():
             raise RSDError(
@@ -398,7 +487,7 @@ def _builtin_loader(rule: BuiltinRule) -> DatasetLoader:
             )
         return problems_from_rows(
             iter_jsonl(path),
-            functools.partial(rule, fields=FieldNames(options.question_field, options.answer_field)),
+            row_rule,
             dataset=options.name,
             source=str(path),
             strict=options.strict,
@@ -487,7 +576,13 @@ def _load_hub(name: str, options: LoadOptions) -> list[Problem]:
         raise RSDError(f"{repo!r} split {options.split!r} is empty; pick another split with --split.")
     rule = _guess_fields(rows[0][1], options.question_field, options.answer_field, repo)
     return problems_from_rows(
-        rows, rule, dataset=repo, source=f"hub dataset {repo}", strict=options.strict, limit=options.limit
+        rows,
+        rule,
+        dataset=repo,
+        source=f"hub dataset {repo}",
+        strict=options.strict,
+        limit=options.limit,
+        max_question_chars=options.max_question_chars,
     )
 
 

@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsd.core import RSDError, Trajectory, TrajectoryStats
+from rsd.controller import record_scoring, reward_request
+from rsd.core import Prompted, RSDError, RunConfig, Trajectory, TrajectoryStats
 from rsd.eval.runfolder import RECORD_HASH, current_records
-from rsd.loop import Prompted, RunConfig, StepwiseDecoder
+from rsd.loop import StepwiseDecoder
 from rsd.policies import Policy
 
 METHODS = ("rsd", "target", "draft", "sd", "best-of-n", "majority", "rsd-best-of-n", "rsd-majority")
@@ -71,7 +72,6 @@ class EvalContext:
     sample_temperature: float = 0.7
     sample_model: str = "draft"
     aggregate: str = "min"
-    sd_lookahead: int = 4
     grader: Callable[[EvalProblem, str], tuple[str | None, bool]] | None = None
     voter: Callable[[EvalProblem, list[str]], int] | None = None
 
@@ -108,14 +108,7 @@ def single_record(ctx: EvalContext, spec: MethodSpec, problem: EvalProblem, traj
         "finish_reason": traj.finish_reason,
         "steps": [s.to_dict() for s in traj.steps],
         "stats": traj.stats.to_dict(),
-        **extra_fields(traj),
     }
-
-
-def extra_fields(traj: Trajectory) -> dict:
-    """What a method adds beyond the common record (token-level SD: its acceptance counts)."""
-    data = traj.to_dict()
-    return {k: data[k] for k in ("speculative",) if k in data}
 
 
 def by_id(problems: Sequence[EvalProblem]) -> dict[str, EvalProblem]:
@@ -125,15 +118,6 @@ def by_id(problems: Sequence[EvalProblem]) -> dict[str, EvalProblem]:
 # -- one-sample methods ---------------------------------------------------------------------------------------
 def run_stepwise(ctx: EvalContext, spec: MethodSpec, problems: Sequence[EvalProblem], emit: Emit) -> None:
     decoder = ctx.decoder(spec.kind, spec.policy)
-    index = by_id(problems)
-    prompted = [Prompted(p.id, p.question, p.prompt) for p in problems]
-    decoder.run(prompted, on_finish=lambda t: emit(single_record(ctx, spec, index[t.key], t)))
-
-
-def run_speculative(ctx: EvalContext, spec: MethodSpec, problems: Sequence[EvalProblem], emit: Emit) -> None:
-    from rsd.speculative import SpeculativeDecoder
-
-    decoder = SpeculativeDecoder(ctx.rsd.draft, ctx.rsd.target, ctx.config, k=ctx.sd_lookahead)
     index = by_id(problems)
     prompted = [Prompted(p.id, p.question, p.prompt) for p in problems]
     decoder.run(prompted, on_finish=lambda t: emit(single_record(ctx, spec, index[t.key], t)))
@@ -194,23 +178,20 @@ def select_sample(ctx: EvalContext, spec: MethodSpec, problem: EvalProblem, samp
 
 def score_all_steps(ctx: EvalContext, samples: list[Trajectory], stats: TrajectoryStats) -> list[list[float]]:
     """The PRM's reward of every step of every sample, scored incrementally (one new step per call)."""
-    from rsd.core import ModelUsage, RewardRequest, strip_delimiter
-
     prm = ctx.rsd.prm
     delimiter = ctx.config.delimiter
-    steps = [[strip_delimiter(s.text, delimiter) for s in t.steps] for t in samples]
+    steps = [[s.text for s in t.steps] for t in samples]
     rewards: list[list[float]] = [[] for _ in samples]
     keys = [f"score|{t.key}" for t in samples]
     for k in range(1, max((len(s) for s in steps), default=0) + 1):
         rows = [j for j, s in enumerate(steps) if len(s) >= k]
         start = time.perf_counter()
-        outputs = prm.score_steps([RewardRequest(keys[j], samples[j].question, steps[j][:k]) for j in rows])
+        requests = [reward_request(keys[j], samples[j].question, steps[j][:k], delimiter) for j in rows]
+        outputs = prm.score_steps(requests)
         seconds = (time.perf_counter() - start) / len(rows)  # one batched call: each row its share
         for j, out in zip(rows, outputs, strict=True):
             rewards[j].append(out.reward)
-            flops = prm.cost.flops(out.prefill_tokens, out.context_sum)
-            stats.models["prm"].add(ModelUsage(out.prefill_tokens, 0, flops, seconds, 1))
-            stats.prm_tokens += out.prefill_tokens
+            record_scoring(stats, prm, out, seconds)
     prm.release(keys)
     return rewards
 
@@ -232,7 +213,7 @@ METHOD_RUNNERS: dict[str, Callable[[EvalContext, MethodSpec, Sequence[EvalProble
     "rsd": run_stepwise,
     "target": run_stepwise,
     "draft": run_stepwise,
-    "sd": run_speculative,
+    "sd": run_stepwise,
     "best-of-n": run_sampled,
     "majority": run_sampled,
     "rsd-best-of-n": run_sampled,

@@ -184,7 +184,7 @@ def build_in_place(out: Path, write) -> None:
 
 def merge_runs(args: argparse.Namespace, write_outputs) -> tuple[Path, list[dict], Merged]:
     """Read, check and combine the shards, then write the merged run; `write_outputs` writes summary and report."""
-    from rsd.eval.report import summarize
+    from rsd.eval.report import compare_methods, summarize
 
     out = Path(args.out)
     check_out(out)
@@ -194,14 +194,15 @@ def merge_runs(args: argparse.Namespace, write_outputs) -> tuple[Path, list[dict
             if path.is_dir():
                 stack.enter_context(FolderLock(path, shared=True).acquire("merge it once its run has ended."))
         merged = combine([read_shard(p, args.partial) for p in paths], args.partial)
-    summaries = summarize(merged.records, merged.config["methods"])
+    summaries = summarize(merged.records, merged.config["methods"], merged.config)
+    comparisons = compare_methods(merged.records, summaries)
     title = "rsd merge" + (f" (partial: shard {', '.join(merged.missing)} missing)" if merged.missing else "")
 
     def write(folder: Path) -> None:
         write_atomic(folder, CONFIG, json.dumps(merged.config, indent=2, sort_keys=True) + "\n")
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged.records)
         write_atomic(folder, RECORDS, lines)
-        write_outputs(folder, title, summaries, merged.config, 0.0, run_dir=out)
+        write_outputs(folder, title, summaries, comparisons, merged.config, 0.0, run_dir=out)
 
     build_in_place(out, write)
     return out, summaries, merged

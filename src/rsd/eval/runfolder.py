@@ -196,7 +196,7 @@ def read_records(
     hint: str = "or pass a new --out.",
     dropped: list[str] | None = None,
 ) -> list[dict]:
-    """Every record of a records file, in file order.
+    """Every record of a records file (or of a run folder's), in file order.
 
     A cut last line (a run killed mid-write, no newline yet) is dropped and reported (on stderr, or in `dropped`
     for the caller to report); with `repair` it is also cut off the file, so the next record starts on a line of
@@ -204,6 +204,10 @@ def read_records(
     `skip_corrupt`, dropped and reported.
     """
     path = Path(path)
+    if path.is_dir():  # a run folder: its records file
+        if not (path / RECORDS).is_file():
+            raise RSDError(f"{path} holds no {RECORDS}; pass run folders written by `rsd eval`.")
+        path = path / RECORDS
     if not path.exists():
         return []
     data = path.read_bytes()

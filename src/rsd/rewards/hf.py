@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rsd.backends.kv import common_prefix_length, dynamic_cache, stack_kv, stacked_layers
-from rsd.backends.packing import forward_cost_tokens, group_by_length, launches_overlap
-from rsd.backends.static_decode import StaticDecoder, arena_body_problem
 from rsd.core import DEFAULT_DELIMITER, ModelCost, RewardOutput, RewardRequest, RSDError
+from rsd.engine.forward import layout_problem
+from rsd.engine.kv_cache import PrefixCache, RowCache, dynamic_cache, stack_kv, stacked_layers
+from rsd.engine.runner import DECODE_ENV, ModelRunner, check_decode_env
 from rsd.hf_loading import (
     attention_without_cudnn,
     check_model_source,
@@ -48,12 +49,6 @@ Head = Callable[[Tensor], Tensor]  # hidden states [n, hidden] -> rewards [n], f
 
 
 @dataclass
-class CachedPrefix:
-    ids: list[int]
-    kv: Tensor  # [layers, 2 (keys, values), kv_heads, len(ids), head_dim]
-
-
-@dataclass
 class Row:
     """One request of a forward pass: the cached prefix it reuses and the tail it runs."""
 
@@ -61,6 +56,7 @@ class Row:
     ids: list[int]
     past: Tensor | None  # the cached keys and values, already cut to `past_len` tokens
     past_len: int
+    truncated: bool = False  # its input did not fit the PRM's context: the earliest steps were left out
 
     @property
     def tail(self) -> list[int]:
@@ -70,9 +66,10 @@ class Row:
 class HFRewardModel:
     """A causal PRM scoring the last step of each request on top of a per-key KV cache.
 
-    Requests of one call run in padded batches of similar tail lengths (up to `max_batch_size` rows each): cached
-    prefixes are left-padded to a common length, tails right-padded, with an explicit attention mask and position
-    ids.
+    Requests of one call run in batches of up to `max_batch_size` rows. Llama and Qwen bodies run in rsd's engine
+    (`rsd.engine.runner.ModelRunner`: the cached prefixes placed in its arena, the tails packed in one forward);
+    other bodies run transformers' forward over a padded batch (cached prefixes left-padded to a common length,
+    tails right-padded, an explicit attention mask and position ids).
     """
 
     def __init__(
@@ -93,44 +90,26 @@ class HFRewardModel:
         self.cost = cost
         self.max_batch_size = max_batch_size
         self.device = next(body.parameters()).device
-        self.max_positions = getattr(body.config, "max_position_embeddings", None)
-        self.prefixes: dict[Hashable, CachedPrefix] = {}
-        # Tokens of compute one more forward is worth (rsd.backends.packing); settable.
-        self.prefill_forward_tokens = forward_cost_tokens(cost.parameters, str(self.device))
+        self.context_length = getattr(body.config, "max_position_embeddings", None)
+        self.prefixes = PrefixCache()
         # transformers 5.2x renamed `past_key_values` to `cache`; older versions know only the former.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-        self.warned_long_input = False
-        # Whether scoring forwards run in a KV arena with rsd's own layer code (`static_decode`) instead of
-        # transformers' forward over a stacked cache (settable). On by default on CUDA for the Llama/Qwen layouts:
-        # there an eager forward's host work, not its compute, sets the time of RSD's short scoring prefills.
-        self.arena_problem = arena_body_problem(body)
-        self.arena_prefill = self.device.type == "cuda" and self.arena_problem is None
-        self.arena: StaticDecoder | None = None  # made at its first use
+        check_decode_env()
+        self.engine_problem = layout_problem(body) if os.environ.get(DECODE_ENV) != "eager" else "RSD_DECODE=eager"
+        self.runner = ModelRunner(body, body=body) if self.engine_problem is None else None
 
     def score_steps(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
-        ids = [self.builder.build_ids(r.question, list(r.steps)) for r in requests]
         outputs: list[RewardOutput | None] = [None] * len(requests)
         for wave in self.waves([r.key for r in requests]):
-            rows = [self.row(requests[i].key, ids[i]) for i in wave]
-            # Rows of similar tail lengths share a forward (rsd.backends.packing), at most max_batch_size each.
-            for group in self.forward_groups(rows):
-                for j, out in zip(group, self.run([rows[j] for j in group]), strict=True):
+            rows = [self.row(requests[i]) for i in wave]
+            size = max(1, self.max_batch_size)
+            for first in range(0, len(rows), size):
+                for j, out in enumerate(self.run(rows[first : first + size]), start=first):
                     outputs[wave[j]] = out
         return outputs  # type: ignore[return-value]
 
     def release(self, keys: Sequence[Hashable]) -> None:
-        for key in keys:
-            self.prefixes.pop(key, None)
-
-    def forward_groups(self, rows: list[Row]) -> list[list[int]]:
-        """Which rows share a forward, at most `max_batch_size` each: rows of similar tail lengths (padding is
-        computed), or, where the arena runs tails packed without padding, rows in their order."""
-        size = max(1, self.max_batch_size)
-        if self.arena_prefill and self.arena_decoder().packed_prefill:
-            return [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
-        tails = [len(row.tail) for row in rows]
-        overlapped = launches_overlap(str(self.device))
-        return group_by_length(tails, self.prefill_forward_tokens, size, overlapped)
+        self.prefixes.release(keys)
 
     @staticmethod
     def waves(keys: list[Hashable]) -> list[list[int]]:
@@ -151,32 +130,40 @@ class HFRewardModel:
             pending = later
         return waves
 
-    def row(self, key: Hashable, ids: list[int]) -> Row:
-        self.check_length(len(ids))
-        cached = self.prefixes.get(key)
+    def row(self, request: RewardRequest) -> Row:
+        ids, truncated = self.fitted_ids(request)
+        cached = self.prefixes.take(request.key, ids)
         if cached is None:
-            return Row(key, ids, None, 0)
-        # Keep at least the last token to run: its hidden state gives the reward and is not cached.
-        keep = min(common_prefix_length(cached.ids, ids), len(ids) - 1)
-        return Row(key, ids, cached.kv[:, :, :, :keep] if keep else None, keep)
+            return Row(request.key, ids, None, 0, truncated)
+        return Row(request.key, ids, cached.kv, len(cached.ids), truncated)
 
-    def check_length(self, length: int) -> None:
-        if self.max_positions and length > self.max_positions and not self.warned_long_input:
-            self.warned_long_input = True
-            warnings.warn(
-                f"PRM input of {length} tokens exceeds {self.name}'s max_position_embeddings "
-                f"({self.max_positions}); its rewards past that length are unreliable.",
-                stacklevel=4,  # the caller of score_steps
-            )
+    def fitted_ids(self, request: RewardRequest) -> tuple[list[int], bool]:
+        """The PRM's input ids, within its context: the question and the latest steps that fit (the step scored
+        always among them); where even the question and that step do not fit, the input's last tokens."""
+        steps = list(request.steps)
+        ids = self.builder.build_ids(request.question, steps)
+        limit = self.context_length
+        if not limit or len(ids) <= limit:
+            return ids, False
+        low, high = 1, len(steps) - 1  # leave out the first `dropped` steps: the fewest that fit
+        while low <= high:
+            dropped = (low + high) // 2
+            if len(self.builder.build_ids(request.question, steps[dropped:])) <= limit:
+                high = dropped - 1
+            else:
+                low = dropped + 1
+        if low <= len(steps) - 1:
+            return self.builder.build_ids(request.question, steps[low:]), True
+        return self.builder.build_ids(request.question, steps[-1:])[-limit:], True
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> list[RewardOutput]:
-        if self.arena_prefill:
-            return self.run_in_arena(rows)
+        if self.runner is not None:
+            return self.run_in_engine(rows)
         past_width = max(r.past_len for r in rows)
         tail_width = max(len(r.tail) for r in rows)
         input_ids, attention_mask, position_ids = self.batch_inputs(rows, past_width, tail_width)
-        cache = self.batch_cache(rows, past_width)
+        cache = dynamic_cache(stack_kv([row.past for row in rows], past_width))
         with attention_without_cudnn(self.device):
             out = self.body(
                 input_ids=input_ids,
@@ -192,19 +179,18 @@ class HFRewardModel:
         for i, row in enumerate(rows):
             start, end = past_width - row.past_len, past_width + len(row.tail)
             # Clone, so the row's cache owns its memory instead of pinning the whole padded batch.
-            self.prefixes[row.key] = CachedPrefix(row.ids, batch_kv[:, :, i, :, start:end].clone())
+            self.prefixes.put(row.key, RowCache(row.ids, batch_kv[:, :, i, :, start:end].clone()))
         return self.outputs(rows, scores)
 
-    def run_in_arena(self, rows: list[Row]) -> list[RewardOutput]:
-        """`run` in the KV arena: the cached prefixes copied in, the tails through rsd's own forward there, each
-        row's keys and values copied back out."""
-        arena = self.arena_decoder()
-        arena.begin([row.past for row in rows], max(len(row.tail) for row in rows), new_tokens=0)
-        with attention_without_cudnn(self.device):
-            hidden, columns = arena.run_tails(0, [row.tail for row in rows], [row.past_len for row in rows], 0, False)
+    def run_in_engine(self, rows: list[Row]) -> list[RewardOutput]:
+        """`run` in the engine: the cached prefixes placed in the arena, the tails packed in one forward, each row's
+        keys and values copied back out."""
+        runner = self.runner
+        assert runner is not None
+        hidden = runner.open([row.past for row in rows], [row.tail for row in rows], room=0)
         scores = self.head(hidden).float()
-        for slot, (row, row_columns) in enumerate(zip(rows, columns, strict=True)):
-            self.prefixes[row.key] = CachedPrefix(row.ids, arena.row_cache(slot, row.ids, row_columns).kv)
+        for slot, row in enumerate(rows):
+            self.prefixes.put(row.key, runner.row_cache(slot, row.ids))
         return self.outputs(rows, scores)
 
     @staticmethod
@@ -212,13 +198,6 @@ class HFRewardModel:
         """Each row's reward from the head's `scores`. Read last: reading them waits for the GPU, and the rows'
         cache copies are queued before it, so the host issues them while the forward still runs."""
         return [reward_output(row, reward) for row, reward in zip(rows, scores.tolist(), strict=True)]
-
-    def arena_decoder(self) -> StaticDecoder:
-        if self.arena_problem is not None:
-            raise RSDError(f"PRM {self.name} cannot score in a KV arena: {self.arena_problem}; set arena_prefill off.")
-        if self.arena is None:
-            self.arena = StaticDecoder(self.body, use_graphs=False, body=self.body)
-        return self.arena
 
     def batch_inputs(self, rows: list[Row], past_width: int, tail_width: int) -> tuple[Tensor, Tensor, Tensor]:
         n = len(rows)
@@ -233,17 +212,12 @@ class HFRewardModel:
             position_ids[i] = torch.arange(row.past_len, row.past_len + tail_width)
         return input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
 
-    def batch_cache(self, rows: list[Row], past_width: int) -> Any:
-        """One DynamicCache for the batch, each row's prefix right-aligned to `past_width`. Keys were rotated at
-        their true positions when cached, so moving them to other slots changes nothing."""
-        return dynamic_cache(stack_kv([row.past for row in rows], past_width))
-
 
 def reward_output(row: Row, reward: float) -> RewardOutput:
     tokens = len(row.tail)
     # Token j of the tail attends to past_len + j + 1 positions (itself included).
     context_sum = tokens * row.past_len + tokens * (tokens + 1) // 2
-    return RewardOutput(reward=reward, prefill_tokens=tokens, context_sum=context_sum)
+    return RewardOutput(reward=reward, prefill_tokens=tokens, context_sum=context_sum, truncated=row.truncated)
 
 
 # ---- heads ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A decoder layer's small operations in three Triton kernels, for the static decode forward.
+"""A decoder layer's small operations in three Triton kernels, for the engine's forward (`rsd.engine.forward`).
 
 After the projections, a decode token's layer is a string of kernels that each move a few kilobytes: the rotation
 of the query and key heads (three), the arena writes of the key and value (two), the residual adds (two), the norms
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rsd.backends.split_attention import split_attention_problem
+from rsd.engine.kernels.split_attention import split_attention_problem
 
 ELEMENTWISE_BLOCK = 1024  # elements per program of the SiLU kernel
 
@@ -49,29 +49,26 @@ def rotate_into_arena(
     sin_signed: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    column: torch.Tensor,
+    columns: torch.Tensor,
     heads: int,
     kv_heads: int,
     slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """From one projection's output `qkv` ([rows, (heads + 2 kv_heads) x head_dim], query heads, key heads, value
-    heads): the rotated query, [rows, kv_heads, groups, head_dim]; the rotated key and the value are written into
-    `keys` and `values` ([rows, kv_heads, width, head_dim]) at the arena column `column` (a one-element device
-    tensor, so a CUDA graph replays it at the next column). `cos` and `sin_signed` are [rows, head_dim]
-    (`static_decode.signed_sin`).
-
-    With `slots`, the rows of `qkv` are tokens of a packed prefill (several per arena row, no padding): token i
-    writes into arena row `slots[i]` at column `column[i]`, and the query comes back [tokens, heads, head_dim]."""
-    rows, head_dim = qkv.shape[0], cos.shape[-1]
-    query = torch.empty((rows, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    """From one projection's output `qkv` ([tokens, (heads + 2 kv_heads) x head_dim], query heads, key heads, value
+    heads): the rotated query, [tokens, heads, head_dim]; the rotated key and the value are written into `keys` and
+    `values` ([rows, kv_heads, width, head_dim]) at arena row `slots[i]` and column `columns[i]` for token i (device
+    tensors, so a CUDA graph replays the same launch at the next columns). Without `slots`, token i is arena row i
+    (a decode forward: one token a row). `cos` and `sin_signed` are [tokens, head_dim] (`forward.signed_sin`)."""
+    tokens, head_dim = qkv.shape[0], cos.shape[-1]
+    query = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     packed = slots is not None
-    compiled_kernels().rotate[(rows, heads + 2 * kv_heads)](
-        qkv, cos, sin_signed, query, keys, values, column, slots if packed else column,
+    compiled_kernels().rotate[(tokens, heads + 2 * kv_heads)](
+        qkv, cos, sin_signed, query, keys, values, columns, slots if packed else columns,
         qkv.stride(0), cos.stride(0), sin_signed.stride(0), *keys.stride()[:3], *values.stride()[:3],
         heads, kv_heads, HEAD_DIM=head_dim, PACKED=packed,
         num_warps=1 if packed else 4,  # a head is head_dim elements: one warp, for the many programs of a prefill
     )  # fmt: skip
-    return query if packed else query.view(rows, kv_heads, heads // kv_heads, head_dim)
+    return query
 
 
 def add_rms_norm(
@@ -120,15 +117,15 @@ def compiled_kernels() -> Kernels:
         d = tl.arange(0, HEAD_DIM)
         source = qkv_ptr + row * qkv_row + head * HEAD_DIM
         x = tl.load(source + d)
-        if PACKED:  # a prefill token: its own arena row and column
-            column = tl.load(column_ptr + row)
+        column = tl.load(column_ptr + row)  # each token its own column
+        if PACKED:  # noqa: SIM108 (Triton compiles a constexpr branch, not a conditional expression)
+            # several tokens a row: each names its arena row
             slot = tl.load(slot_ptr + row)
-        else:  # a decode token: the row's own arena row, the column every row writes
-            column = tl.load(column_ptr)
+        else:  # a decode token: token i is arena row i
             slot = row
         if head < heads + kv_heads:
             # x * cos + rotate_half(x) * sin == x * cos + roll(x, half) * signed sin, rounded as
-            # torch.addcmul(x * cos, roll(x), signed sin) rounds (static_decode.rotate).
+            # torch.addcmul(x * cos, roll(x), signed sin) rounds (forward.rotate).
             rolled = tl.load(source + (d + HEAD_DIM // 2) % HEAD_DIM).to(tl.float32)
             cos = tl.load(cos_ptr + row * cos_row + d).to(tl.float32)
             sin = tl.load(sin_ptr + row * sin_row + d).to(tl.float32)

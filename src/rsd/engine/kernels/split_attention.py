@@ -1,6 +1,6 @@
 """A decode token's attention over the KV arena, split over the columns (flash-decoding), in two Triton kernels.
 
-A decode token has one query per head. Folded per key head (`static_decode`), that is a handful of query rows per
+A decode token has one query per head. Folded per key head (`rsd.engine.forward`), that is a handful of query rows per
 (row, key head), and SDPA's memory-efficient kernel gives each such pair one thread block that walks every column
 alone: at one row the 1.5B draft's 2 key heads keep 2 of an H200's 132 SMs busy, and its attention took 0.97 ms of
 a 3.04 ms decode token (`benchmarks/decode_kernels.py`, docs/benchmarks.md). Here each (row, key head) pair's
@@ -8,7 +8,7 @@ columns are split into chunks, enough of them to fill the card; each chunk's pro
 over its columns (the `mask` read directly, no additive bias built), and a second kernel merges the chunks.
 
 `split_attention_problem` says why a call cannot run here (no CUDA, no Triton, a head size that is not a power of
-two, an unsupported dtype); `static_decode` then keeps SDPA. It also keeps SDPA by default for float32 weights:
+two, an unsupported dtype); `rsd.engine.forward` then keeps SDPA. It also keeps SDPA by default for float32 weights:
 the kernels run them exactly (IEEE products), but they were measured in half precision only. With
 `TRITON_INTERPRET=1` the kernels run on the CPU through Triton's interpreter: that is how the tests check them
 without a GPU.

@@ -1,0 +1,207 @@
+"""A model's runner: one call's rows in its arena, fed through its forward; decode tokens as CUDA graph replays.
+
+An eager forward is hundreds of kernel launches; decoding one token at a time on a GPU is then bound by the host,
+not the device. A decode forward here reads only device buffers, so it is captured once per (rows, width) bucket
+as a CUDA graph and replayed with one launch; the host's only round trip per token is reading the chosen ids, and
+the step loop queues the next forward before it does (`rsd.engine.steps`).
+
+The life of a call: `open` places the rows' cached prefixes and runs their new tokens (a prefill), `decode` feeds
+one token to every row, `extend` feeds several to some rows (a verification), `rollback` forgets tokens a row fed,
+`keep` drops finished rows to a smaller bucket, `row_cache` copies a row out. Two runners share that interface:
+`ModelRunner` over rsd's own forward (Llama, Mistral, Qwen layouts) and `TransformersRunner` over transformers'
+forward (every other causal LM, and the escape hatch `RSD_DECODE=eager`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rsd.core import RSDError
+from rsd.engine.forward import Feed, ModelForward, layout_problem
+from rsd.engine.kv_cache import MAX_FEED, RowCache
+from rsd.hf_loading import first_line
+
+if TYPE_CHECKING:
+    from rsd.engine.transformers_runner import TransformersRunner
+
+DECODE_ENV = "RSD_DECODE"  # "eager": every model runs transformers' own forward (a kernel misbehaves, say)
+MAX_GRAPHS = 64  # captured graphs kept per model (least recently used dropped first)
+
+
+def engine_problem(model: Any) -> str | None:
+    """Why a causal LM cannot run in rsd's engine (so transformers' forward runs it), or None."""
+    if os.environ.get(DECODE_ENV, "") == "eager":
+        return f"{DECODE_ENV}=eager asks for transformers' forward"
+    body = getattr(model, "model", None)
+    if body is None or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} does not have the usual decoder layout (model.layers, model.norm, lm_head)"
+    return layout_problem(body)
+
+
+def check_decode_env() -> None:
+    value = os.environ.get(DECODE_ENV, "")
+    if value not in ("", "eager"):
+        raise RSDError(f"{DECODE_ENV}={value!r}: the one value it takes is 'eager'; unset it or set it to eager.")
+
+
+def make_runner(model: Any) -> ModelRunner | TransformersRunner:
+    """The engine's runner for a model it can run, else transformers' forward."""
+    check_decode_env()
+    if engine_problem(model) is None:
+        return ModelRunner(model)
+    from rsd.engine.transformers_runner import TransformersRunner
+
+    return TransformersRunner(model)
+
+
+class ModelRunner:
+    """One model's forward over its arena, one call at a time."""
+
+    def __init__(self, model: Any, body: Any = None) -> None:
+        """`body`: a bare transformer body when `model` is one (a PRM's): its calls return hidden states."""
+        self.forward = ModelForward(model, body)
+        self.arena = self.forward.new_arena()
+        self.device = self.forward.device
+        self.use_graphs = self.device.type == "cuda"
+        self._graphs: OrderedDict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = OrderedDict()
+        self._generation = self.arena.generation
+        self._uncapturable: set[int] = set()  # tokens a slot whose forwards failed to capture (they run eagerly)
+
+    @property
+    def slots(self) -> int:
+        """Slots of the current call (a power of two at least its rows): per-slot tensors have this many rows."""
+        return self.arena.rows
+
+    # -- a call ---------------------------------------------------------------------------------------------------
+    def open(
+        self,
+        prefixes: Sequence[torch.Tensor | None],
+        tails: list[list[int]],
+        room: int,
+        logits_of: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Start a call: row i's cached keys and values `prefixes[i]` (`RowCache.kv`, or None), then its `tails[i]`
+        run (at least one token each), with `room` more columns a row for what it feeds later. Returns the logits
+        (float32) of each row's last tail token (or of its last `logits_of[i]`, row after row); with a bare body
+        the hidden states."""
+        self.arena.open(prefixes, max(len(t) for t in tails) + room)
+        return self.extend(tails, [1] * len(tails) if logits_of is None else logits_of)
+
+    def extend(self, tokens: list[list[int]], logits_of: Sequence[int] | None = None) -> torch.Tensor:
+        """Feed `tokens[slot]` to each slot (none to slots with an empty list, or beyond the list): the logits of
+        every fed token, row after row, or of each row's last `logits_of[slot]` tokens."""
+        return self.extend_ids([len(t) for t in tokens], [t for row in tokens for t in row], logits_of)
+
+    def extend_ids(
+        self, counts: Sequence[int], ids: list[int] | torch.Tensor, logits_of: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """`extend` with the ids given flat, slot after slot (`counts[slot]` each), on the host or already on the
+        device (tokens a model just chose: no wait for them)."""
+        feed = Feed.placed(self.arena, counts, ids)
+        self.arena.sync()
+        hidden = self.forward.hidden(self.arena, feed, feed.kept_tokens(logits_of))
+        return self.forward.logits(hidden) if self.forward.lm_head is not None else hidden
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed `ids` ([slots], on the device: no host data, so the caller can queue the next forward before it reads
+        the last one's tokens) to every slot: the next-token logits (float32) of every slot. Slots whose rows are done
+        run on whatever they are fed and are ignored."""
+        return self._graphed(ids, 1)
+
+    def can_verify(self, tokens: int) -> bool:
+        """Whether `verify` runs here: `tokens` a slot through rsd's kernels (CUDA, half precision)."""
+        return tokens <= MAX_FEED and self.forward.verifies_in_one_tile(tokens) and self.forward.kernels_checked
+
+    def verify(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        """`decode` of `tokens` tokens a slot at once (`ids` [slots x tokens], slot after slot, on the device): the
+        logits of every one, slot after slot. A verification of proposals, replayed as a CUDA graph on a GPU."""
+        return self._graphed(ids, tokens)
+
+    def park(self, slots: Sequence[int]) -> None:
+        """Slots whose rows have left start their columns over (they run on garbage until the bucket shrinks)."""
+        self.arena.park(slots)
+
+    def _graphed(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        arena = self.arena
+        arena.ids[: arena.rows * tokens].copy_(ids)
+        if tokens == 1:
+            logits = self._run_graph(1, lambda: self.forward.decode(arena))
+        else:
+            logits = self._run_graph(tokens, lambda: self.forward.verify(arena, tokens))
+        arena.cursor[:, : arena.rows] += tokens
+        arena.advanced(tokens)
+        return logits
+
+    def rollback(self, counts: Sequence[int]) -> None:
+        """Forget the last `counts[slot]` tokens each slot fed."""
+        self.arena.rollback(list(counts) + [0] * (self.arena.rows - len(counts)))
+
+    def keep(self, slots: Sequence[int]) -> torch.Tensor | None:
+        """Move the rows at `slots` to the front when a smaller bucket then runs; the index that moved them, or
+        None."""
+        return self.arena.keep(slots)
+
+    def row_cache(self, slot: int, ids: list[int]) -> RowCache:
+        """A row's keys and values for `ids` (every token it holds), copied out of the arena."""
+        return self.arena.row_cache(slot, ids)
+
+    # -- graphed forwards ------------------------------------------------------------------------------------------
+    def _run_graph(self, tokens: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`forward` (a decode or a verification, reading device buffers only), replayed as a CUDA graph captured once
+        per (tokens a slot, rows, width) on a GPU; run as it is elsewhere."""
+        model, arena = self.forward, self.arena
+        if model.kernels and not model.kernels_checked:
+            # The first forward with rsd's Triton kernels compiles them: outside any graph capture, so that a failure
+            # is theirs and decoding goes on without them. The forward is idempotent (it rewrites the same columns).
+            try:
+                forward()
+            except Exception as exc:
+                model.without_kernels(exc)
+            model.kernels_checked = True
+        if not self.use_graphs or tokens in self._uncapturable:
+            return forward()
+        if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones
+            self._graphs.clear()
+            self._generation = arena.generation
+        key = (tokens, arena.rows, arena.width, model.kernels)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(forward)
+            except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
+                kind = "decode" if tokens == 1 else f"{tokens}-token verification"
+                warnings.warn(
+                    f"CUDA graph capture failed ({type(exc).__name__}: {first_line(exc)}); this model runs its {kind} "
+                    "forwards without graphs.",
+                    stacklevel=3,
+                )
+                self._uncapturable.add(tokens)
+                return forward()
+            self._graphs[key] = entry
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, logits = entry
+        graph.replay()
+        return logits
+
+    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        # A graphed forward is idempotent for given buffers (it rewrites the same columns with the same keys), so the
+        # warm-up run that capturing needs can use the live call.
+        device = self.device
+        with torch.cuda.device(device):  # a model on cuda:1 captures there, whatever the current device
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = forward()
+        return graph, logits
