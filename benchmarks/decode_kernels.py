@@ -1,12 +1,14 @@
-"""One decode token of the static forward, kernel by kernel, against the bytes it must read.
+"""One decode token of rsd's engine, kernel by kernel, against the bytes it must read.
 
 For the draft and the target of `gpu_speed.py` (random weights of the real configurations, bf16), at each row
-count, over an arena of `--width` columns: the CUDA-graph replay time of one token (median of rounds), the GPU time
-of its kernels grouped by kind (matrix products, attention, writes into the arena, norms, the rest), its largest
-kernels, and its floor: the bytes one token must read (every weight the forward uses, once, and the arena's keys
-and values) over the copy bandwidth measured on the same card. Each `--variants` (all by default) is timed side by
-side in the same rounds: `torch` (SDPA attention, torch operations: the decoder before rsd's Triton kernels),
-`split` (the split attention kernels), `triton` (those and the layer kernels: as shipped on a GPU).
+count: rows opened in the engine's runner with blank prompts filling half of `--width` columns
+(`ModelRunner.open`), then decode tokens (`ModelRunner.decode`: a CUDA-graph replay on a GPU), each round rolled
+back to where it began so that every round reads the same context. Printed per model and row count: the time of
+one token (median of rounds), the GPU time of its kernels grouped by kind (matrix products, attention, writes into
+the arena, norms, the rest), its largest kernels, and its floor: the bytes one token must read (every weight the
+forward uses, once, and the arena's keys and values) over the copy bandwidth measured on the same card. The engine
+runs as it would for these models on this device (on a GPU in bf16: rsd's Triton kernels and CUDA graphs); a
+change is measured by running two commits.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/decode_kernels.py --rows 1 16 64 --out $OUT
     PYTHONPATH=src python benchmarks/decode_kernels.py --tiny   # the CPU smoke test's sizes
@@ -30,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_speed  # noqa: E402
 
-from rsd.backends.static_decode import StaticDecoder, bucket_rows  # noqa: E402
-from rsd.core import RSDError  # noqa: E402
+from rsd.engine.kv_cache import bucket_rows  # noqa: E402
+from rsd.engine.runner import ModelRunner  # noqa: E402
 from rsd.hf_loading import attention_without_cudnn  # noqa: E402
 
 # Kernel names, lower-cased, by what they do; the first kind whose words match wins, the rest is "other".
@@ -61,7 +63,7 @@ def copy_bandwidth_gbs(device: str) -> float | None:
     target.copy_(source)
     times = []
     for _ in range(5):
-        seconds, _ = gpu_speed.timed(device, lambda: target.copy_(source))
+        seconds, _ = gpu_speed.clocked(device, lambda: target.copy_(source))
         times.append(seconds)
     return 2 * source.numel() / statistics.median(times) / 1e9
 
@@ -79,10 +81,32 @@ def bytes_per_token(model: Any, rows: int, width: int) -> tuple[int, int]:
     return weights, arena * embedding.element_size()
 
 
-def replay_ms(static: StaticDecoder, device: str, replays: int, rounds: int) -> float:
+PROFILED_TOKENS = 3  # decode tokens whose kernels are profiled (per model and row count)
+
+
+def blank_rows(model: Any, rows: int, width: int, tokens: int) -> tuple[ModelRunner, torch.Tensor]:
+    """A runner holding `rows` rows of blank prompts that fill half of `width` columns, with room for `tokens` decode
+    tokens after them; and the ids a decode forward feeds (one per slot)."""
+    runner = ModelRunner(model)
+    filled = width // 2
+    if tokens > width - filled:
+        raise SystemExit(f"--width {width} leaves room for {width - filled} decode tokens, not {tokens}")
+    runner.open([None] * rows, [[0] * filled] * rows, room=width - filled)
+    return runner, torch.zeros(runner.slots, dtype=torch.long, device=runner.device)
+
+
+def decoded(runner: ModelRunner, ids: torch.Tensor, tokens: int) -> None:
+    """`tokens` decode forwards, then back to where they began (the same context for the next round)."""
+    for _ in range(tokens):
+        runner.decode(ids)
+    runner.rollback([tokens] * runner.slots)
+
+
+def token_ms(runner: ModelRunner, ids: torch.Tensor, device: str, replays: int, rounds: int) -> float:
     times = []
     for _ in range(rounds):
-        seconds, _ = gpu_speed.timed(device, lambda: [static.replay() for _ in range(replays)])
+        seconds, _ = gpu_speed.clocked(device, lambda: [runner.decode(ids) for _ in range(replays)])
+        runner.rollback([replays] * runner.slots)
         times.append(seconds / replays)
     return 1e3 * statistics.median(times)
 
@@ -109,94 +133,75 @@ def kernel_table(work: Callable[[], Any], device: str, repeats: int) -> dict[str
     return dict(table)
 
 
-def profile_token(static: StaticDecoder, device: str, repeats: int) -> tuple[dict[str, list[float]], str]:
+def profile_token(runner: ModelRunner, ids: torch.Tensor, device: str, repeats: int) -> tuple[dict, str]:
     """The kernels of one token: profiled inside a graph replay where the profiler sees them, else from the
     same forward run eagerly (the same kernels, with launch gaps the replay does not have)."""
-    table = kernel_table(static.replay, device, repeats)
-    if device.startswith("cuda") and sum(ms for ms, _ in table.values()) > 0:
-        return table, "graph replay"
-    return kernel_table(lambda: static._forward(static.rows, static.width), device, repeats), "eager forward"
+    if runner.use_graphs:
+        table = kernel_table(lambda: runner.decode(ids), device, repeats)
+        runner.rollback([repeats] * runner.slots)
+        if sum(ms for ms, _ in table.values()) > 0:
+            return table, "graph replay"
+    # A decode forward run directly rewrites the same column each time (the runner's cursor stays).
+    return kernel_table(lambda: runner.forward.decode(runner.arena), device, repeats), "eager forward"
 
 
-# What each variant sets on the decoder: (attention, layer kernels).
-VARIANTS = {"torch": ("sdpa", False), "split": ("split", False), "triton": ("split", True)}
-
-
-def apply_variant(static: StaticDecoder, variant: str) -> None:
-    static.attention, static.layer_kernels = VARIANTS[variant]
-
-
-def measure(model: Any, name: str, rows: int, config: argparse.Namespace, bandwidth: float | None) -> list[dict]:
-    cuda = config.device.startswith("cuda")
-    static = StaticDecoder(model, use_graphs=cuda)
-    static.load_blank(rows, filled=config.width // 2, new_tokens=config.width - config.width // 2)
-    weights, arena = bytes_per_token(model, rows, static.width)
+def measure(model: Any, name: str, rows: int, config: argparse.Namespace, bandwidth: float | None) -> dict:
+    runner, ids = blank_rows(model, rows, config.width, max(config.replays, PROFILED_TOKENS))
+    weights, arena = bytes_per_token(model, rows, runner.arena.width)
     floor_ms = 1e3 * (weights + arena) / (bandwidth * 1e9) if bandwidth else None
-    results = []
-    variants_here = []
-    for variant in config.variants:
-        try:
-            apply_variant(static, variant)
-        except RSDError as exc:  # the kernels off CUDA without Triton's interpreter, say
-            print(f"{name} rows {rows}: variant {variant} skipped: {exc}", flush=True)
-            continue
-        variants_here.append(variant)
-        static.replay()  # captures this variant's graph
-    times: dict[str, list[float]] = defaultdict(list)
-    for _ in range(config.rounds):  # every variant in every round, interleaved
-        for variant in variants_here:
-            apply_variant(static, variant)
-            times[variant].append(replay_ms(static, config.device, config.replays, 1))
-    for kind in variants_here:
-        apply_variant(static, kind)
-        table, source = profile_token(static, config.device, repeats=3)
-        token_ms = statistics.median(times[kind])
-        kernel_ms = sum(ms for ms, _ in table.values())
-        kinds: dict[str, float] = defaultdict(float)
-        for kernel, (ms, _) in table.items():
-            kinds[kernel_kind(kernel)] += ms
-        top = sorted(table.items(), key=lambda item: -item[1][0])[: config.top]
-        results.append(
-            {
-                "model": name,
-                "rows": rows,
-                "width": static.width,
-                "variant": kind,
-                "token_ms": token_ms,
-                "kernel_ms": kernel_ms,
-                "kernel_source": source,
-                "launches": sum(n for _, n in table.values()),
-                "floor_ms": floor_ms,
-                "floor_share": floor_ms / token_ms if floor_ms else None,
-                "weight_gib": weights / 2**30,
-                "arena_gib": arena / 2**30,
-                "kinds_ms": dict(kinds),
-                "top_kernels": [{"name": k[:90], "ms": ms, "launches": n} for k, (ms, n) in top],
-            }
-        )
-    del static
-    if cuda:
+    decoded(runner, ids, 2)  # compiles the kernels, captures the graph
+    milliseconds = token_ms(runner, ids, config.device, config.replays, config.rounds)
+    table, source = profile_token(runner, ids, config.device, PROFILED_TOKENS)
+    kernel_ms = sum(ms for ms, _ in table.values())
+    kinds: dict[str, float] = defaultdict(float)
+    for kernel, (ms, _) in table.items():
+        kinds[kernel_kind(kernel)] += ms
+    top = sorted(table.items(), key=lambda item: -item[1][0])[: config.top]
+    result = {
+        "model": name,
+        "rows": rows,
+        "width": runner.arena.width,
+        "kernels": runner.forward.kernels,  # rsd's Triton kernels (else torch operations and SDPA)
+        "graphs": runner.use_graphs,
+        "token_ms": milliseconds,
+        "kernel_ms": kernel_ms,
+        "kernel_source": source,
+        "launches": sum(n for _, n in table.values()),
+        "floor_ms": floor_ms,
+        "floor_share": floor_ms / milliseconds if floor_ms else None,
+        "weight_gib": weights / 2**30,
+        "arena_gib": arena / 2**30,
+        "kinds_ms": dict(kinds),
+        "top_kernels": [{"name": k[:90], "ms": ms, "launches": n} for k, (ms, n) in top],
+    }
+    del runner
+    if config.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return results
+    return result
 
 
 def report_lines(results: Sequence[dict]) -> str:
     lines = [
-        "model | rows | variant | ms/token | kernels ms | launches | floor ms | floor/token | "
+        "model | rows | path | ms/token | kernels ms | launches | floor ms | floor/token | "
         + " | ".join(kind for kind, _ in KERNEL_KINDS)
         + " | other"
     ]
     for r in results:
         kinds = [r["kinds_ms"].get(kind, 0.0) for kind, _ in KERNEL_KINDS] + [r["kinds_ms"].get("other", 0.0)]
         lines.append(
-            f"{r['model']} | {r['rows']} | {r['variant']} | {r['token_ms']:.3f} | {r['kernel_ms']:.3f} | "
+            f"{r['model']} | {r['rows']} | {path_name(r)} | {r['token_ms']:.3f} | {r['kernel_ms']:.3f} | "
             f"{r['launches']:.0f} | {formatted(r['floor_ms'], '.3f')} | {formatted(r['floor_share'], '.0%')} | "
             + " | ".join(f"{ms:.3f}" for ms in kinds)
         )
     for r in results:
-        lines.append(f"-- {r['model']} rows {r['rows']} {r['variant']}: largest kernels ({r['kernel_source']})")
+        lines.append(f"-- {r['model']} rows {r['rows']}: largest kernels ({r['kernel_source']})")
         lines.extend(f"   {k['ms']:.3f} ms  x{k['launches']:.0f}  {k['name']}" for k in r["top_kernels"])
     return "\n".join(lines)
+
+
+def path_name(result: dict) -> str:
+    """How the engine ran the token: rsd's Triton kernels or torch operations, replayed as a graph or not."""
+    return ("triton" if result["kernels"] else "torch") + (" + graphs" if result["graphs"] else "")
 
 
 def formatted(value: float | None, spec: str) -> str:
@@ -209,8 +214,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=("draft", "target"), default=["draft", "target"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--width", type=int, default=768, help="arena columns, half of them context (default 768)")
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds, each kind in each (default 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--replays", type=int, default=50, help="tokens per round (default 50)")
     parser.add_argument("--top", type=int, default=10, help="largest kernels listed per row (default 10)")
     parser.add_argument("--device", default=None, help="torch device (default cuda; cpu with --tiny)")
@@ -235,13 +239,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bandwidth = copy_bandwidth_gbs(config.device)
     print(f"copy bandwidth: {formatted(bandwidth, '.0f')} GB/s (read + write)", flush=True)
     results = []
-    with attention_without_cudnn(config.device):  # as the backend decodes
+    with attention_without_cudnn(config.device):  # as the engine decodes
         for seed, name in enumerate(config.models):
             model = gpu_speed.build_lm(shapes[name], tokenizer, config.device, dtype, seed)
             for rows in config.rows:
-                for row in measure(model, name, rows, config, bandwidth):
-                    print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
-                    results.append(row)
+                row = measure(model, name, rows, config, bandwidth)
+                print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+                results.append(row)
             del model
             if config.device.startswith("cuda"):
                 torch.cuda.empty_cache()

@@ -3,9 +3,10 @@
 Random-weight models built from the real configurations, bf16 on one GPU: a Qwen2.5-Math-1.5B draft, a 1.5B PRM in
 the Qwen2ForProcessRewardModel layout, and a target of Qwen2.5-Math-7B, Qwen2.5-14B or Qwen2.5-32B shapes
 (`--target`). Prompts of 256 tokens, steps of 64 tokens (random text never writes the delimiter, so the step cap
-ends every step), 8 steps a problem; the PRM scores every draft step and a seeded draw keeps 70% of them (the
-constant weighting function: the same decisions for every RSD variant, whatever the text). Per batch size, in one
-run, every round times each method once:
+ends every step), 8 steps a problem; the PRM scores every draft step for real, and a fixed pattern keeps 70% of
+them (3 of every 10 steps, counted across problems, are rejected): the same decisions for every RSD variant and
+every round, whatever the text, at every batch size. Per batch size, in one run, every round times each method
+once:
 
 - `target_only`: the target alone through rsd's engine (one call writing every token, CUDA graphs);
 - `sd`: the target alone with token-level speculation from the draft, batched (`rsd.speculative`);
@@ -43,9 +44,18 @@ from typing import Any
 import torch
 
 from rsd.backends.hf import HFStepGenerator
-from rsd.core import Prompted, RunConfig, StepOutput, StepParams, StepRequest, TrajectoryStats
+from rsd.core import (
+    Prompted,
+    RewardOutput,
+    RewardRequest,
+    RunConfig,
+    StepOutput,
+    StepParams,
+    StepRequest,
+    TrajectoryStats,
+)
 from rsd.loop import StepwiseDecoder
-from rsd.policies import Constant
+from rsd.policies import Threshold
 from rsd.rewards.formats import QwenPRMInput
 from rsd.rewards.hf import HFRewardModel, QwenPRMHead
 from rsd.rewards.hf import model_cost as prm_model_cost
@@ -83,6 +93,8 @@ TARGETS = {
 }
 TINY_DRAFT = Shape(128, 2, 2, 1, 256, 512, True)
 TINY_TARGET = Shape(256, 3, 4, 1, 512, 512, False)
+REAL_SHAPES = {"draft": DRAFT, "prm": DRAFT, "target": TARGETS["7b"]}  # the kernel profile's models
+TINY_SHAPES = {"draft": TINY_DRAFT, "prm": TINY_DRAFT, "target": TINY_TARGET}
 
 
 @dataclass(frozen=True)
@@ -165,11 +177,11 @@ def building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_lm(shape: Shape, tokenizer: Any, config: BenchConfig, seed: int) -> Any:
+def build_lm(shape: Shape, tokenizer: Any, device: str, dtype: torch.dtype, seed: int) -> Any:
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    with building_on(config.device, getattr(torch, config.dtype)):
+    with building_on(device, dtype):
         model = Qwen2ForCausalLM(qwen2_config(shape, tokenizer))
     banned = [0, *tokenizer.all_special_ids, *range(len(tokenizer), shape.vocab)]
     with torch.no_grad():
@@ -199,6 +211,28 @@ def build_prm(shape: Shape, tokenizer: Any, config: BenchConfig, seed: int) -> H
     return HFRewardModel("random-qwen-prm-1.5b", "qwen-prm", body, head, QwenPRMInput(tokenizer), cost, 64)
 
 
+class PatternedPRM:
+    """The PRM, run for real, its rewards replaced by a fixed pattern: of the steps counted across problems (problem
+    p's step i is number p x steps + i), a share `1 - keep_share` scores 0, evenly spread, the others 1."""
+
+    def __init__(self, prm: HFRewardModel, keep_share: float, steps: int) -> None:
+        self.prm, self.keep_share, self.steps = prm, keep_share, steps
+        self.name, self.cost = prm.name, prm.cost
+
+    def score_steps(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
+        outputs = self.prm.score_steps(requests)
+        for request, out in zip(requests, outputs, strict=True):
+            out.reward = 1.0 if self.kept(int(str(request.key).rsplit("-", 1)[1]), len(request.steps) - 1) else 0.0
+        return outputs
+
+    def kept(self, problem: int, step: int) -> bool:
+        n, rejected = problem * self.steps + step, 1.0 - self.keep_share
+        return math.floor((n + 1) * rejected + 1e-9) == math.floor(n * rejected + 1e-9)
+
+    def release(self, keys: Sequence[Any]) -> None:
+        self.prm.release(keys)
+
+
 class SeededAcceptance:
     """The acceptance rule of a run at a set token acceptance: each proposed token stays with probability `rate`,
     drawn from a seeded generator, until the first that does not (the target's own token follows it)."""
@@ -225,8 +259,9 @@ class Models:
 def build_models(config: BenchConfig) -> Models:
     draft_shape, target_shape = (TINY_DRAFT, TINY_TARGET) if config.tiny else (DRAFT, TARGETS[config.target])
     tokenizer = make_word_tokenizer(draft_shape.vocab)
-    draft = build_lm(draft_shape, tokenizer, config, config.seed)
-    target = build_lm(target_shape, tokenizer, config, config.seed + 1)
+    dtype = getattr(torch, config.dtype)
+    draft = build_lm(draft_shape, tokenizer, config.device, dtype, config.seed)
+    target = build_lm(target_shape, tokenizer, config.device, dtype, config.seed + 1)
     prm = build_prm(draft_shape, tokenizer, config, config.seed + 2)
     draft_gen = HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft")
     target_gen = HFStepGenerator.from_model(target, tokenizer, name=f"random-qwen2.5-{config.target}", role="target")
@@ -258,12 +293,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
+def clocked(device: str, work: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of `work` between two device synchronisations, and its result."""
     synchronize(device)
     start = time.perf_counter()
-    stats = work()
+    result = work()
     synchronize(device)
-    return Run(time.perf_counter() - start, stats)
+    return time.perf_counter() - start, result
+
+
+def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
+    return Run(*clocked(device, work))
 
 
 def alone(generator: Any, problems: list[Prompted], config: BenchConfig) -> TrajectoryStats:
@@ -298,7 +338,8 @@ def rsd(models: Models, problems: list[Prompted], config: BenchConfig, plain: bo
     run = RunConfig(step_max_tokens=config.step_tokens, max_new_tokens=config.steps * config.step_tokens,
                     max_steps=config.steps, batch_size=len(problems), seed=config.seed)  # fmt: skip
     fallback = models.target if plain else models.speculative
-    decoder = StepwiseDecoder(models.draft, run, models.prm, fallback, Constant(config.keep_share))
+    prm = PatternedPRM(models.prm, config.keep_share, config.steps)
+    decoder = StepwiseDecoder(models.draft, run, prm, fallback, Threshold(0.5))
     trajectories = decoder.run(problems)  # caches are released as trajectories end: keys can repeat
     stats = TrajectoryStats()
     for traj in trajectories:

@@ -2,17 +2,18 @@
 
 One RSD run per batch size (the `gpu_speed.py` setup: random models of the real configurations, 256-token
 prompts, 8 steps of 64 tokens, the threshold keeping 70% of draft steps), after two untimed runs, with the
-backend's phases timed. A phase that touches the GPU is timed between two device synchronisations. That removes
-the overlap the decode loop relies on, so the phases of a profiled run add up to more than an unprofiled run
-takes. Host-only phases (the stop checks) are timed without synchronising.
+engine's phases timed (`rsd.engine`: a call's prefill, its forwards of several tokens a row, decode forwards, token
+reads, stop checks, rows leaving; the PRM's calls and forwards). A phase that touches the GPU is timed between two
+device synchronisations. That removes the overlap the decode loop relies on, so the phases of a profiled run add up
+to more than an unprofiled run takes. Host-only phases (the stop checks) are timed without synchronising.
 
 For each (model, phase): seconds in all, host seconds (from the call to its return, before the closing
 synchronisation; a phase whose host seconds are close to its total is bound by the host) and calls; and the
-shapes each model's arena prefills ran ([rows, tokens] over the arena's columns, with how often).
+shapes of each model's forwards in the arena (rows and tokens over the arena's columns, with how often).
 
-`--kernels` also profiles the kernels of every arena prefill forward and of the PRM's scoring (torch.profiler, each
-call its own profile, so only those phases pay for it): GPU milliseconds per kind (matrix products, attention, ...)
-and the largest kernels, per model.
+`--kernels` also profiles the kernels of every forward in the arena, the PRM's scoring included (torch.profiler,
+each call its own profile, so only those phases pay for it): GPU milliseconds per kind (matrix products,
+attention, ...) and the largest kernels, per model.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python benchmarks/phase_profile.py --batches 64 16 --kernels --out $OUT
     PYTHONPATH=src python benchmarks/phase_profile.py --tiny   # the CPU smoke test's sizes
@@ -31,54 +32,53 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode_kernels  # noqa: E402
 import gpu_speed  # noqa: E402
 
-from rsd.backends import hf  # noqa: E402
-from rsd.backends.sampling import DeviceChoice  # noqa: E402
-from rsd.backends.static_decode import StaticDecoder  # noqa: E402
+from rsd.backends.hf import HFStepGenerator  # noqa: E402
+from rsd.engine.forward import ModelForward  # noqa: E402
+from rsd.engine.kv_cache import Arena  # noqa: E402
+from rsd.engine.runner import ModelRunner  # noqa: E402
+from rsd.engine.sampler import DeviceChoice  # noqa: E402
+from rsd.engine.steps import StepModel, StopRule  # noqa: E402
+from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.rewards.hf import HFRewardModel  # noqa: E402
 
+ARENA_FORWARD = "forward in the arena"  # a forward of several tokens a row: prefills, the PRM's scoring
 # (class, method, phase name, whether it touches the GPU). The model is the generator's role, or "prm".
-GENERATOR_PHASES = (
-    (hf.HFStepGenerator, "generate_steps", "call", True),
-    (hf.HFStepGenerator, "_prefill_arena", "prefill", True),  # the static path: straight into the arena
-    (StaticDecoder, "begin", "prefill: cached prefixes into the arena", True),
-    (StaticDecoder, "prefill_hidden", "prefill: own forward in the arena", True),  # padded tails
-    (StaticDecoder, "prefill_packed", "prefill: own forward in the arena", True),  # packed tails (CUDA)
-    (hf.HFStepGenerator, "_prefill", "prefill", True),  # transformers' forward (eager path, or arena_prefill off)
-    (hf.HFStepGenerator, "_forward", "eager transformers forward", True),
-    (StaticDecoder, "load", "arena load", True),
-    (StaticDecoder, "advance", "decode forward (static, graphs on a GPU)", True),
+ENGINE_PHASES = (
+    (HFStepGenerator, "generate_steps", "call", True),
+    (StepModel, "open", "prefill", True),  # cached prefixes taken back and placed, the tails run
+    (Arena, "open", "prefill: cached prefixes into the arena", True),
+    (ModelForward, "hidden", ARENA_FORWARD, True),
+    (TransformersRunner, "_forward", "transformers forward", True),  # other layouts, RSD_DECODE=eager
+    (ModelRunner, "decode", "decode forward (graphs on a GPU)", True),
     (DeviceChoice, "receive", "token read", True),
-    (hf.HFStepGenerator, "_stop_reason", "stop checks (host)", False),
-    (hf.HFStepGenerator, "_leave_arena", "row cache out", True),
+    (StopRule, "__call__", "stop checks (host)", False),
+    (StepModel, "leave", "row cache out", True),
+    (ModelRunner, "keep", "rows to a smaller bucket", True),
     (HFRewardModel, "score_steps", "call", True),
-    (StaticDecoder, "row_cache", "row cache out (copy)", True),
+    (ModelRunner, "row_cache", "row cache out (copy)", True),
 )
 # The phases whose kernels `--kernels` profiles, and how a call's shape is named for the shape counts.
-KERNEL_PHASES = ("prefill: own forward in the arena",)
+KERNEL_PHASES = (ARENA_FORWARD,)
 TOP_KERNELS = 8
 
 
-def prefill_shape(args: tuple) -> str:
-    """An arena prefill's shape and the arena's columns: `StaticDecoder.prefill_hidden(self, first_slot, ids, ...)`
-    runs [rows, tokens] padded; `prefill_packed(self, first_slot, tails, reused)` runs its rows' tokens packed."""
-    static, tokens = args[0], args[2]
-    if isinstance(tokens, torch.Tensor):
-        return f"{tokens.shape[0]}x{tokens.shape[1]} over {static.width}"
-    return f"{len(tokens)} rows, {sum(len(tail) for tail in tokens)} tokens packed over {static.width}"
+def forward_shape(args: tuple) -> str:
+    """A forward in the arena, `ModelForward.hidden(self, arena, feed, keep)`: its rows and their tokens (packed,
+    no padding) over the arena's columns."""
+    arena, feed = args[1], args[2]
+    return f"{len(feed.rows)} rows, {len(feed.ids)} tokens over {arena.width}"
 
 
-SHAPES = {"prefill: own forward in the arena": prefill_shape}
+SHAPES = {ARENA_FORWARD: forward_shape}
 
 
 class PhaseClock:
-    """Seconds, host seconds and calls per (model, phase), from wrapped backend methods."""
+    """Seconds, host seconds and calls per (model, phase), from wrapped engine methods."""
 
     def __init__(self, device: str, kernels: bool = False) -> None:
         self.device = device
@@ -160,12 +160,13 @@ class PhaseClock:
 
 @contextmanager
 def profiled(clock: PhaseClock, prm_body: Any) -> Iterator[None]:
-    """The backend's phases wrapped for the duration, then put back as they were."""
-    originals = [(owner, name, owner.__dict__[name]) for owner, name, _, _ in GENERATOR_PHASES]
-    for owner, name, phase, synchronised in GENERATOR_PHASES:
+    """The engine's phases wrapped for the duration, then put back as they were. The PRM's body forward is
+    transformers' (a body the engine does not run, or RSD_DECODE=eager)."""
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _, _ in ENGINE_PHASES]
+    for owner, name, phase, synchronised in ENGINE_PHASES:
         setattr(owner, name, clock.timed(phase, owner.__dict__[name], synchronised))
     body_forward = prm_body.forward
-    prm_body.forward = clock.timed("forward", body_forward, True, model="prm")
+    prm_body.forward = clock.timed("transformers forward", body_forward, True, model="prm")
     try:
         yield
     finally:
@@ -176,11 +177,9 @@ def profiled(clock: PhaseClock, prm_body: Any) -> Iterator[None]:
 
 def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch: int, kernels: bool = False) -> dict:
     problems = gpu_speed.make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
-    delta, _ = gpu_speed.calibrate(models, config, problems)
 
-    def run() -> gpu_speed.DecodeRun:
-        decoder = gpu_speed.rsd_decoder(models, gpu_speed.run_config(config, batch, config.steps), delta)
-        return gpu_speed.run_decoder(decoder, gpu_speed.fresh(problems, config.steps), config.device)
+    def run() -> gpu_speed.Run:
+        return gpu_speed.timed(config.device, lambda: gpu_speed.rsd(models, problems, config, plain=True))
 
     plain = [run() for _ in range(2)][-1]  # the first one warms up
     clock = PhaseClock(config.device)
@@ -190,15 +189,15 @@ def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch
         "batch": batch,
         "seconds": plain.seconds,
         "seconds_profiled": profiled_run.seconds,
-        "split_profiled": profiled_run.split,
+        "split_profiled": {role: profiled_run.stats.models[role].wall_time_s for role in ("draft", "prm", "target")},
         "phases [seconds, host seconds, calls]": clock.table(),
-        "prefill shapes": clock.shape_counts(),
+        "forward shapes": clock.shape_counts(),
     }
     if kernels:  # a run of its own: the profiles' own cost would blur the phases above
         kernel_clock = PhaseClock(config.device, kernels=True)
         with profiled(kernel_clock, models.prm.body):
             run()
-        result["prefill kernels"] = kernel_clock.kernel_report()
+        result["forward kernels"] = kernel_clock.kernel_report()
     return result
 
 
@@ -209,9 +208,9 @@ def lines(result: dict) -> str:
     ]
     for name, (total, host, calls) in result["phases [seconds, host seconds, calls]"].items():
         out.append(f"  {name:42s} {total:8.3f} {host:8.3f} {calls:7d}")
-    for name, counts in result["prefill shapes"].items():
+    for name, counts in result["forward shapes"].items():
         out.append(f"  {name} shapes: " + ", ".join(f"{shape} x{n}" for shape, n in list(counts.items())[:12]))
-    for name, entry in result.get("prefill kernels", {}).items():
+    for name, entry in result.get("forward kernels", {}).items():
         kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in entry["kinds_ms"].items())
         out.append(f"  {name} kernels: {entry['kernel_ms']:.1f} ms in {entry['launches']} launches ({kinds})")
         out.extend(f"      {ms:8.2f} ms x{n:<5d} {kernel}" for kernel, ms, n in entry["top_kernels"])
@@ -219,15 +218,15 @@ def lines(result: dict) -> str:
 
 
 def profile_config(tiny: bool, real_lengths: bool, batches: Sequence[int]) -> gpu_speed.BenchConfig:
-    """The benchmark's setup; tiny models on the CPU, at the smoke test's lengths or the real ones (decoding in the
-    arena as on a GPU). The PRM takes every row of the largest batch in one forward, as in `gpu_speed.py`."""
+    """The benchmark's setup; tiny models on the CPU, at the smoke test's lengths or the real ones. The PRM takes
+    every row of the largest batch in one forward, as in `gpu_speed.py`."""
     if not tiny:
-        return gpu_speed.BenchConfig(profile=False, batches=tuple(batches))
+        return gpu_speed.BenchConfig(batches=tuple(batches))
     if not real_lengths:
-        return gpu_speed.tiny_config(profile=False, batches=tuple(batches))
+        return gpu_speed.tiny_config(batches=tuple(batches))
     real = gpu_speed.BenchConfig()
     lengths = dict(prompt_tokens=real.prompt_tokens, step_tokens=real.step_tokens, steps=real.steps)
-    return gpu_speed.tiny_config(profile=False, batches=tuple(batches), decode="static", **lengths)
+    return gpu_speed.tiny_config(batches=tuple(batches), **lengths)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -235,13 +234,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 16])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke test)")
     parser.add_argument(
-        "--kernels", action="store_true", help="also profile the kernels of the arena prefills (one more run)"
+        "--kernels", action="store_true", help="also profile the kernels of the forwards in the arena (one more run)"
     )
     parser.add_argument(
         "--real-lengths",
         action="store_true",
-        help="with --tiny: the real lengths (256-token prompts, 8 steps of 64) and every model in its KV arena, as "
-        "on a GPU, so the phases show the host's work at those lengths",
+        help="with --tiny: the real lengths (256-token prompts, 8 steps of 64), so the phases show the host's work "
+        "at those lengths",
     )
     parser.add_argument("--out", type=Path, help="folder for phase_profile.json")
     args = parser.parse_args(argv)
@@ -249,7 +248,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         parser.error("--real-lengths goes with --tiny: the real models run at the real lengths already")
     config = profile_config(args.tiny, args.real_lengths, args.batches)
     models = gpu_speed.build_models(config)
-    models.prm.arena_prefill = models.prm.arena_prefill or args.real_lengths
     results = []
     for batch in args.batches:
         results.append(profile_batch(models, config, batch, args.kernels))

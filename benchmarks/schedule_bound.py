@@ -13,7 +13,7 @@ random rejections (each draft step rejected with probability 1 - keep_share, ind
   can run), so that its calls carry more rows; rows waiting for it skip draft rounds;
 - overlap(s): each model its own worker that takes every row waiting for it as one call as soon as it is free,
   draft and target running at the same time on the GPU, each slowed by s while the other runs (s = 1: perfect
-  overlap, which one GPU cannot do; the `overlap-experiment` branch's design);
+  overlap, which one GPU cannot do);
 - continuous(s, PRM waits for q): batching at the token, as vLLM and SGLang serve: each model decodes one token
   per forward for every row in its phase, and a row joins or leaves between any two forwards, so it never waits
   for another row's step to end. The PRM scores, on the draft's card between two draft forwards, the rows whose
@@ -26,9 +26,9 @@ timed on all rows; their row-independent share is taken to be the target's, or w
 own, from their times alone on one row (the report's batch-1 result). Prefills after a rejection are left out
 (free), so every makespan here is a lower bound on what that schedule would measure.
 
-    python benchmarks/schedule_bound.py benchmarks/results/2026-12-04-h200-packed-prefill.json
-    python benchmarks/schedule_bound.py benchmarks/results/2026-12-04-h200-packed-prefill.json --own-shares
-    python benchmarks/schedule_bound.py benchmarks/results/2026-12-04-h200-packed-prefill.json --prm-scale 0
+    python benchmarks/schedule_bound.py benchmarks/results/h200-16915a8-gpu-speed.json
+    python benchmarks/schedule_bound.py benchmarks/results/h200-16915a8-gpu-speed.json --own-shares
+    python benchmarks/schedule_bound.py benchmarks/results/h200-16915a8-gpu-speed.json --prm-scale 0
 """
 
 from __future__ import annotations

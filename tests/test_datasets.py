@@ -1,6 +1,7 @@
 """Dataset loaders on the real benchmark files, malformed rows, the registry, and prompt templates.
 
-The real files live in /work/shared/data (RSD_DATA_DIR overrides it); those tests skip where it is absent.
+The real files are read from the shared data folder beside the repository (`../shared/data`; RSD_DATA_DIR
+overrides it); those tests skip where it is absent.
 """
 
 from __future__ import annotations

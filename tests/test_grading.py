@@ -1,7 +1,8 @@
 """Grading: extraction, math-verify equivalence in worker processes, majority vote, best-of-N, `rsd grade`.
 
-The real-data tests read /work/shared/data/scored_responses/math_cot_100.jsonl (100 MATH problems x 8 real
-responses with the Qwen2.5-Math grader's verdicts); RSD_DATA_DIR overrides the folder.
+The real-data tests read scored_responses/math_cot_100.jsonl of the shared data folder beside the repository
+(`../shared/data`; RSD_DATA_DIR overrides it): 100 MATH problems x 8 real responses with the Qwen2.5-Math grader's
+verdicts.
 """
 
 from __future__ import annotations

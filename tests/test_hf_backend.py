@@ -1,13 +1,12 @@
 """The in-process step generator against a plain reference: full forwards without a cache, argmax each token.
 
 Every test runs once per runner: rsd's engine (`rsd.engine.runner.ModelRunner`; on CUDA with its CUDA graphs) and
-transformers' own forward (`rsd.engine.transformers_runner`, the escape hatch RSD_DECODE=eager). Runs on the CPU in
-float32; RSD_TEST_DEVICE=cuda runs the same checks on a GPU (still float32).
+transformers' own forward (`rsd.engine.transformers_runner`, the escape hatch RSD_DECODE=eager). Float32, on the CPU
+and, where a GPU is present, on CUDA (the `device` parameter).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from rsd.engine.steps import DELIMITER_WINDOW_SLACK  # noqa: E402
 from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.hf_loading import load_tokenizer  # noqa: E402
 
-DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
 RUNNERS = ["engine", "transformers"]
 ATTENTION_SHARPNESS = 8.0
 GREEDY = StepParams()
@@ -63,12 +61,12 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-def load_generator(model_dir: Path) -> HFStepGenerator:
-    return HFStepGenerator(str(model_dir), device=DEVICE, dtype="float32")
+def load_generator(model_dir: Path, device: str = "cpu") -> HFStepGenerator:
+    return HFStepGenerator(str(model_dir), device=device, dtype="float32")
 
 
-def load_model(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
+def load_model(model_dir: Path, device: str = "cpu"):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
 
 
 def reference_step(
@@ -111,10 +109,12 @@ def assert_matches_reference(generator, prompt: list[int], outputs: list[StepOut
         prefix += tokens
 
 
-def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, runner_kind):
-    gen = load_generator(model_dir)
+def test_implements_the_protocol_and_reports_model_facts(model_dir, tokenizer, runner_kind, device):
+    gen = load_generator(model_dir, device)
     assert isinstance(gen, StepGenerator)
     assert isinstance(gen.engine.runner, ModelRunner if runner_kind == "engine" else TransformersRunner)
+    if runner_kind == "engine":  # decode forwards replayed as CUDA graphs on a GPU, run as they are elsewhere
+        assert gen.engine.runner.use_graphs == (device == "cuda")
     assert gen.context_length == 2048
     assert gen.role == "draft" and gen.name == str(model_dir)
     assert tokenizer.eos_token_id in gen.eos_token_ids
@@ -133,16 +133,16 @@ def test_vocabulary_fingerprint_tells_tokenizers_apart(model_dir, tokenizer):
     assert gen.vocabulary_fingerprint() != other.vocabulary_fingerprint()
 
 
-def test_one_row_fed_back_matches_uncached_greedy(model_dir):
-    gen = load_generator(model_dir)
+def test_one_row_fed_back_matches_uncached_greedy(model_dir, device):
+    gen = load_generator(model_dir, device)
     prompt = gen.encode(PROMPTS[0])
     outputs, prefixes = run_steps(gen, {"a": prompt}, {"a": 6}, steps=6)
     assert_matches_reference(gen, prompt, outputs["a"], cap=6)
     assert len(prefixes["a"]) - len(prompt) >= 12  # several steps were really generated
 
 
-def test_batch_of_different_lengths_matches_uncached_greedy(model_dir):
-    gen = load_generator(model_dir)
+def test_batch_of_different_lengths_matches_uncached_greedy(model_dir, device):
+    gen = load_generator(model_dir, device)
     forwards = count_prefill_forwards(gen)
     prompts = {f"row{i}": gen.encode(text) for i, text in enumerate(PROMPTS[:3])}
     assert len({len(ids) for ids in prompts.values()}) == 3
@@ -181,8 +181,8 @@ def count_prefill_forwards(gen: HFStepGenerator) -> list[int]:
     return counts
 
 
-def test_rollback_equals_a_fresh_generator(model_dir):
-    gen, fresh = load_generator(model_dir), load_generator(model_dir)
+def test_rollback_equals_a_fresh_generator(model_dir, device):
+    gen, fresh = load_generator(model_dir, device), load_generator(model_dir, device)
     prompt = gen.encode(PROMPTS[1])
     proposal = gen.generate_steps([StepRequest("t", prompt, 8)], GREEDY)[0]
     # The proposal is rejected; another continuation (say, the target's step) is fed instead.
@@ -199,8 +199,8 @@ def test_rollback_equals_a_fresh_generator(model_dir):
     assert again.token_ids == after.token_ids and again.prefill_tokens == 1
 
 
-def test_rollback_inside_a_batch(model_dir):
-    gen, fresh = load_generator(model_dir), load_generator(model_dir)
+def test_rollback_inside_a_batch(model_dir, device):
+    gen, fresh = load_generator(model_dir, device), load_generator(model_dir, device)
     prompts = {"keep": gen.encode(PROMPTS[0]), "drop": gen.encode(PROMPTS[2])}
     first, prefixes = run_steps(gen, prompts, {"keep": 5, "drop": 5}, steps=1)
     prefixes["drop"] = prompts["drop"] + gen.encode("x = 6")  # the draft step of "drop" is rolled back
@@ -211,8 +211,8 @@ def test_rollback_inside_a_batch(model_dir):
     assert [o.prefill_tokens for o in got] == [1, len(gen.encode("x = 6"))]
 
 
-def test_prefill_stays_linear_over_a_trajectory(model_dir):
-    gen = load_generator(model_dir)
+def test_prefill_stays_linear_over_a_trajectory(model_dir, device):
+    gen = load_generator(model_dir, device)
     prompt = gen.encode(PROMPTS[2])
     outputs, prefixes = run_steps(gen, {"a": prompt}, {"a": 5}, steps=10)
     steps = outputs["a"]
@@ -228,12 +228,12 @@ def test_prefill_stays_linear_over_a_trajectory(model_dir):
     assert sum(o.context_sum for o in steps) == processed * (processed + 1) // 2
 
 
-def test_sampling_is_seeded_and_independent_of_the_batch(model_dir):
-    prompts = {key: load_generator(model_dir).encode(text) for key, text in zip("abc", PROMPTS, strict=False)}
+def test_sampling_is_seeded_and_independent_of_the_batch(model_dir, device):
+    prompts = {key: load_generator(model_dir, device).encode(text) for key, text in zip("abc", PROMPTS, strict=False)}
     caps = dict.fromkeys(prompts, 8)
 
     def sample(keys: str, seed: int, top_p: float = 0.9) -> dict[str, list[int]]:
-        gen = load_generator(model_dir)
+        gen = load_generator(model_dir, device)
         params = StepParams(temperature=1.0, top_p=top_p, seed=seed)
         outputs, _ = run_steps(gen, {k: prompts[k] for k in keys}, {k: caps[k] for k in keys}, 3, params)
         return {key: [t for o in steps for t in o.token_ids] for key, steps in outputs.items()}
@@ -244,7 +244,7 @@ def test_sampling_is_seeded_and_independent_of_the_batch(model_dir):
     assert sample("abc", seed=1)["a"] == alone["a"]
     assert sample("cb", seed=1)["b"] == sample("b", seed=1)["b"]
     # A nucleus of (almost) nothing keeps only the top token: sampling becomes greedy.
-    greedy, _ = run_steps(load_generator(model_dir), {"a": prompts["a"]}, {"a": 8}, 3)
+    greedy, _ = run_steps(load_generator(model_dir, device), {"a": prompts["a"]}, {"a": 8}, 3)
     assert sample("a", seed=3, top_p=1e-9)["a"] == [t for o in greedy["a"] for t in o.token_ids]
 
 
@@ -258,11 +258,11 @@ def first_new_token(tokens: list[int], start: int, avoid: set[int]) -> int:
     return next(k for k in range(start, len(tokens)) if tokens[k] not in tokens[:k] and tokens[k] not in avoid)
 
 
-def test_step_ends_at_eos_and_keeps_it(model_dir, tokenizer):
-    base = load_generator(model_dir)
+def test_step_ends_at_eos_and_keeps_it(model_dir, tokenizer, device):
+    base = load_generator(model_dir, device)
     prompt = base.encode(PROMPTS[2])
     natural, _ = reference_step(base, prompt, 12)
-    model = load_model(model_dir)
+    model = load_model(model_dir, device)
     k = first_new_token(natural, 2, base.eos_token_ids)
     steer_lm_head(model, tokenizer.eos_token_id, like=natural[k])
     gen = HFStepGenerator.from_model(model, tokenizer)
@@ -273,12 +273,12 @@ def test_step_ends_at_eos_and_keeps_it(model_dir, tokenizer):
     assert_matches_reference(gen, prompt, [out], cap=12)
 
 
-def test_step_ends_at_the_newline_delimiter_and_keeps_it(model_dir, tokenizer):
-    model = load_model(model_dir)
+def test_step_ends_at_the_newline_delimiter_and_keeps_it(model_dir, tokenizer, device):
+    model = load_model(model_dir, device)
     newline = tokenizer.encode("\n")
     assert tokenizer.encode("\n\n") == newline * 2  # the delimiter takes two tokens here
     with torch.no_grad():  # a bias on "\n" makes every token a newline
-        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True).to(DEVICE)
+        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True).to(device)
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()
         head.bias[newline[0]] = 1e4
@@ -288,8 +288,8 @@ def test_step_ends_at_the_newline_delimiter_and_keeps_it(model_dir, tokenizer):
     assert (out.token_ids, out.text, out.stop) == (newline * 2, "\n\n", StopReason.DELIMITER)
 
 
-def test_step_ends_where_a_multi_token_delimiter_completes(model_dir):
-    gen = load_generator(model_dir)
+def test_step_ends_where_a_multi_token_delimiter_completes(model_dir, device):
+    gen = load_generator(model_dir, device)
     prompt = gen.encode(PROMPTS[2])
     natural, _ = reference_step(gen, prompt, 20, delimiter="never there")
     # A delimiter of two single-character tokens that the model writes mid-step (random models write bytes).
@@ -337,16 +337,16 @@ def test_the_delimiter_prefilter_decides_like_decoding_every_window(model_dir, s
     assert skipped > len(rule.completers) / 4  # and most tokens skip the decode
 
 
-def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir):
-    gen = load_generator(model_dir)
+def test_step_ends_at_its_token_cap_and_zero_cap_runs_nothing(model_dir, device):
+    gen = load_generator(model_dir, device)
     prompt = gen.encode(PROMPTS[0])
     out, empty = gen.generate_steps([StepRequest("l", prompt, 3), StepRequest("z", prompt, 0)], GREEDY)
     assert out.stop == StopReason.LENGTH and len(out.token_ids) == 3
     assert (empty.token_ids, empty.stop, empty.prefill_tokens) == ([], StopReason.LENGTH, 0)
 
 
-def test_release_forgets_the_cache(model_dir):
-    gen = load_generator(model_dir)
+def test_release_forgets_the_cache(model_dir, device):
+    gen = load_generator(model_dir, device)
     prompt = gen.encode(PROMPTS[0])
     first = gen.generate_steps([StepRequest("r", prompt, 4)], GREEDY)[0]
     gen.release(["r", "never-seen"])
@@ -371,7 +371,7 @@ def load_model_config_only(folder: Path) -> None:
     Qwen2Config(vocab_size=300, hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(folder)
 
 
-def test_token_ids_outside_the_vocabulary_are_a_clear_error(model_dir):
-    gen = load_generator(model_dir)
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(model_dir, device):
+    gen = load_generator(model_dir, device)
     with pytest.raises(RSDError, match="outside the draft model's vocabulary"):
         gen.generate_steps([StepRequest("v", [1, 2, 10_000], 4)], GREEDY)

@@ -1,5 +1,7 @@
 """PRM adapters: each format's rewards against a full forward built here from notes/prm-formats.md, incremental
-scoring with rollback against a full re-score, format detection and forcing, callable rewards."""
+scoring with rollback against a full re-score, inputs longer than the PRM's context, format detection and forcing,
+callable rewards. A PRM scores in rsd's engine, through transformers' forward (RSD_DECODE=eager, or a body the
+engine does not run), or in the engine with rsd's Triton kernels; on the CPU and, where a GPU is present, CUDA."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_prm import BUILDERS, make_plain_qwen2_lm  # noqa: E402
 
 from rsd.core import RewardRequest, RSDError  # noqa: E402
+from rsd.engine.kernels.split_attention import interpreting  # noqa: E402
+from rsd.engine.runner import DECODE_ENV, ModelRunner  # noqa: E402
 from rsd.rewards import PRM_FORMATS, CallableReward, detect_prm_format, load_prm  # noqa: E402
 
 # The delimiter in the question checks that reward positions are the built ones, not every "\n\n" token.
@@ -142,37 +146,72 @@ REFERENCES = {
 }
 
 
-def load(path: Path, scoring: str = "transformers", **kwargs):
-    """A PRM scoring through transformers' forward (the CPU default) or in a KV arena with rsd's own layer code
-    (the CUDA default)."""
-    prm = load_prm(str(path), device="cpu", dtype="float32", **kwargs)
-    assert prm.arena_prefill is False  # the CPU default
-    if scoring != "transformers" and prm.arena_problem is not None:
-        # Mistral's sliding window: test_a_sliding_window_prm_refuses_the_arena checks the refusal.
-        pytest.skip(f"not applicable: {prm.prm_format}'s body scores through transformers only ({prm.arena_problem})")
-    prm.arena_prefill = scoring in ("arena", "arena-packed")
-    if scoring == "arena-packed":  # as on a GPU in half precision: tails packed through rsd's Triton kernels
-        pytest.importorskip("triton", reason="Triton is not installed: pip install -e '.[dev]' brings it")
-        prm.arena_decoder().layer_kernels = True
-        assert prm.arena_decoder().packed_prefill
+def load(path: Path, scoring: str | None = None, device: str = "cpu", **kwargs):
+    """A PRM in float32, scoring as the `scoring` fixture asks (None: as the defaults choose): in rsd's engine
+    (the default for Llama and Qwen bodies), through transformers' forward (RSD_DECODE=eager), or in the engine
+    with rsd's Triton kernels (as on a GPU in half precision; here through Triton's interpreter)."""
+    prm = load_prm(str(path), device=device, dtype="float32", **kwargs)
+    if scoring is None:
+        return prm
+    if scoring == "transformers":
+        assert prm.runner is None and prm.engine_problem == "RSD_DECODE=eager"
+        return prm
+    if prm.engine_problem is not None:
+        # Mistral's sliding window: test_a_sliding_window_prm_scores_through_transformers_forward checks it.
+        pytest.skip(f"{prm.prm_format}'s body scores through transformers' forward ({prm.engine_problem})")
+    forward = prm.runner.forward
+    assert forward.kernels is False  # float32: torch operations, on every device
+    if scoring == "engine-kernels":
+        if device == "cpu" and not interpreting():
+            pytest.skip("with a CUDA GPU present the kernels run compiled, on the cuda parameter (see conftest.py)")
+        assert forward.kernels_problem() is None
+        forward.kernels = True
     return prm
 
 
-SCORING = ["transformers", "arena", "arena-packed"]
+SCORING = ["engine", "transformers", "engine-kernels"]
+# Each case with the kernels takes ~13 s through Triton's interpreter: a Qwen2 body with the value head and a Llama
+# body with the label tokens here, a token classifier in the batch test.
+KERNEL_FORMATS = ("skywork", "rlhflow")
+
+
+@pytest.fixture
+def scoring(request, monkeypatch) -> str:
+    """How PRMs loaded by the test score (RSD_DECODE=eager: transformers' forward)."""
+    if request.param == "transformers":
+        monkeypatch.setenv(DECODE_ENV, "eager")
+    else:
+        monkeypatch.delenv(DECODE_ENV, raising=False)
+    if request.param == "engine-kernels":
+        pytest.importorskip("triton", reason="Triton is not installed: pip install -e '.[dev]' brings it")
+    return request.param
+
+
+def formats_and_scorings(kernel_formats: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [
+        (fmt, scoring)
+        for fmt in PRM_FORMATS
+        for scoring in SCORING
+        if scoring != "engine-kernels" or fmt in kernel_formats
+    ]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def engine_ran_throughout(prm, scoring: str) -> bool:
+    """The kernels, where asked for, ran every forward: no fallback to torch operations."""
+    return scoring != "engine-kernels" or prm.runner.forward.kernels
+
+
 # ---- tests ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scoring", SCORING)
-@pytest.mark.parametrize("fmt", PRM_FORMATS)
-def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(checkpoints, fmt, scoring):
+@pytest.mark.parametrize(("fmt", "scoring"), formats_and_scorings(KERNEL_FORMATS), indirect=["scoring"])
+def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(checkpoints, fmt, scoring, device):
     path, reference = checkpoints[fmt], REFERENCES[fmt]
-    prm = load(path, scoring)
+    prm = load(path, scoring, device)
     assert prm.prm_format == fmt  # detected from config.json
     final_ids, final_rewards = reference(path, QUESTION, STEPS)
     rejected_ids, rejected_rewards = reference(path, QUESTION, STEPS[:1] + [REJECTED])
@@ -190,6 +229,7 @@ def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(che
     got = [first.reward, target.reward, last.reward]
     assert got == pytest.approx(final_rewards, abs=1e-5)
     assert draft.reward == pytest.approx(rejected_rewards[-1], abs=1e-5)
+    assert not any(out.truncated for out in (first, draft, target, last))
 
     # Only new tokens run: each call's tail is the growth of the whole input. The adapter stops at the last reward
     # position; what the whole input has after it (Qwen's "<|im_end|>\n", RLHFlow's "+<|eot_id|>") is the same
@@ -204,27 +244,15 @@ def test_rewards_match_a_full_forward_and_reuse_the_cache_through_a_rollback(che
 
     prm.release(["t"])
     assert score(STEPS[:1]).prefill_tokens == first.prefill_tokens
-    if scoring == "arena-packed":  # the packed kernels ran throughout: no fallback to the padded forward
-        assert prm.arena_decoder().packed_prefill
+    assert engine_ran_throughout(prm, scoring)
 
 
-# Packed tails have no padding to save, so the price of a forward changes nothing there: the packed path runs once,
-# at the price that splits the padded paths (each case is ~13 s through Triton's interpreter).
-SPLIT_AND_SCORING = [
-    (split, scoring)
-    for split in ("one-forward", "split-by-length")
-    for scoring in SCORING
-    if (split, scoring) != ("one-forward", "arena-packed")
-]
-
-
-@pytest.mark.parametrize(("split", "scoring"), SPLIT_AND_SCORING)
-@pytest.mark.parametrize("fmt", PRM_FORMATS)
-def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt, split, scoring):
+@pytest.mark.parametrize(("fmt", "scoring"), formats_and_scorings(("token-classification",)), indirect=["scoring"])
+def test_one_batch_of_fresh_continued_and_rolled_back_requests(checkpoints, fmt, scoring, device):
+    """Every request of a call in one forward: the engine packs the rows' tails, transformers' forward pads them to
+    the longest (up to `max_batch_size` rows a forward)."""
     path, reference = checkpoints[fmt], REFERENCES[fmt]
-    prm = load(path, scoring)
-    # The price of one more forward, in tokens: none is worth it, or any saved padding is.
-    prm.prefill_forward_tokens = 10**9 if split == "one-forward" else 1
+    prm = load(path, scoring, device)
     forwards: list[int] = []
     run = prm.run
     prm.run = lambda rows: forwards.append(len(rows)) or run(rows)
@@ -239,34 +267,71 @@ def test_one_padded_batch_of_fresh_continued_and_rolled_back_requests(checkpoint
     outputs = prm.score_steps(requests)
     expected = [reference(path, r.question, list(r.steps))[1][-1] for r in requests]
     assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
-    # Packed tails have no padding to save: one forward whatever the price (here the price that splits).
-    one = split == "one-forward" or scoring == "arena-packed"
-    assert len(forwards) == (1 if one else len({o.prefill_tokens for o in outputs}))
-    # The caches the padded batch left behind, one per key, carry on correctly.
+    assert forwards == [4]
+    # The caches the batch left behind, one per key, carry on correctly.
     follow_up = [RewardRequest("a", QUESTION, STEPS + ["Thus 7."]), RewardRequest("b2", QUESTION, STEPS[:2])]
     outputs = prm.score_steps(follow_up)
     expected = [reference(path, r.question, list(r.steps))[1][-1] for r in follow_up]
     assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
     assert outputs[1].prefill_tokens < outputs[0].prefill_tokens + len(STEPS[1])  # cache hits, not fresh inputs
+    assert engine_ran_throughout(prm, scoring)
 
 
-def test_a_sliding_window_prm_refuses_the_arena(checkpoints):
-    prm = load(checkpoints["math-shepherd"])
-    assert "sliding-window" in prm.arena_problem
-    prm.arena_prefill = True
-    with pytest.raises(RSDError, match="cannot score in a KV arena: .*sliding-window.*set arena_prefill off"):
-        prm.score_steps([RewardRequest("t", QUESTION, STEPS[:1])])
+def test_a_sliding_window_prm_scores_through_transformers_forward_and_says_why(checkpoints, monkeypatch):
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    path = checkpoints["math-shepherd"]
+    prm = load(path)
+    assert prm.engine_problem == "it has sliding-window attention" and prm.runner is None
+    _, expected = math_shepherd_reference(path, QUESTION, STEPS)
+    got = [prm.score_steps([RewardRequest("k", QUESTION, STEPS[: n + 1])])[0].reward for n in range(3)]
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert isinstance(load(checkpoints["rlhflow"]).runner, ModelRunner)  # the same format on a Llama body: the engine
+    monkeypatch.setenv(DECODE_ENV, "arena")
+    with pytest.raises(RSDError, match="RSD_DECODE='arena': the one value it takes is 'eager'"):
+        load(path)
 
 
-@pytest.mark.parametrize("scoring", SCORING)
+@pytest.mark.parametrize("scoring", ["engine", "transformers"], indirect=True)
 def test_repeated_key_in_one_call_is_scored_in_order(checkpoints, scoring):
     path = checkpoints["skywork"]
     prm = load(path, scoring, max_batch_size=2)
     _, expected = skywork_reference(path, QUESTION, STEPS)
+    forwards: list[int] = []
+    run = prm.run
+    prm.run = lambda rows: forwards.append(len(rows)) or run(rows)
     outputs = prm.score_steps([RewardRequest("k", QUESTION, STEPS[: n + 1]) for n in range(3)])
     assert [o.reward for o in outputs] == pytest.approx(expected, abs=1e-5)
+    assert forwards == [1, 1, 1]  # one wave per repetition of the key
     tok = tokenizer_of(path)
     assert outputs[2].prefill_tokens == len(encode(tok, STEPS[2])) + 1
+
+
+def test_an_input_longer_than_the_context_keeps_the_question_and_the_latest_steps(checkpoints):
+    path = checkpoints["skywork"]
+    prm = load(path)
+    build = prm.builder.build_ids
+    steps = [f"Step {i}: {i} + {i} = {2 * i}." for i in range(1, 9)]
+    last_two, last_three = build(QUESTION, steps[-2:]), build(QUESTION, steps[-3:])
+    assert len(last_two) < len(last_three) < len(build(QUESTION, steps))
+    prm.context_length = len(last_two)  # the question and two steps fit, three do not
+    assert prm.fitted_ids(RewardRequest("t", QUESTION, steps)) == (last_two, True)
+    assert prm.fitted_ids(RewardRequest("t", QUESTION, steps[:2])) == (build(QUESTION, steps[:2]), False)
+    out = prm.score_steps([RewardRequest("t", QUESTION, steps)])[0]
+    _, rewards = skywork_reference(path, QUESTION, steps[-2:])
+    assert out.truncated and out.reward == pytest.approx(rewards[-1], abs=1e-5)
+    assert out.prefill_tokens == len(last_two)
+    # The next step of the same trajectory: its first steps left out in turn, still scored with the question.
+    following = prm.score_steps([RewardRequest("t", QUESTION, [*steps, "Step 9: 9 + 9 = 18."])])[0]
+    _, rewards = skywork_reference(path, QUESTION, [steps[-1], "Step 9: 9 + 9 = 18."])
+    assert following.truncated and following.reward == pytest.approx(rewards[-1], abs=1e-5)
+    # Where even the question and the step scored do not fit: the input's last tokens, the step's reward last.
+    alone = build(QUESTION, steps[-1:])
+    prm.context_length = len(alone) - 3
+    assert prm.fitted_ids(RewardRequest("u", QUESTION, steps)) == (alone[3:], True)
+    cut = prm.score_steps([RewardRequest("u", QUESTION, steps)])[0]
+    assert cut.truncated and cut.prefill_tokens == len(alone) - 3 and 0.0 <= cut.reward <= 1.0
+    prm.context_length = None  # no known context: everything is read
+    assert prm.fitted_ids(RewardRequest("v", QUESTION, steps)) == (build(QUESTION, steps), False)
 
 
 def test_skywork_marks_steps_with_the_run_delimiter(checkpoints):

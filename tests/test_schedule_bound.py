@@ -1,5 +1,5 @@
-"""The schedule replay behind docs/benchmarks.md's claim that no schedule reaches the issue's bound on one GPU:
-it does reach the bound when calls cost in proportion to their rows, and falls short when they do not."""
+"""The schedule replay behind docs/benchmarks.md's finding that no schedule of RSD's calls reaches the bound on one
+GPU: it does reach the bound when calls cost in proportion to their rows, and falls short when they do not."""
 
 from __future__ import annotations
 

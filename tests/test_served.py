@@ -1,9 +1,10 @@
 """RSD over real vLLM servers (the CPU build) against the in-process path, and the failure modes of serving.
 
-The tests that need servers start them and skip, saying why, when RSD_VLLM_PYTHON does not point at a python with
-vLLM (`bash scripts/setup_vllm_cpu.sh` makes one). Three sets of servers start one after the other: the tiny
-world's draft, target and PRM (RSD end to end on 50 problems); tiny random PRMs in the Math-Shepherd, RLHFlow and
-token-classification layouts; then random tiny draft and target, a Skywork PRM converted for vLLM and a Qwen PRM.
+The tests that need servers start them, carry the `served` marker, and skip, saying why, when RSD_VLLM_PYTHON does
+not point at a python with vLLM (`bash scripts/setup_vllm_cpu.sh` makes one). Three sets of servers start one after
+the other: the tiny world's draft, target and PRM (RSD end to end on 50 problems); tiny random PRMs in the
+Math-Shepherd, RLHFlow and token-classification layouts; then random tiny draft and target, a Skywork PRM converted
+for vLLM and a Qwen PRM.
 Starting the servers takes most of this file's time (4-6 min on 2 cores); everything runs in float32 on both sides.
 """
 
@@ -32,6 +33,14 @@ from tiny_prm import BUILDERS as PRM_BUILDERS  # noqa: E402
 from tiny_prm import make_prm_tokenizer, make_qwen_prm, make_skywork_prm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+from vllm_servers import (  # noqa: E402
+    free_port,
+    prometheus_counter,
+    serving,
+    start_vllm_server,
+    vllm_python,
+    wait_until_ready,
+)
 
 from rsd.async_loop import AsyncStepwiseDecoder  # noqa: E402
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
@@ -49,20 +58,19 @@ from rsd.policies import DEFAULT_DELTA, Threshold  # noqa: E402
 from rsd.rewards import load_prm  # noqa: E402
 from rsd.rewards.formats import QWEN_PRM_STEP_TAG  # noqa: E402
 from rsd.rewards.pooling import FORMAT_MARK, ROUTES, ServedRewardModel, convert_skywork  # noqa: E402
-from rsd.testing.servers import (  # noqa: E402
-    free_port,
-    prometheus_counter,
-    serving,
-    start_vllm_server,
-    vllm_python,
-    wait_until_ready,
-)
 from rsd.tinyworld.task import is_correct_answer, last_boxed_value, load_tinyworld  # noqa: E402
 
 hf_logging.disable_progress_bar()
 VLLM_PYTHON = vllm_python()
 NO_VLLM = "no vLLM environment: run `bash scripts/setup_vllm_cpu.sh`, set RSD_VLLM_PYTHON to that venv's python"
-vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason=NO_VLLM)
+needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason=NO_VLLM)
+
+
+def vllm(test):
+    """A test (or class) that starts real vLLM servers: marked `served`, skipped without a vLLM environment."""
+    return pytest.mark.served(needs_vllm(test))
+
+
 FAST_FAIL = ServerOptions(retries=2, backoff_s=0.1, connect_timeout_s=2.0, timeout_s=60.0)
 QUESTIONS = [f"Tom has {a} apples and buys {b} more. How many apples does he have?" for a, b in
              [(3, 4), (5, 2), (12, 7), (9, 9), (1, 8), (20, 5), (6, 6), (14, 3), (2, 11), (8, 1)]] + [

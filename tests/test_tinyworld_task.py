@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -192,7 +194,7 @@ def test_generator_and_prm_layouts_and_sizes():
     draft, target, prm = (parameter_count(role) for role in ROLES)
     assert 0.8e6 < draft < 1.2e6
     assert 9 < target / draft < 12  # tied embeddings: every stored parameter multiplies each token
-    assert 1.3 < prm / draft < 2.4  # the issue suggests about twice the draft; ours is 1.6x
+    assert 1.3 < prm / draft < 2.4  # about 1.6x the draft's parameters
 
 
 def test_tokenizer_speaks_the_qwen_chat_format_and_splits_digits():
@@ -295,3 +297,11 @@ def test_prm_separates_the_drafts_right_and_wrong_first_steps():
     wrong = [r for p, s, r in zip(problems, steps, rewards, strict=True) if not check_step(p, [], s)]
     assert len(right) >= 5 and len(wrong) >= 5, (len(right), len(wrong))
     assert auroc(right, wrong) >= 0.9
+
+
+def test_the_training_script_runs_from_the_repository_outside_the_package():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_tinyworld.py"
+    assert not (MODELS.parent / "train.py").exists()  # the installed package holds the models and the task only
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--seed" in done.stdout

@@ -1,11 +1,10 @@
-"""rsd's Triton kernels for the static decode forward: the split decode attention (`split_attention`) against SDPA
-on the same arena views, the layer kernels (`layer_kernels`) against the torch operations they replace, and the
-static decode path with them against transformers' forward. Off CUDA they run through Triton's interpreter
-(TRITON_INTERPRET=1, set by conftest.py); on CUDA (RSD_TEST_DEVICE=cuda) the same tests run them compiled."""
+"""rsd's Triton kernels (`rsd.engine.kernels`): the split decode attention against SDPA on the same arena views, the
+packed attention against each token alone, the layer kernels against the torch operations they replace, and the
+engine with them against its torch path. Without a CUDA GPU they run through Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py), in float32; with one, the same tests run them compiled on "cuda"."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,18 +13,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from rsd.backends.prefill_attention import packed_attention  # noqa: E402
-from rsd.backends.static_decode import StaticDecoder, rms_norm, rotate, signed_sin  # noqa: E402
-from test_static_decode import assert_rows_leave_the_batch_alike, build, trajectories  # noqa: E402
+from test_engine import (  # noqa: E402
+    PROMPTS,
+    assert_rows_leave_the_batch_alike,
+    build,
+    engine_generator,
+    ids_of,
+    trajectories,
+)
 from tiny import make_tokenizer  # noqa: E402
 
-from rsd.backends import layer_kernels as kernels  # noqa: E402
-from rsd.backends import split_attention as split  # noqa: E402
-from rsd.backends import static_decode  # noqa: E402
-from rsd.backends.hf import HFStepGenerator  # noqa: E402
-from rsd.core import RSDError  # noqa: E402
+from rsd.core import StepParams, StepRequest  # noqa: E402
+from rsd.engine import forward as engine_forward  # noqa: E402
+from rsd.engine.forward import Feed, ModelForward, packed_chunks, rms_norm, rotate, signed_sin  # noqa: E402
+from rsd.engine.kernels import layer_kernels as kernels  # noqa: E402
+from rsd.engine.kernels import packed_attention as packed  # noqa: E402
+from rsd.engine.kernels import split_attention as split  # noqa: E402
+from rsd.engine.kv_cache import Arena  # noqa: E402
+from rsd.engine.runner import ModelRunner  # noqa: E402
 
-DEVICE = os.environ.get("RSD_TEST_DEVICE", "cpu")
 pytest.importorskip("triton", reason="Triton is not installed: pip install -e '.[dev]' brings it")
 
 
@@ -34,14 +40,30 @@ def tokenizer():
     return make_tokenizer()
 
 
-def arena_views(rows: int, kv_heads: int, groups: int, head_dim: int, width: int, dtype=torch.float32):
-    """Query, keys and values laid out as the static decoder's are: the keys and values a column slice of a wider
-    arena, the query a strided view into one projection's output."""
+@pytest.fixture
+def on(device) -> str:
+    """The device the kernels run on: the CPU through Triton's interpreter, or a CUDA GPU compiled."""
+    if device == "cpu" and not split.interpreting():
+        pytest.skip("with a CUDA GPU present the kernels run compiled (conftest.py leaves TRITON_INTERPRET unset)")
+    return device
+
+
+def with_kernels(model) -> ModelRunner:
+    """A runner of `model` with rsd's Triton kernels on (the default for half precision on CUDA; float32 here)."""
+    runner = ModelRunner(model)
+    assert runner.forward.kernels_problem() is None
+    runner.forward.kernels = True
+    return runner
+
+
+def arena_views(rows: int, kv_heads: int, groups: int, head_dim: int, width: int, device, dtype=torch.float32):
+    """Query, keys and values laid out as the engine's are: the keys and values a column slice of a wider arena,
+    the query a strided view into one projection's output."""
     generator = torch.Generator().manual_seed(rows * 1000 + width)
-    arena = torch.randn((2, rows + 1, kv_heads, width + 70, head_dim), generator=generator).to(DEVICE, dtype)
+    arena = torch.randn((2, rows + 1, kv_heads, width + 70, head_dim), generator=generator).to(device, dtype)
     keys, values = arena[0, :rows, :, :width], arena[1, :rows, :, :width]
     projected = torch.randn((rows, (kv_heads * groups + 2 * kv_heads), head_dim), generator=generator)
-    query = projected.to(DEVICE, dtype)[:, : kv_heads * groups].reshape(rows, kv_heads, groups, head_dim)
+    query = projected.to(device, dtype)[:, : kv_heads * groups].reshape(rows, kv_heads, groups, head_dim)
     return query, keys, values
 
 
@@ -56,10 +78,10 @@ def sdpa_reference(query, keys, values, mask, scale):
     [(1, 2, 6, 64, 768), (3, 2, 7, 32, 300), (5, 1, 1, 16, 5), (2, 4, 3, 128, 130)],
     ids=["one-row-many-chunks", "ragged-width", "one-column-block", "head-dim-128"],
 )
-def test_split_kernels_equal_sdpa_over_masked_arena_columns(rows, kv_heads, groups, head_dim, width):
-    query, keys, values = arena_views(rows, kv_heads, groups, head_dim, width)
+def test_split_kernels_equal_sdpa_over_masked_arena_columns(rows, kv_heads, groups, head_dim, width, on):
+    query, keys, values = arena_views(rows, kv_heads, groups, head_dim, width, on)
     generator = torch.Generator().manual_seed(width)
-    mask = (torch.rand((rows, width), generator=generator) < 0.5).to(DEVICE)
+    mask = (torch.rand((rows, width), generator=generator) < 0.5).to(on)
     mask[:, -1] = True  # the column a decode token writes: every row sees it
     mask[0, :-1] = False  # a row that sees only that column: every chunk but the last sees nothing
     out = split.split_attention(query, keys, values, mask, scale=0.7)
@@ -68,13 +90,11 @@ def test_split_kernels_equal_sdpa_over_masked_arena_columns(rows, kv_heads, grou
     torch.testing.assert_close(out[0].float(), values[0, :, -1:].float().expand_as(out[0]))
 
 
-@pytest.mark.skipif(
-    not DEVICE.startswith("cuda"),
-    reason="Triton's interpreter has no bfloat16 (numpy has none): run with RSD_TEST_DEVICE=cuda on a GPU",
-)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's interpreter has no bfloat16")
 def test_split_kernels_in_bfloat16_stay_within_its_rounding():
-    query, keys, values = arena_views(4, 2, 6, 64, 520, dtype=torch.bfloat16)
-    mask = torch.ones((4, 520), dtype=torch.bool, device=DEVICE)
+    query, keys, values = arena_views(4, 2, 6, 64, 520, "cuda", dtype=torch.bfloat16)
+    mask = torch.ones((4, 520), dtype=torch.bool, device="cuda")
     mask[1, :200] = False
     out = split.split_attention(query, keys, values, mask, scale=0.125)
     assert out.dtype == torch.bfloat16
@@ -90,50 +110,76 @@ def test_chunks_fill_the_card_but_never_split_a_column_block():
     assert split.split_count(pairs=512, width=768, sms=h200) == 1
 
 
-def test_problems_name_why_and_the_decoder_refuses_what_cannot_run(tokenizer, monkeypatch):
+def test_problems_name_why_and_the_engine_takes_the_kernels_only_where_they_pay(tokenizer, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "CUDA" in split.split_attention_problem(cpu, torch.float32, 64)
+    model = build("qwen2", tokenizer)
+    assert "its kernels run on CUDA devices, not cpu" in ModelForward(model).kernels_problem()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert split.split_attention_problem(cpu, torch.float32, 64) is None
     assert "power of two" in split.split_attention_problem(cpu, torch.float32, 80)
     assert "float64" in split.split_attention_problem(cpu, torch.float64, 64)
-    static = StaticDecoder(build("qwen2", tokenizer), use_graphs=False)
-    with pytest.raises(RSDError, match="unknown decode attention 'flash'"):
-        static.attention = "flash"
-    if not DEVICE.startswith("cuda"):
-        assert static.attention == "sdpa"  # the default off CUDA
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(RSDError, match="cannot run here: its kernels run on CUDA devices.*use 'sdpa'"):
-            static.attention = "split"
+    # They could run (through the interpreter), but the engine takes them by default only on CUDA in half precision.
+    for dtype in (torch.float32, torch.bfloat16):
+        forward = ModelForward(build("qwen2", tokenizer).to(dtype))
+        assert forward.kernels_problem() is None and forward.kernels is False
 
 
-def test_rotation_kernel_writes_the_rotated_key_and_the_value_at_the_arena_column():
+def test_rotation_kernel_writes_each_decode_token_at_its_rows_column(on):
+    """A decode forward: token i is arena row i, written at its own column `columns[i]` (rows stand at different
+    columns: their prefixes and what they fed differ)."""
     heads, kv_heads, head_dim, rows, width = 6, 2, 32, 3, 70
     generator = torch.Generator().manual_seed(3)
-    qkv = torch.randn((rows, (heads + 2 * kv_heads) * head_dim), generator=generator).to(DEVICE)
-    angles = torch.randn((rows, head_dim // 2), generator=generator).repeat(1, 2).to(DEVICE)
+    qkv = torch.randn((rows, (heads + 2 * kv_heads) * head_dim), generator=generator).to(on)
+    angles = torch.randn((rows, head_dim // 2), generator=generator).repeat(1, 2).to(on)
     cos, sin = angles.cos(), signed_sin(angles.sin())
-    arena = torch.zeros((2, rows + 1, kv_heads, width + 10, head_dim), device=DEVICE)
+    arena = torch.zeros((2, rows + 1, kv_heads, width + 10, head_dim), device=on)
     keys, values = arena[0, :rows, :, :width], arena[1, :rows, :, :width]
-    column = torch.tensor([41], device=DEVICE)
-    query = kernels.rotate_into_arena(qkv, cos, sin, keys, values, column, heads, kv_heads)
+    columns = [41, 7, 63]
+    query = kernels.rotate_into_arena(qkv, cos, sin, keys, values, torch.tensor(columns, device=on), heads, kv_heads)
     heads_in = qkv.view(rows, heads + 2 * kv_heads, head_dim)
     want = rotate(heads_in[:, : heads + kv_heads], cos[:, None], sin[:, None])
     torch.testing.assert_close(query.reshape(rows, heads, head_dim), want[:, :heads], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(keys[:, :, 41], want[:, heads:], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(values[:, :, 41], heads_in[:, heads + kv_heads :])
-    untouched = torch.ones(width, dtype=torch.bool)
-    untouched[41] = False
-    assert not arena[:, :, :, untouched.nonzero()[:, 0]].any() and not arena[:, rows].any()
+    written = torch.zeros(arena.shape[:4], dtype=torch.bool, device=on)
+    for row, column in enumerate(columns):
+        torch.testing.assert_close(keys[row, :, column], want[row, heads:], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(values[row, :, column], heads_in[row, heads + kv_heads :])
+        written[:, row, :, column] = True
+    assert not arena[~written].any()  # nothing else: no other row, column or the wider arena's rest
 
 
-def test_add_and_norm_kernel_and_silu_kernel_equal_the_modules(tokenizer):
-    model = build("qwen2", tokenizer)
+def test_rotation_kernel_writes_each_packed_token_at_its_slot_and_column(on):
+    """A packed forward: each token names its arena row and column (several tokens a row, rows in any order)."""
+    heads, kv_heads, head_dim, rows, width = 4, 2, 16, 3, 60
+    slots, columns = [2, 2, 0, 1, 2], [10, 11, 3, 50, 12]
+    tokens = len(slots)
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn((tokens, (heads + 2 * kv_heads) * head_dim), generator=generator).to(on)
+    angles = torch.randn((tokens, head_dim // 2), generator=generator).repeat(1, 2).to(on)
+    cos, sin = angles.cos(), signed_sin(angles.sin())
+    arena = torch.zeros((2, rows, kv_heads, width, head_dim), device=on)
+    keys, values = arena[0], arena[1]
+    query = kernels.rotate_into_arena(
+        qkv, cos, sin, keys, values, torch.tensor(columns, device=on), heads, kv_heads, torch.tensor(slots, device=on)
+    )
+    heads_in = qkv.view(tokens, heads + 2 * kv_heads, head_dim)
+    want = rotate(heads_in[:, : heads + kv_heads], cos[:, None], sin[:, None])
+    torch.testing.assert_close(query.reshape(tokens, heads, head_dim), want[:, :heads], atol=1e-6, rtol=1e-6)
+    written = torch.zeros(arena.shape[:4], dtype=torch.bool, device=on)
+    for token, (slot, column) in enumerate(zip(slots, columns, strict=True)):
+        torch.testing.assert_close(keys[slot, :, column], want[token, heads:], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(values[slot, :, column], heads_in[token, heads + kv_heads :])
+        written[:, slot, :, column] = True
+    assert not arena[~written].any()
+
+
+def test_add_and_norm_kernel_and_silu_kernel_equal_the_modules(tokenizer, on):
+    model = build("qwen2", tokenizer, on)
     layer = model.model.layers[0]
     generator = torch.Generator().manual_seed(4)
-    hidden = torch.randn((5, 64), generator=generator).to(DEVICE)
-    update = torch.randn((5, 64), generator=generator).to(DEVICE)
+    hidden = torch.randn((5, 64), generator=generator).to(on)
+    update = torch.randn((5, 64), generator=generator).to(on)
     norm = layer.post_attention_layernorm
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
@@ -143,85 +189,94 @@ def test_add_and_norm_kernel_and_silu_kernel_equal_the_modules(tokenizer):
         torch.testing.assert_close(summed, want_hidden)
         torch.testing.assert_close(normed, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(normed, rms_norm(norm, want_hidden), atol=1e-5, rtol=1e-5)
-        gate_up = torch.randn((3, 2 * 1500), generator=generator).to(DEVICE)  # more than one block of 1024
+        gate_up = torch.randn((3, 2 * 1500), generator=generator).to(on)  # more than one block of 1024
         mlp = layer.mlp
         want = mlp.act_fn(gate_up[:, :1500]) * gate_up[:, 1500:]
         torch.testing.assert_close(kernels.silu_times_up(gate_up), want, atol=1e-6, rtol=1e-6)
 
 
-def test_layer_kernels_say_why_a_model_cannot_use_them(tokenizer):
-    qwen3 = StaticDecoder(build("qwen3", tokenizer), use_graphs=False)
-    assert "normalises each head" in qwen3.layer_kernels_problem()
-    with pytest.raises(RSDError, match="cannot run this model: its attention normalises each head.*= False"):
-        qwen3.layer_kernels = True
-    gelu = StaticDecoder(build("qwen2", tokenizer, hidden_act="gelu"), use_graphs=False)
-    assert "activation is" in gelu.layer_kernels_problem()
-    qwen2 = StaticDecoder(build("qwen2", tokenizer), use_graphs=False)
-    assert qwen2.layer_kernels_problem() is None
-    assert qwen2.layer_kernels is False  # float32 weights keep torch's operations by default, as on the CPU
+def test_layer_kernels_say_why_a_model_cannot_use_them(tokenizer, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the layout's problems, not the device's (these models are on the CPU)
+    assert "normalises each head" in ModelForward(build("qwen3", tokenizer)).kernels_problem()
+    assert "activation is" in ModelForward(build("qwen2", tokenizer, hidden_act="gelu")).kernels_problem()
+    assert ModelForward(build("llama", tokenizer)).kernels_problem() is None
+    hooked = build("qwen2", tokenizer)
+    hooked.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda module, args: None)
+    assert "its projections are not fused" in ModelForward(hooked).kernels_problem()
 
 
-@pytest.mark.parametrize(
-    "kind, layer_kernels",
-    [("qwen2", True), ("qwen3", False)],  # Llama's layers run the same kernels as Qwen2's (test_static_decode.py)
-    ids=["qwen2-all-kernels", "qwen3-split-attention"],
-)
-def test_static_decoding_with_the_kernels_decodes_what_transformers_decodes(kind, layer_kernels, tokenizer):
-    """As shipped on a GPU: the split attention, and the layer kernels where the layout allows them."""
-    model = build(kind, tokenizer)
-    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
-    fast = HFStepGenerator.from_model(model, tokenizer, decode="static")
-    fast._static.attention = "split"
-    fast._static.layer_kernels = layer_kernels
+@pytest.mark.slow  # about 2 minutes through Triton's interpreter
+def test_the_engine_with_its_kernels_decodes_what_its_torch_path_decodes(tokenizer, on):
+    """As on a GPU in half precision: packed prefills, split decode attention and the layer kernels. Qwen2 (Llama's
+    layers run the same kernels, without the projections' biases; Qwen3's per-head norms keep it off them)."""
+    model = build("qwen2", tokenizer, on)
+    plain = engine_generator(model, tokenizer)
+    fast = engine_generator(model, tokenizer)
+    fast.engine.runner = with_kernels(model)
     caps = [2, 3, 9, 4, 12]
-    assert trajectories(fast, caps, steps=2) == trajectories(eager, caps, steps=2)
-    assert_rows_leave_the_batch_alike(fast, eager)
+    assert trajectories(fast, caps, steps=2) == trajectories(plain, caps, steps=2)
+    assert_rows_leave_the_batch_alike(fast, plain)
+    forward = fast.engine.runner.forward
+    assert forward.kernels and forward.packed_checked and forward.decode_checked  # they ran throughout: no fallback
 
 
-def test_kernels_that_fail_warn_once_and_decoding_goes_on_without_them(tokenizer, monkeypatch):
-    def no_toolchain():
-        raise RuntimeError("ptxas not found")
+def test_a_verification_through_the_kernels_equals_the_torch_path(tokenizer, on):
+    """What token-level speculation does with a runner: proposed tokens, several a row, in one packed forward; the
+    rejected ones rolled back; other tokens fed after the kept ones; then a decode token. Every logit through the
+    kernels is what the torch path gives."""
+    model = build("qwen2", tokenizer, on)
+    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
+    proposals = [tokenizer.encode(" 3 + 4 = 7"), tokenizer.encode(" x = 6"), []]
+    kept = [2, 0, 0]
+    others = [tokenizer.encode(" 12"), [], tokenizer.encode(" So")]
+    results = []
+    for runner in (with_kernels(model), ModelRunner(model)):
+        with torch.inference_mode():
+            first = runner.open([None] * 3, prompts, room=16).clone()
+            proposed = runner.extend(proposals).clone()
+            runner.rollback([len(p) - k for p, k in zip(proposals, kept, strict=True)])
+            fed = runner.extend(others).clone()
+            step = runner.decode(ids_of([5, 6, 7], runner.slots, on))[:3].clone()
+        results.append((first, proposed, fed, step))
+        if len(results) == 1:
+            forward = runner.forward
+            assert forward.kernels and forward.packed_checked and forward.decode_checked  # no fallback
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-    model = build("qwen2", tokenizer)
-    gen = HFStepGenerator.from_model(model, tokenizer, decode="static")
-    gen._static.attention, gen._static.layer_kernels = "split", True
-    monkeypatch.setattr(split, "compiled_kernels", no_toolchain)
-    monkeypatch.setattr(kernels, "compiled_kernels", no_toolchain)
-    eager = HFStepGenerator.from_model(model, tokenizer, decode="eager")
-    with pytest.warns(UserWarning, match="Triton decode kernels failed.*ptxas not found.*SDPA and torch") as seen:
-        got = trajectories(gen, [4, 6, 3, 5, 2], steps=2)
-    assert len([w for w in seen if "Triton" in str(w.message)]) == 1
-    assert (gen._static.attention, gen._static.layer_kernels) == ("sdpa", False)
-    assert got == trajectories(eager, [4, 6, 3, 5, 2], steps=2)
+
+# -- packed forwards: every row's tokens after the previous row's, no padding ----------------------------------------
 
 
-# -- packed prefills: every row's tail after the previous row's, no padding ------------------------------------------
-
-
-def test_packed_plan_places_every_token_and_never_lets_a_tile_or_chunk_cross_a_row_or_limit():
-    # Rows of 5, 1 and 7 tokens after 3, 0 and 6 cached ones (prefixes right-aligned before column 10, tails in
-    # columns 10..16), in chunks of at most 6 tokens and tiles of at most 4.
-    plan = static_decode.packed_plan([5, 1, 7], [3, 0, 6], 2, (10, 17), chunk_tokens=6, tile=4)
-    assert plan.positions == [3, 4, 5, 6, 7] + [0] + [6, 7, 8, 9, 10, 11, 12]
-    assert plan.slots == [2] * 5 + [3] + [4] * 7
-    assert plan.columns == list(range(12, 17)) + [16] + list(range(10, 17))
-    assert [(c.first, c.end) for c in plan.chunks] == [(0, 6), (6, 12), (12, 13)]
+def test_packed_chunks_place_every_token_and_never_let_a_tile_or_chunk_cross_a_row_or_limit(monkeypatch):
+    # Rows of 5, 1 and 7 tokens after 3, 0 and 6 cached ones (prefixes right-aligned before column 6, tails from
+    # column 6 on), in chunks of at most 6 tokens and tiles of at most 4.
+    arena = Arena(layers=1, kv_heads=1, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+    arena.open([torch.zeros((1, 2, 1, past, 16)) if past else None for past in (3, 0, 6)], room=8)
+    feed = Feed.placed(arena, [[1] * 5, [2], [3] * 7])
+    assert feed.positions == [3, 4, 5, 6, 7] + [0] + [6, 7, 8, 9, 10, 11, 12]
+    assert feed.slots == [0] * 5 + [1] + [2] * 7
+    assert feed.columns == list(range(6, 11)) + [6] + list(range(6, 13))
+    assert feed.rows == [(0, 0, 5), (1, 5, 1), (2, 6, 7)] and feed.last_tokens() == [4, 5, 12]
+    assert arena.lo == [3, 6, 0, 6] and arena.next == [11, 7, 13, 6]
+    monkeypatch.setattr(engine_forward, "PACKED_CHUNK_TOKENS", 6)
+    chunks = packed_chunks(feed, arena.lo, 4, feed.last_tokens())
+    assert [(first, end) for first, end, _, _ in chunks] == [(0, 6), (6, 12), (12, 13)]
     # [arena row, first token in the chunk, tokens, first real column, last token's column + 1]
-    assert [c.tiles for c in plan.chunks] == [
-        [[2, 0, 4, 7, 16], [2, 4, 1, 7, 17], [3, 5, 1, 16, 17]],
-        [[4, 0, 4, 4, 14], [4, 4, 2, 4, 16]],
-        [[4, 0, 1, 4, 17]],
+    assert [tiles for _, _, tiles, _ in chunks] == [
+        [[0, 0, 4, 3, 10], [0, 4, 1, 3, 11], [1, 5, 1, 6, 7]],
+        [[2, 0, 4, 0, 10], [2, 4, 2, 0, 12]],
+        [[2, 0, 1, 0, 13]],
     ]
-    assert [(c.rows_ending, c.last_tokens) for c in plan.chunks] == [([0, 1], [4, 5]), ([], []), ([2], [0])]
-    with pytest.raises(ValueError, match="row 1 has no token"):
-        static_decode.packed_plan([2, 0], [0, 0], 0, (0, 2), 8, 4)
+    # (output row, token within the chunk) of each row's last token
+    assert [kept for _, _, _, kept in chunks] == [[(0, 4), (1, 5)], [], [(2, 0)]]
 
 
-def packed_reference(query, keys, values, mask, plan, scale):
+def packed_reference(query, keys, values, mask, feed, scale):
     """Each token alone through SDPA: its row's real columns up to its own."""
     heads, groups = query.shape[1], query.shape[1] // keys.shape[1]
     out = []
-    for token, (slot, column) in enumerate(zip(plan.slots, plan.columns, strict=True)):
+    for token, (slot, column) in enumerate(zip(feed.slots, feed.columns, strict=True)):
         seen = mask[slot].clone()
         seen[column + 1 :] = False
         k = keys[slot].repeat_interleave(groups, 0).float()  # [heads, width, head_dim]
@@ -238,50 +293,107 @@ def packed_reference(query, keys, values, mask, plan, scale):
     [(2, 6, 32, [5, 1, 40, 17], [3, 0, 20, 9]), (1, 7, 16, [9, 2], [0, 30]), (2, 1, 64, [70, 3], [5, 1])],
     ids=["draft-like-groups-6", "target-like-groups-7", "one-query-head-per-key-head"],
 )
-def test_packed_attention_equals_each_token_alone_over_its_rows_columns(kv_heads, groups, head_dim, lengths, reused):
-    rows, width = len(lengths) + 1, 128
-    start, end = 40, 40 + max(lengths)
-    plan = static_decode.packed_plan(lengths, reused, 1, (start, end), chunk_tokens=10**6, tile=4)
-    (chunk,) = plan.chunks
+def test_packed_attention_equals_each_token_alone_over_its_rows_columns(
+    kv_heads, groups, head_dim, lengths, reused, on
+):
+    """Rows in arena slots 1.. (slot 0 idle), their tails at their own columns, holes in their prefixes' mask."""
+    rows, width, start = len(lengths) + 1, 128, 40
+    feed = Feed()
+    lo = [start] * rows
+    for row, (length, past) in enumerate(zip(lengths, reused, strict=True)):
+        feed.rows.append((row + 1, len(feed.slots), length))
+        feed.ids += [0] * length
+        feed.slots += [row + 1] * length
+        feed.columns += range(start, start + length)
+        lo[row + 1] = start - past
+    ((_, _, tiles, _),) = packed_chunks(feed, lo, 4, keep=[])
     generator = torch.Generator().manual_seed(sum(lengths))
-    arena = torch.randn((2, rows, kv_heads, width + 30, head_dim), generator=generator).to(DEVICE)
+    arena = torch.randn((2, rows, kv_heads, width + 30, head_dim), generator=generator).to(on)
     keys, values = arena[0, :, :, :width], arena[1, :, :, :width]  # column slices of a wider arena
     mask = torch.zeros((rows, width), dtype=torch.bool)
     for row, (length, past) in enumerate(zip(lengths, reused, strict=True)):
         mask[row + 1, start - past : start] = torch.rand(past, generator=generator) < 0.8  # holes in the prefix
-        mask[row + 1, end - length : end] = True
-    mask = mask.to(DEVICE)
-    tokens = len(plan.slots)
-    query = torch.randn((tokens, kv_heads * groups, head_dim), generator=generator).to(DEVICE)
-    columns = torch.tensor(plan.columns, device=DEVICE)
-    tiles = torch.tensor(chunk.tiles, dtype=torch.int32, device=DEVICE)
-    out = packed_attention(query, keys, values, mask, columns, tiles, scale=0.3)
+        mask[row + 1, start : start + length] = True
+    mask = mask.to(on)
+    query = torch.randn((len(feed.slots), kv_heads * groups, head_dim), generator=generator).to(on)
+    columns = torch.tensor(feed.columns, device=on)
+    table = torch.tensor(tiles, dtype=torch.int32, device=on)
+    out = packed.packed_attention(query, keys, values, mask, columns, table, scale=0.3)
     assert out.shape == query.shape
-    torch.testing.assert_close(out, packed_reference(query, keys, values, mask, plan, 0.3), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, packed_reference(query, keys, values, mask, feed, 0.3), atol=2e-5, rtol=2e-5)
 
 
-def test_a_packed_prefill_in_chunks_computes_what_the_padded_prefill_computes(tokenizer):
-    """Logits, every key and value written, positions: the same with the tails packed (in chunks of 5 tokens, so
-    that rows cross chunks) as padded to the longest, both in float32 through the same arena."""
-    model = build("qwen2", tokenizer)
+def test_a_packed_forward_in_chunks_computes_what_an_unchunked_one_computes(tokenizer, on, monkeypatch):
+    """Logits of every fed token and every key and value written: the same with the tokens in chunks of 5 (rows
+    cross chunks), in one chunk, and through torch operations, all in float32 over the same prefixes."""
+    model = build("qwen2", tokenizer, on)
     tails = [[5, 9, 14, 3, 8, 20, 11], [7], [30, 2, 6, 12]]
-    reused = [4, 0, 9]
+    more = [[4, 4], [], [9, 1, 3]]  # a second forward after the prefill: several tokens on some rows
+    shape = (model.config.num_hidden_layers, 2, model.config.num_key_value_heads, 0, 16)
+    prefixes = [
+        torch.randn(shape[:3] + (past,) + shape[4:], generator=torch.Generator().manual_seed(past)).to(on)
+        for past in (4, 0, 9)
+    ]
+    counted = []
+
+    def counting(*args, **kwargs):
+        chunks = packed_chunks(*args, **kwargs)
+        counted.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(engine_forward, "packed_chunks", counting)
     results = []
-    for packed in (False, True):
-        static = StaticDecoder(model, use_graphs=False)
-        static.attention, static.layer_kernels = "split", True
-        static.pack_prefill, static.packed_prefill_tokens = packed, 5
-        assert static.packed_prefill is packed
-        shape = (static.layers, 2, static.shape.kv_heads, 0, static.shape.head_dim)
-        prefixes = [torch.randn(shape[:3] + (past,) + shape[4:], generator=torch.Generator().manual_seed(past))
-                    for past in reused]  # fmt: skip
-        static.begin(prefixes, max(map(len, tails)), new_tokens=3)
-        logits, columns = static.run_tails(0, tails, reused, pad_id=0)
-        assert static.packed_prefill is packed  # the kernels ran: no fallback to the padded forward
-        kv = [static.kv[:, :, slot, :, row_columns] for slot, row_columns in enumerate(columns)]
-        results.append((logits, kv, static.positions[:3, 0].tolist(), columns))
-    (logits, kv, positions, columns), (packed_logits, packed_kv, packed_positions, packed_columns) = results
-    assert packed_columns == columns and packed_positions == positions == [11, 1, 13]
-    torch.testing.assert_close(packed_logits, logits, atol=1e-4, rtol=1e-4)
-    for got, want in zip(packed_kv, kv, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for chunk_tokens, kernels_on in ((5, True), (10**6, True), (5, False)):
+        monkeypatch.setattr(engine_forward, "PACKED_CHUNK_TOKENS", chunk_tokens)
+        runner = with_kernels(model) if kernels_on else ModelRunner(model)
+        with torch.inference_mode():
+            last = runner.open([p if p.shape[3] else None for p in prefixes], tails, room=4)
+            every = runner.extend(more)
+        arena = runner.arena
+        kv = [arena.kv[:, :, slot, :, arena.lo[slot] : arena.next[slot]].clone() for slot in range(3)]
+        results.append((last, every, kv, arena.position[:3]))
+        assert runner.forward.kernels is kernels_on  # no fallback
+    assert counted == [3, 1, 1, 1]  # 12 tokens in chunks of 5, then 5 tokens; then each in one chunk
+    (last, every, kv, positions), *others = results
+    assert positions == [13, 1, 16]
+    for other_last, other_every, other_kv, other_positions in others:
+        assert other_positions == positions
+        torch.testing.assert_close(other_last, last, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(other_every, every, atol=1e-4, rtol=1e-4)
+        for got, want in zip(other_kv, kv, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# -- kernels that fail ------------------------------------------------------------------------------------------
+
+
+def no_toolchain():
+    raise RuntimeError("ptxas not found")
+
+
+KERNEL_SOURCES = {
+    "all": ((split, "compiled_kernels"), (kernels, "compiled_kernels"), (packed, "compiled_kernel")),
+    "decode-attention": ((split, "compiled_kernels"),),  # the prefills' kernels compile, a decode's do not
+    "packed-attention": ((packed, "compiled_kernel"),),  # the decode tokens' kernels would compile
+}
+
+
+@pytest.mark.parametrize("failing", list(KERNEL_SOURCES))
+def test_kernels_that_fail_warn_once_and_decoding_goes_on_without_them(tokenizer, failing, on, monkeypatch):
+    model = build("qwen2", tokenizer, on)
+    plain = engine_generator(model, tokenizer)
+    gen = engine_generator(model, tokenizer)
+    gen.engine.runner = with_kernels(model)
+    for module, name in KERNEL_SOURCES[failing]:
+        monkeypatch.setattr(module, name, no_toolchain)
+    message = r"rsd's Triton kernels failed \(RuntimeError: ptxas not found\); this model runs with SDPA and torch"
+    with pytest.warns(UserWarning, match=message) as seen:
+        got = trajectories(gen, [4, 6, 3, 5, 2], steps=2)
+    assert len([w for w in seen if "Triton" in str(w.message)]) == 1
+    assert gen.engine.runner.forward.kernels is False
+    assert got == trajectories(plain, [4, 6, 3, 5, 2], steps=2)
+    requests = [StepRequest(f"n{i}", gen.encode(text), 3) for i, text in enumerate(PROMPTS)]
+    no_delimiter = StepParams(delimiter="")
+    assert [o.token_ids for o in gen.generate_steps(requests, no_delimiter)] == [
+        o.token_ids for o in plain.generate_steps(requests, no_delimiter)
+    ]

@@ -38,7 +38,7 @@ from rsd.core import (
 )
 from rsd.engine.kv_cache import to_device
 from rsd.engine.sampler import Draw, accepted_length, choose
-from rsd.engine.steps import Row, StepModel, check_requests
+from rsd.engine.steps import Row, StepModel, check_requests, write_steps
 
 MAX_K = 8  # the most tokens the draft proposes per round
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
@@ -87,7 +87,11 @@ class SpeculativeStepGenerator:
     while they are equal) is the only exact rule; another one makes the forwards of a run at a set acceptance, to
     time them on models that never agree (random weights)."""
 
-    def __init__(self, target: Any, draft: Any, accept: AcceptRule = accepted_length) -> None:
+    def __init__(
+        self, target: Any, draft: Any, accept: AcceptRule = accepted_length, max_rows: int | None = None
+    ) -> None:
+        """`max_rows`: a call of more rows than this is written by the target alone, one forward per token (the
+        same steps): where speculation does not pay at that batch (`rsd.api.RSD`'s "auto" rewrites)."""
         for role, generator in (("target", target), ("draft", draft)):
             if not isinstance(getattr(generator, "engine", None), StepModel):
                 raise RSDError(
@@ -104,6 +108,7 @@ class SpeculativeStepGenerator:
         self.name, self.role, self.cost = target.name, target.role, target.cost
         self.tokenizer = target.tokenizer
         self.accept = accept
+        self.max_rows = max_rows
         # Per trajectory, the token acceptance measured over its rounds (smoothed): its k follows its own history,
         # so a step's forwards and counts never depend on which trajectories share the batch.
         self.acceptance: dict[Hashable, float] = {}
@@ -129,6 +134,8 @@ class SpeculativeStepGenerator:
 
     def generate_steps(self, requests: Sequence[StepRequest], params: StepParams) -> list[StepOutput]:
         check_requests(requests)
+        if self.max_rows is not None and sum(r.max_tokens > 0 for r in requests) > self.max_rows:
+            return write_steps(self.target, requests, params)
         outputs: list[StepOutput | None] = [None] * len(requests)
         rows = []
         for i, request in enumerate(requests):

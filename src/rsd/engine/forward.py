@@ -131,7 +131,10 @@ class ModelForward:
         half_on_cuda = self.device.type == "cuda" and self.dtype in HALF_DTYPES
         # rsd's Triton kernels where they run: CUDA, half precision, a layout they handle, fused projections.
         self.kernels = half_on_cuda and self.kernels_problem() is None
-        self.kernels_checked = False  # whether a forward has run with them (compiling them) without failing
+        # Whether a forward of each kind ran with them (compiling its kernels) without failing. A decode token's
+        # kernels are not a packed forward's (split attention, the rotation by row): each kind is checked apart.
+        self.packed_checked = False
+        self.decode_checked = False
 
     def kernels_problem(self) -> str | None:
         if self.projections is None:
@@ -147,14 +150,14 @@ class ModelForward:
     # -- the entry points ----------------------------------------------------------------------------------------
     def hidden(self, arena: Arena, feed: Feed, keep: list[int]) -> torch.Tensor:
         """Run `feed` (placed and synced in `arena`); the final-normed hidden states of the tokens `keep`."""
-        if self.kernels and not self.kernels_checked:
+        if self.kernels and not self.packed_checked:
             try:
                 return self._hidden(arena, feed, keep)
             except Exception as exc:  # no compiler toolchain, an unsupported card: warn, then torch operations
                 self.without_kernels(exc)
                 arena.sync()
             finally:
-                self.kernels_checked = True
+                self.packed_checked = True
         return self._hidden(arena, feed, keep)
 
     def decode(self, arena: Arena) -> torch.Tensor:

@@ -153,6 +153,15 @@ class Arena:
         self.next = [n + tokens for n in self.next]
         self.position = [p + tokens for p in self.position]
 
+    def check_feed(self, tokens: int) -> None:
+        """A graphed forward writes `tokens` columns of every slot from its next one: they must lie within the call's
+        columns (a column past them, inside a wider earlier call's buffers, would be written but never seen)."""
+        last = max(self.next[: self.rows]) + tokens - 1
+        if last >= self.width:
+            raise AssertionError(
+                f"arena bookkeeping: a row writes column {last} of {self.width}; open the call with more room"
+            )
+
     def rollback(self, counts: Sequence[int]) -> None:
         """Forget the last `counts[slot]` tokens each slot fed; their columns are written again by the next feed."""
         for slot, count in enumerate(counts):

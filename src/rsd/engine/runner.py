@@ -116,7 +116,7 @@ class ModelRunner:
 
     def can_verify(self, tokens: int) -> bool:
         """Whether `verify` runs here: `tokens` a slot through rsd's kernels (CUDA, half precision)."""
-        return tokens <= MAX_FEED and self.forward.verifies_in_one_tile(tokens) and self.forward.kernels_checked
+        return tokens <= MAX_FEED and self.forward.verifies_in_one_tile(tokens) and self.forward.packed_checked
 
     def verify(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
         """`decode` of `tokens` tokens a slot at once (`ids` [slots x tokens], slot after slot, on the device): the
@@ -129,6 +129,7 @@ class ModelRunner:
 
     def _graphed(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
         arena = self.arena
+        arena.check_feed(tokens)
         arena.ids[: arena.rows * tokens].copy_(ids)
         if tokens == 1:
             logits = self._run_graph(1, lambda: self.forward.decode(arena))
@@ -156,14 +157,15 @@ class ModelRunner:
         """`forward` (a decode or a verification, reading device buffers only), replayed as a CUDA graph captured once
         per (tokens a slot, rows, width) on a GPU; run as it is elsewhere."""
         model, arena = self.forward, self.arena
-        if model.kernels and not model.kernels_checked:
-            # The first forward with rsd's Triton kernels compiles them: outside any graph capture, so that a failure
-            # is theirs and decoding goes on without them. The forward is idempotent (it rewrites the same columns).
+        if model.kernels and not model.decode_checked and tokens == 1:
+            # The first decode forward with rsd's Triton kernels compiles its own (a prefill's are others): outside
+            # any graph capture, so that a failure is theirs and decoding goes on without them. The forward is
+            # idempotent (it rewrites the same column). A verification runs the prefill's kernels, checked by then.
             try:
                 forward()
             except Exception as exc:
                 model.without_kernels(exc)
-            model.kernels_checked = True
+            model.decode_checked = True
         if not self.use_graphs or tokens in self._uncapturable:
             return forward()
         if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones

@@ -1,6 +1,9 @@
 """Start and stop real vLLM servers (the CPU build, in its own virtual environment) for tests and benchmarks.
 
-    from rsd.testing.servers import vllm_python, start_vllm_server, wait_until_ready
+Not part of the installed package: the tests import it from this folder, and `benchmarks/served_controller.py`
+puts this folder on its path first.
+
+    from vllm_servers import vllm_python, start_vllm_server, wait_until_ready
     server = start_vllm_server("/path/to/model", python=vllm_python())
     wait_until_ready([server])          # 50-90 s on a small CPU machine
     ... server.url ...                  # http://127.0.0.1:PORT/v1

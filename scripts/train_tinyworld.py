@@ -1,7 +1,9 @@
 """Train the tiny world's draft, target and PRM from a seed, check them on held-out problems, save them.
 
-    python -m rsd.tinyworld.train --seed 0 --out DIR      # 6.5 minutes on one H200 (the committed run)
-    python -m rsd.tinyworld.train --quick --out DIR       # every stage at toy scale on a CPU, to check code
+    python scripts/train_tinyworld.py --seed 0 --out DIR    # 504 s on one H200 (the committed models)
+    python scripts/train_tinyworld.py --quick --out DIR     # every stage at toy scale on a CPU, to check code
+
+The models it writes are the ones `rsd` ships in `rsd/tinyworld/models/`; the task itself is `rsd.tinyworld.task`.
 
 Stages:
 1. a byte-level BPE tokenizer with exactly Qwen2's pre-tokenizer (digits one per token; transformers 5 imposes
@@ -484,7 +486,7 @@ def forward_cached(model, ids, mask, positions, cache):
 
 @functools.cache
 def cache_argument(model_class: type) -> str:
-    # transformers renamed `past_key_values` to `cache` in 5.2x; the device machine runs 5.17.
+    # transformers renamed `past_key_values` to `cache` in 5.2x; older versions take `past_key_values`.
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
