@@ -6,10 +6,13 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
+import traceback
 from collections.abc import Sequence
 
 from rsd.core import RSDError, Trajectory
+from rsd.eval.datasets import DEFAULT_MAX_QUESTION_CHARS
 from rsd.policies import DEFAULT_DELTA, POLICY_NAMES
 
 
@@ -91,9 +94,10 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace):
     from rsd.core import RunConfig
+    from rsd.eval.checks import parse_delimiter
 
     return RunConfig(
-        delimiter=args.delimiter.encode().decode("unicode_escape") if "\\" in args.delimiter else args.delimiter,
+        delimiter=parse_delimiter(args.delimiter),
         step_max_tokens=args.step_max_tokens,
         max_new_tokens=args.max_new_tokens,
         max_steps=args.max_steps,
@@ -117,6 +121,7 @@ def build_rsd(args: argparse.Namespace):
     from rsd.api import RSD
     from rsd.hf_loading import is_builtin_model
 
+    quiet_libraries()
     if args.threads is None and all(is_builtin_model(m) for m in (args.draft, args.target, args.prm)):
         # Models of 1-10M parameters gain nothing from intra-op threads, and lose several-fold when another
         # process holds a core (threads wait on each other at every small matmul).
@@ -158,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         questions += read_questions(args.questions)
     if not questions:
         raise RSDError("no question given; pass --question TEXT, or --questions FILE (one per line, or JSONL).")
+    check_question_lengths(questions, args.max_question_chars)
     rsd = build_rsd(args)
     bar = generation_progress(len(questions), enabled=len(questions) >= PROGRESS_FROM and not args.no_progress)
     try:
@@ -174,6 +180,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for traj in results:
             print_generation(traj)
     return 0
+
+
+def check_question_lengths(questions: list[str], bound: int) -> None:
+    """The character bound a data file's rows are held to, for the questions of `rsd generate` too."""
+    for i, question in enumerate(questions, start=1):
+        if len(question) > bound:
+            raise RSDError(
+                f"question {i} has {len(question):,} characters, over --max-question-chars {bound}; shorten it or "
+                f"raise the bound."
+            )
 
 
 def generation_progress(total: int, enabled: bool):
@@ -226,17 +242,24 @@ def print_stats(traj: Trajectory) -> None:
 
 
 # -- parser ---------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals in one line, like every other refusal of rsd (not the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rsd import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="rsd", description="Reward-Guided Speculative Decoding for reasoning.", formatter_class=HelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"rsd {__version__}")
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter),
+        parser_class=functools.partial(OneLineParser, formatter_class=HelpFormatter),
     )
 
     gen = sub.add_parser("generate", help="solve questions with RSD and show every step")
@@ -257,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (a list for several questions)")
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object per line, one per question")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar shown for several questions")
+    gen.add_argument(
+        "--max-question-chars", type=int, default=DEFAULT_MAX_QUESTION_CHARS, help="refuse a longer question"
+    )
     gen.set_defaults(func=cmd_generate)
 
     from rsd.eval.commands import register
@@ -274,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     grade = sub.add_parser("grade", help="grade existing outputs in a JSONL file")
     add_grade_arguments(grade)
     grade.set_defaults(func=run_grade)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help=f"show the traceback of an error ({DEBUG_ENV}=1)")
     return parser
 
 
@@ -286,18 +314,51 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+DEBUG_ENV = "RSD_DEBUG"
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for any error: ours say what to do; the operating system's name the file; the rest ask for a
+    bug report."""
+    if isinstance(exc, RSDError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}; check the path, its permissions and the free space."
+    elif isinstance(exc, UnicodeError):
+        text = f"text that is not UTF-8 ({exc}); save the file as UTF-8."
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = f"unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback to report)"
+    return " ".join(text.splitlines())
+
+
+def interrupted_line(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """Ctrl-C: where the finished work is, and the command that picks it up again."""
+    folder = getattr(args, "run_dir", None)
+    if folder is None or not os.path.isdir(folder):
+        return "rsd: interrupted; nothing was written."
+    command = ["rsd", *argv] + ([] if getattr(args, "out", None) else ["--out", str(folder)])
+    return f"rsd: interrupted; finished problems are saved in {folder}; resume with: {shlex.join(command)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from rsd.eval.checks import check_arguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command != "grade":
-        quiet_libraries()
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        check_arguments(args)  # before anything slow: a typo costs a second, not a model load
         return args.func(args)
-    except RSDError as exc:
-        print(f"rsd: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("rsd: interrupted; finished work is saved where the command writes it.", file=sys.stderr)
+        print(interrupted_line(args, argv), file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"rsd: error: {error_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, RSDError) else 1
 
 
 if __name__ == "__main__":

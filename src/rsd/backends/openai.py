@@ -38,6 +38,7 @@ from collections.abc import Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -68,6 +69,7 @@ def parse_server_urls(spec: str | Sequence[str], role: str) -> list[str]:
             continue
         if not is_server_url(part):
             raise RSDError(f"--{role} {part!r} is not a server URL; write it as http://HOST:PORT/v1.")
+        check_server_url(part, role)
         root = part.rstrip("/").removesuffix("/v1").rstrip("/")
         if root not in roots:
             roots.append(root)
@@ -78,6 +80,20 @@ def parse_server_urls(spec: str | Sequence[str], role: str) -> list[str]:
 
 class RequestRejected(RSDError):
     """A server answered a request with HTTP 4xx: the request's own fault, not the server's."""
+
+
+def check_server_url(url: str, role: str) -> None:
+    """Host and port of a server URL, checked before any request (a bad port would fail deep inside one)."""
+    try:
+        parsed = urlsplit(url)
+        port = parsed.port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise RSDError(f"--{role} {url!r} is not a valid URL ({exc}); write it as http://HOST:PORT/v1.") from None
+    if not parsed.hostname or any(c.isspace() for c in parsed.hostname):
+        raise RSDError(f"--{role} {url!r} names no valid host; write it as http://HOST:PORT/v1.")
+    if port == 0:
+        raise RSDError(f"--{role} {url!r}: port 0 is not a server's port; give the port it listens on (1-65535).")
 
 
 @dataclass(frozen=True)

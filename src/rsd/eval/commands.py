@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rsd.core import RSDError
+from rsd.eval.datasets import DEFAULT_MAX_QUESTION_CHARS
+from rsd.eval.files import atomic_output, write_atomic
 from rsd.eval.harness import (
     AGGREGATES,
     METHODS,
@@ -20,7 +24,7 @@ from rsd.eval.harness import (
     select_shard,
 )
 from rsd.eval.report import compare_methods, report_markdown, summarize, text_table
-from rsd.eval.runfolder import REPORT, SUMMARY, RunFolder, fresh_run_dir, read_records, write_atomic
+from rsd.eval.runfolder import PLOT, REPORT, SUMMARY, RunFolder, current_records, fresh_run_dir, note
 from rsd.policies import make_policy
 
 TINYWORLD = "tinyworld"
@@ -46,6 +50,12 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-problems", type=int, default=None, help="first N problems (tinyworld: 200)")
     group.add_argument("--problem-seed", type=int, default=None, help="tinyworld: which problems (default: --seed)")
     group.add_argument("--strict", action="store_true", help="refuse a data file with malformed rows")
+    group.add_argument(
+        "--max-question-chars",
+        type=int,
+        default=DEFAULT_MAX_QUESTION_CHARS,
+        help="a longer question is a malformed row",
+    )
     group.add_argument("--shard", default=None, help="i/n: run every n-th problem from i (combine with rsd merge)")
 
 
@@ -80,9 +90,8 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
         raise RSDError("pass all of --draft, --target and --prm, or none of them to run the built-in tiny world.")
 
 
-def load_eval_problems(args: argparse.Namespace, tokenizer, template: str) -> list[EvalProblem]:
-    from rsd.eval.prompts import build_prompt
-
+def load_raw_problems(args: argparse.Namespace) -> list:
+    """The run's problems (this shard's), read before any model loads: a bad data file costs a second."""
     if args.dataset == TINYWORLD:
         from rsd.tinyworld.task import load_tinyworld
 
@@ -99,10 +108,20 @@ def load_eval_problems(args: argparse.Namespace, tokenizer, template: str) -> li
             answer_field=args.answer_field,
             strict=args.strict,
             limit=args.num_problems,
+            max_question_chars=args.max_question_chars,
         )
     if not raw:
         raise RSDError(f"no problems loaded from {args.dataset}; check the name, --data-dir and the fields.")
-    problems = [
+    shard = select_shard(raw, args.shard)
+    if not shard:
+        raise RSDError(f"--shard {args.shard} holds none of the {len(raw)} problems; split them into fewer shards.")
+    return shard
+
+
+def prompted_problems(raw: list, template: str, tokenizer) -> list[EvalProblem]:
+    from rsd.eval.prompts import build_prompt
+
+    return [
         EvalProblem(
             id=str(p.id),
             question=p.question,
@@ -112,12 +131,13 @@ def load_eval_problems(args: argparse.Namespace, tokenizer, template: str) -> li
         )
         for p in raw
     ]
-    return select_shard(problems, args.shard)
 
 
 def resolved_config(args: argparse.Namespace, methods: list[str]) -> dict:
-    """Everything that decides the records (saved in config.json; a resume must match it)."""
-    skip = {"func", "command", "out", "json", "no_progress", "grade_workers", "threads"}
+    """Everything that decides the records (saved in config.json; a resume must match it). The problems
+    themselves are checked record by record (their hash), so a bound on which rows load is not part of it."""
+    skip = {"func", "command", "out", "json", "no_progress", "grade_workers", "threads", "debug", "run_dir"}
+    skip |= {"max_question_chars"}
     config = {k: v for k, v in vars(args).items() if k not in skip}
     config["methods"] = methods
     return config
@@ -162,45 +182,64 @@ def make_context(args: argparse.Namespace, rsd_models, pool) -> EvalContext:
     )
 
 
-def execute(args: argparse.Namespace, specs: list[MethodSpec], title: str, prefix: str) -> tuple[Path, list[dict]]:
-    """Load, run every method on the problems not yet recorded, write summary and report; return them."""
+Finish = Callable[[Path, list[dict]], None]  # more outputs of a command, written while it owns the folder
+
+
+def execute(
+    args: argparse.Namespace, specs: list[MethodSpec], title: str, prefix: str, finish: Finish | None = None
+) -> tuple[Path, list[dict]]:
+    """Check the data and the run folder, load the models, run every method on the problems not yet recorded,
+    write summary and report; return them. Nothing that can be checked waits for the models."""
     from rsd.cli import build_rsd
     from rsd.eval.grading import GradingPool
 
     fill_model_defaults(args)
-    rsd_models = build_rsd(args)
-    problems = load_eval_problems(args, rsd_models.draft.tokenizer, args.template)
-    out = Path(args.out) if args.out else fresh_run_dir(prefix=prefix)
-    config = resolved_config(args, [s.label for s in specs])
-    folder = RunFolder(out, config)
-    started = time.perf_counter()
-    try:
+    raw = load_raw_problems(args)
+    labels = [s.label for s in specs]
+    config = resolved_config(args, labels)
+    with RunFolder(Path(args.out) if args.out else fresh_run_dir(prefix=prefix), config) as folder:
+        args.run_dir = folder.path  # Ctrl-C names it, with the command that resumes it
+        rsd_models = build_rsd(args)
+        problems = prompted_problems(raw, args.template, rsd_models.draft.tokenizer)
+        wanted = {p.id: p.digest for p in problems}
+        if message := current_records(folder.records, wanted, labels).message():
+            note(f"{folder.records_path}: {message}")
+        started = time.perf_counter()
         with GradingPool(workers=args.grade_workers) as pool:
-            ctx = make_context(args, rsd_models, pool)
-            run_methods(ctx, specs, problems, folder, progress=not args.no_progress)
-    finally:
-        folder.close()
-    wanted = {p.id for p in problems}
-    records = [r for r in folder.records if r["id"] in wanted]
-    summaries = summarize(records, [s.label for s in specs], config)
-    comparisons = compare_methods(records, summaries)
-    write_outputs(folder.path, title, summaries, comparisons, config, time.perf_counter() - started)
+            run_methods(make_context(args, rsd_models, pool), specs, problems, folder, progress=not args.no_progress)
+        selection = current_records(folder.records, wanted, labels)
+        summaries = summarize(selection.records, labels, config)
+        comparisons = compare_methods(selection.records, summaries)
+        if finish is not None:
+            finish(folder.path, summaries)
+        elapsed = time.perf_counter() - started
+        write_outputs(folder.path, title, summaries, comparisons, config, elapsed, selection.counts())
     return folder.path, summaries
 
 
 def write_outputs(
-    path: Path, title: str, summaries: list[dict], comparisons: list[dict], config: dict, elapsed: float
+    path: Path,
+    title: str,
+    summaries: list[dict],
+    comparisons: list[dict],
+    config: dict,
+    elapsed: float,
+    records: dict | None = None,
+    run_dir: Path | None = None,
 ) -> None:
+    """summary.json and report.md, each replaced in one step; summary.json last, as the mark of a finished run.
+    `run_dir` is the folder's name in the summary where it is written elsewhere first (a merge)."""
     summary = {
-        "run_dir": str(path),
+        "run_dir": str(run_dir or path),
         "methods": summaries,
         "comparisons": comparisons,
         "config": config,
         "versions": versions(),
         "elapsed_s": round(elapsed, 3),
+        **({"records": records} if records is not None else {}),
     }
-    write_atomic(path, SUMMARY, json.dumps(summary, indent=2) + "\n")
     write_atomic(path, REPORT, report_markdown(title, summaries, config, comparisons))
+    write_atomic(path, SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def print_result(args: argparse.Namespace, path: Path, summaries: list[dict]) -> None:
@@ -234,6 +273,8 @@ def sweep_specs(args: argparse.Namespace) -> list[MethodSpec]:
         deltas = [float(d) for d in args.deltas.split(",") if d.strip()]
     except ValueError:
         raise RSDError(f"--deltas {args.deltas!r}: give numbers separated by commas, e.g. 0.3,0.5,0.7.") from None
+    if not all(math.isfinite(d) for d in deltas):
+        raise RSDError(f"--deltas {args.deltas!r}: give finite numbers, e.g. 0.3,0.5,0.7.")
     specs = [MethodSpec("target", "target"), MethodSpec("draft", "draft")]
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
         if name in ("threshold", "logistic"):
@@ -247,15 +288,19 @@ def sweep_specs(args: argparse.Namespace) -> list[MethodSpec]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     specs = sweep_specs(args)
-    path, summaries = execute(args, specs, f"rsd sweep: {args.dataset}", "sweep")
-    for s, spec in zip(summaries, specs, strict=True):
-        s["label"] = spec.label.removeprefix("rsd[").rstrip("]")
-    from rsd.eval.plot import plot_tradeoff
 
-    plot = plot_tradeoff(summaries, path / "tradeoff.png", problems=args.dataset)
+    def plot(path: Path, summaries: list[dict]) -> None:
+        from rsd.eval.plot import plot_tradeoff
+
+        for s, spec in zip(summaries, specs, strict=True):
+            s["label"] = spec.label.removeprefix("rsd[").rstrip("]")
+        with atomic_output(path / PLOT) as tmp:
+            plot_tradeoff(summaries, tmp, problems=args.dataset)
+
+    path, summaries = execute(args, specs, f"rsd sweep: {args.dataset}", "sweep", finish=plot)
     print_result(args, path, summaries)
     if not args.json:
-        print(f"plot: {plot}")
+        print(f"plot: {path / PLOT}")
     return 0
 
 
@@ -268,8 +313,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_target_share(args.target_share)  # before minutes of loading models
     fill_model_defaults(args)
+    raw = load_raw_problems(args)
     rsd_models = build_rsd(args)
-    problems = load_eval_problems(args, rsd_models.draft.tokenizer, args.template)
+    problems = prompted_problems(raw, args.template, rsd_models.draft.tokenizer)
     prompted = [Prompted(p.id, p.question, p.prompt) for p in problems]
     result = calibrate(rsd_models, prompted, args.target_share, rounds=args.rounds, tolerance=args.tolerance)
     if args.json:
@@ -290,27 +336,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # -- rsd merge --------------------------------------------------------------------------------------------------
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Combine the run folders of shards into one: records concatenated, summary recomputed."""
-    configs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
-    base = {k: v for k, v in configs[0].items() if k != "shard"}
-    for d, c in zip(args.runs, configs, strict=True):
-        if {k: v for k, v in c.items() if k != "shard"} != base:
-            raise RSDError(f"{d} was run with another configuration than {args.runs[0]}; merge shards of one run.")
-    seen: set[tuple[str, str]] = set()
-    records = []
-    for d in args.runs:
-        for r in read_records(d):
-            if (r["method"], r["id"]) not in seen:
-                seen.add((r["method"], r["id"]))
-                records.append(r)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {**base, "shard": None, "merged_from": [str(d) for d in args.runs]}
-    write_atomic(out, "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_atomic(out, "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    summaries = summarize(records, base["methods"], config)
-    write_outputs(out, "rsd merge", summaries, compare_methods(records, summaries), config, 0.0)
+    """Combine the run folders of shards into one (`rsd.eval.merge`): records joined, summary recomputed."""
+    from rsd.eval.merge import merge_runs
+
+    out, summaries, merged = merge_runs(args, write_outputs)
     print_result(args, out, summaries)
+    if merged.missing and not args.json:
+        print(f"partial: shard {', '.join(merged.missing)} missing, as the summary and report say")
     return 0
 
 
@@ -345,7 +377,8 @@ def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_
 
     mg = sub.add_parser("merge", help="combine the run folders of --shard runs")
     mg.add_argument("runs", nargs="+", help="run folders of the shards")
-    mg.add_argument("--out", required=True, help="folder of the merged run")
+    mg.add_argument("--out", required=True, help="folder of the merged run (new or empty)")
+    mg.add_argument("--partial", action="store_true", help="merge even with shards missing or unfinished, and say so")
     mg.add_argument("--json", action="store_true")
     mg.set_defaults(func=cmd_merge)
 

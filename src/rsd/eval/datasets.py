@@ -14,7 +14,10 @@ synthetic task, is one such loader (it generates its problems and imports `rsd.t
 from __future__ import annotations
 
 import ast
+import codecs
+import functools
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "RSD_DATA_DIR"
 MAX_LINES_LISTED = 10  # malformed lines named in one message; the rest are counted
+MAX_ROW_BYTES = 16 * 2**20  # a longer line is malformed, and is read past in pieces, never held whole
+DEFAULT_MAX_QUESTION_CHARS = 20_000  # a longer question is malformed (MATH-500's longest: 1.7k; OlympiadBench: 4.4k)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class LoadOptions:
     answer_field: str | None = None
     strict: bool = False
     limit: int | None = None
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
 
 
 DatasetLoader = Callable[[LoadOptions], list[Problem]]
@@ -119,26 +125,59 @@ class _Rows:
     bad: list[tuple[int, str]] = field(default_factory=list)
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
-    """(line number, row or None, reason) for every non-blank line; 1-based line numbers."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+def iter_jsonl(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, dict | None, str]]:
+    """(line number, row or None, reason) for every non-blank line; 1-based line numbers.
+
+    A line that is not UTF-8 refuses the whole file: its encoding is wrong, so the rows that did decode may be
+    misread too. A line over `max_row_bytes` is malformed, and memory stays bounded whatever the file holds.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; open() errors get their own message
+    except OSError as exc:
+        raise RSDError(f"cannot read {path} ({exc.strerror}); pass a JSONL file you can read.") from None
+    with f:
+        for number, raw in enumerate(_bounded_lines(f, max_row_bytes), start=1):
+            if raw is None:
+                yield number, None, f"longer than {max_row_bytes:,} bytes"
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-                continue
-            if not isinstance(row, dict):
-                yield number, None, f"a JSON {type(row).__name__}, not an object"
-                continue
-            yield number, row, ""
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            if raw.strip():
+                row, reason = _parse_row(raw, path, number)
+                yield number, row, reason
 
 
-def _describe_bad(source: str, bad: list[tuple[int, str]]) -> str:
-    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:MAX_LINES_LISTED])
-    more = f"; and {len(bad) - MAX_LINES_LISTED} more" if len(bad) > MAX_LINES_LISTED else ""
+def _bounded_lines(f, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file; None for a line over `limit` bytes (the rest of it is skipped in pieces)."""
+    while line := f.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := f.readline(2**20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield line
+
+
+def _parse_row(raw: bytes, path: Path, number: int) -> tuple[dict | None, str]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RSDError(
+            f"{path} line {number} is not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+            f"save the file as UTF-8."
+        ) from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an object"
+    return row, ""
+
+
+def _describe_bad(source: str, bad: list[tuple[int, str]], listed: int = MAX_LINES_LISTED) -> str:
+    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:listed])
+    more = f"; and {len(bad) - listed} more" if len(bad) > listed else ""
     return f"{len(bad)} malformed row(s) in {source}: {shown}{more}"
 
 
@@ -153,8 +192,12 @@ def problems_from_rows(
     source: str,
     strict: bool,
     limit: int | None,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
 ) -> list[Problem]:
-    """Apply `rule` to each row; report (or, strict, refuse) the rows it cannot read, naming their lines."""
+    """Apply `rule` to each row; report (or, strict, refuse) the rows it cannot read, naming their lines.
+
+    A file none of whose rows can be read is refused (the reasons name the fix), whatever `strict` says.
+    """
     problems: list[Problem] = []
     bad: list[tuple[int, str]] = []
     for number, row, reason in rows:
@@ -165,10 +208,7 @@ def problems_from_rows(
             continue
         try:
             question, answer, extra = rule(row)
-            if not question.strip():
-                raise BadRow("empty question")
-            if not answer.strip():
-                raise BadRow("empty answer")
+            check_problem_text(question, answer, max_question_chars)
         except BadRow as exc:
             bad.append((number, str(exc)))
             continue
@@ -176,10 +216,22 @@ def problems_from_rows(
         problems.append(Problem(id=_row_id(row, number), question=question, answer=answer, meta=meta))
     if bad:
         message = _describe_bad(source, bad)
+        if not problems:
+            message = _describe_bad(source, bad, listed=3)  # every row: a few say why
+            raise RSDError(f"{message}; no row could be read: fix the file, or name the right fields.")
         if strict:
             raise RSDError(f"{message}. Fix or delete those lines, or load without strict to skip them.")
         logger.warning("%s. Skipped them.", message)
-    return _unique_ids(problems)
+    return _unique_ids(problems, source, strict)
+
+
+def check_problem_text(question: str, answer: str, max_question_chars: int | None) -> None:
+    if not question.strip():
+        raise BadRow("empty question")
+    if not answer.strip():
+        raise BadRow("empty answer")
+    if max_question_chars is not None and len(question) > max_question_chars:
+        raise BadRow(f"a question of {len(question):,} characters, over --max-question-chars {max_question_chars}")
 
 
 def _row_id(row: dict, number: int) -> str:
@@ -189,19 +241,43 @@ def _row_id(row: dict, number: int) -> str:
     return str(number)
 
 
-def _unique_ids(problems: list[Problem]) -> list[Problem]:
-    # A file that mixes its own ids with line numbers could repeat one; suffix the line to keep ids unique.
-    seen: dict[str, int] = {}
+def _unique_ids(problems: list[Problem], source: str, strict: bool) -> list[Problem]:
+    """Ids key the records of a run: a repeated id is refused (strict) or told apart by its line, with a warning."""
+    lines: dict[str, list[int]] = {}
     for p in problems:
-        seen[p.id] = seen.get(p.id, 0) + 1
+        lines.setdefault(p.id, []).append(p.meta["line"])
+    repeated = {i: numbers for i, numbers in lines.items() if len(numbers) > 1}
+    if not repeated:
+        return problems
+    shown = "; ".join(
+        f"{i!r} on lines {', '.join(map(str, numbers))}" for i, numbers in list(repeated.items())[:MAX_LINES_LISTED]
+    )
+    more = f"; and {len(repeated) - MAX_LINES_LISTED} more" if len(repeated) > MAX_LINES_LISTED else ""
+    message = f"{len(repeated)} id(s) repeated in {source}: {shown}{more}"
+    if strict:
+        raise RSDError(f"{message}. Give every row its own id, or load without strict to tell them apart by line.")
+    logger.warning("%s. Told them apart as ID@lineN.", message)
     for p in problems:
-        if seen[p.id] > 1:
+        if p.id in repeated:
             p.id = f"{p.id}@line{p.meta['line']}"
     return problems
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The built-in benchmarks
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """--question-field / --answer-field on a built-in benchmark: where its rules read, not which rules apply
+    (gsm8k still takes the text after '####', mmlu_stem still turns an index into a letter)."""
+
+    question: str | None = None
+    answer: str | None = None
+
+
+DEFAULT_FIELDS = FieldNames()
+BuiltinRule = Callable[[dict, FieldNames], tuple[str, str, dict]]
 
 
 def _first_field(row: dict, *names: str) -> str:
@@ -211,43 +287,53 @@ def _first_field(row: dict, *names: str) -> str:
     raise BadRow(f"no field {' or '.join(repr(n) for n in names)} (fields: {', '.join(sorted(row))})")
 
 
+def _question(row: dict, fields: FieldNames, *defaults: str) -> str:
+    return as_text(get_field(row, fields.question)) if fields.question else _first_field(row, *defaults)
+
+
 def _keep(row: dict, *names: str) -> dict:
     return {n: row[n] for n in names if n in row}
 
 
-def _math500(row: dict) -> tuple[str, str, dict]:
-    return _first_field(row, "problem"), as_text(get_field(row, "answer")), _keep(row, "subject", "level")
+def _math500(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    answer = as_text(get_field(row, fields.answer or "answer"))
+    return _question(row, fields, "problem"), answer, _keep(row, "subject", "level")
 
 
-def _gsm8k(row: dict) -> tuple[str, str, dict]:
-    solution = str(get_field(row, "answer"))
+def _gsm8k(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    name = fields.answer or "answer"
+    solution = str(get_field(row, name))
     if "####" not in solution:
-        raise BadRow("field 'answer' has no '####' before the final answer")
-    return _first_field(row, "question"), solution.split("####")[-1].strip().replace(",", ""), {}
+        raise BadRow(f"field {name!r} has no '####' before the final answer")
+    return _question(row, fields, "question"), solution.split("####")[-1].strip().replace(",", ""), {}
 
 
-def _gaokao(row: dict) -> tuple[str, str, dict]:
-    return _first_field(row, "question"), as_text(get_field(row, "answer")).replace("$", "").strip(), {}
+def _gaokao(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    answer = as_text(get_field(row, fields.answer or "answer")).replace("$", "").strip()
+    return _question(row, fields, "question"), answer, {}
 
 
-def _olympiadbench(row: dict) -> tuple[str, str, dict]:
-    finals = get_field(row, "final_answer")
+def _olympiadbench(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    name = fields.answer or "final_answer"
+    finals = get_field(row, name)
     if not isinstance(finals, list) or not finals:
-        raise BadRow("field 'final_answer' is not a non-empty list")
-    question = _first_field(row, "question")
+        raise BadRow(f"field {name!r} is not a non-empty list")
+    question = _question(row, fields, "question")
     if row.get("context"):
         question = f"{str(row['context']).strip()}\n{question}"
     extra = _keep(row, "subfield", "unit", "answer_type", "is_multiple_answer")
     return question, as_text(finals[0]).replace("$", "").strip(), extra
 
 
-def _minerva(row: dict) -> tuple[str, str, dict]:
-    if "solution" not in row and "answer" in row:  # the hub's copy gives the final answer alone
-        return _first_field(row, "problem", "question"), as_text(row["answer"]), _keep(row, "type")
-    answer = last_boxed(str(get_field(row, "solution")))
+def _minerva(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    question = _question(row, fields, "problem", "question")
+    if not fields.answer and "solution" not in row and "answer" in row:  # the hub's copy: the final answer alone
+        return question, as_text(row["answer"]), _keep(row, "type")
+    name = fields.answer or "solution"
+    answer = last_boxed(str(get_field(row, name)))
     if not answer:
-        raise BadRow("field 'solution' has no \\boxed{} answer")
-    return _first_field(row, "problem", "question"), answer, _keep(row, "type")
+        raise BadRow(f"field {name!r} has no \\boxed{{}} answer")
+    return question, answer, _keep(row, "type")
 
 
 def _choices(row: dict) -> list[str]:
@@ -262,26 +348,28 @@ def _choices(row: dict) -> list[str]:
     return [str(c).strip() for c in choices]
 
 
-def _mmlu_stem(row: dict) -> tuple[str, str, dict]:
+def _mmlu_stem(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
     choices = _choices(row)
-    index = get_field(row, "answer")
+    name = fields.answer or "answer"
+    index = get_field(row, name)
     if isinstance(index, str) and index.strip().isdigit():
         index = int(index)
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(choices):
-        raise BadRow(f"field 'answer' is not an index into the {len(choices)} choices")
+        raise BadRow(f"field {name!r} is not an index into the {len(choices)} choices")
     # The Qwen2.5-Math suite's wording, so prompts match the paper's.
     options = " ".join(f"({CHOICE_LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    question = f"{_first_field(row, 'question')}\nAnswer Choices: {options}"
+    question = f"{_question(row, fields, 'question')}\nAnswer Choices: {options}"
     meta = {"multiple_choice": True, "choices": choices, **_keep(row, "type")}
     return question, CHOICE_LETTERS[index], meta
 
 
-def _competition(row: dict) -> tuple[str, str, dict]:
-    return _first_field(row, "problem", "question"), as_text(get_field(row, "answer")), _keep(row, "url")
+def _competition(row: dict, fields: FieldNames = DEFAULT_FIELDS) -> tuple[str, str, dict]:
+    answer = as_text(get_field(row, fields.answer or "answer"))
+    return _question(row, fields, "problem", "question"), answer, _keep(row, "url")
 
 
 # name -> (row rule, where the rule comes from), the README of the benchmark data.
-BUILTIN_LAYOUTS: dict[str, RowRule] = {
+BUILTIN_LAYOUTS: dict[str, BuiltinRule] = {
     "math500": _math500,  # problem; answer
     "gsm8k": _gsm8k,  # question; text after #### in answer, commas removed
     "gaokao2023en": _gaokao,  # question; answer with $ stripped
@@ -367,8 +455,15 @@ def _load_builtin_from_hub(hub: HubSource, rule: RowRule, options: LoadOptions) 
             f"download the files once and pass --data-dir (README: Benchmark data)."
         ) from exc
     rows = [(i, dict(row), "") for i, row in enumerate(table, start=1)]
+    source = f"hub dataset {hub.repo}"
     return problems_from_rows(
-        rows, rule, dataset=options.name, source=f"hub dataset {hub.repo}", strict=options.strict, limit=options.limit
+        rows,
+        rule,
+        dataset=options.name,
+        source=source,
+        strict=options.strict,
+        limit=options.limit,
+        max_question_chars=options.max_question_chars,
     )
 
 
@@ -377,29 +472,27 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _builtin_loader(rule: RowRule) -> DatasetLoader:
+def _builtin_loader(rule: BuiltinRule) -> DatasetLoader:
     def load(options: LoadOptions) -> list[Problem]:
+        row_rule = functools.partial(rule, fields=FieldNames(options.question_field, options.answer_field))
         installed = importlib.util.find_spec("datasets") is not None
         folder = choose_benchmark_source(options.name, options.data_dir, os.environ, installed)
         if isinstance(folder, HubSource):
-            return _load_builtin_from_hub(folder, rule, options)
+            return _load_builtin_from_hub(folder, row_rule, options)
         path = folder / options.name / f"{options.split}.jsonl"
         if not path.is_file():
             raise RSDError(
                 f"{path} not found: {folder} has no {options.name}/{options.split}.jsonl; point --data-dir "
                 f"(or {DATA_DIR_ENV}) at the folder of the benchmark files."
             )
-        if options.question_field or options.answer_field:
-            rule_used = _field_rule(options.question_field or "question", options.answer_field or "answer")
-        else:
-            rule_used = rule
         return problems_from_rows(
             iter_jsonl(path),
-            rule_used,
+            row_rule,
             dataset=options.name,
             source=str(path),
             strict=options.strict,
             limit=options.limit,
+            max_question_chars=options.max_question_chars,
         )
 
     return load
@@ -435,13 +528,26 @@ def _guess_fields(row: dict, question_field: str | None, answer_field: str | Non
 
 
 def _load_jsonl_path(path: Path, options: LoadOptions) -> list[Problem]:
-    rows = list(iter_jsonl(path))
-    first = next((row for _n, row, _why in rows if row is not None), None)
+    rows = iter_jsonl(path)  # read lazily: a few problems of a huge file read a few lines
+    head = []
+    for item in rows:
+        head.append(item)
+        if item[1] is not None:
+            break
+    first = head[-1][1] if head else None
     if first is None:
-        raise RSDError(f"{path} holds no JSON object rows; give a JSONL file with one object per line.")
+        shown = "; ".join(f"line {n}: {why}" for n, _row, why in head[:MAX_LINES_LISTED])
+        detail = f" ({shown})" if shown else ""
+        raise RSDError(f"{path} holds no JSON object rows{detail}; give a JSONL file with one object per line.")
     rule = _guess_fields(first, options.question_field, options.answer_field, str(path))
     return problems_from_rows(
-        rows, rule, dataset=path.stem, source=str(path), strict=options.strict, limit=options.limit
+        itertools.chain(head, rows),
+        rule,
+        dataset=path.stem,
+        source=str(path),
+        strict=options.strict,
+        limit=options.limit,
+        max_question_chars=options.max_question_chars,
     )
 
 
@@ -470,7 +576,13 @@ def _load_hub(name: str, options: LoadOptions) -> list[Problem]:
         raise RSDError(f"{repo!r} split {options.split!r} is empty; pick another split with --split.")
     rule = _guess_fields(rows[0][1], options.question_field, options.answer_field, repo)
     return problems_from_rows(
-        rows, rule, dataset=repo, source=f"hub dataset {repo}", strict=options.strict, limit=options.limit
+        rows,
+        rule,
+        dataset=repo,
+        source=f"hub dataset {repo}",
+        strict=options.strict,
+        limit=options.limit,
+        max_question_chars=options.max_question_chars,
     )
 
 
@@ -510,6 +622,7 @@ def load_problems(
     answer_field: str | None = None,
     strict: bool = False,
     limit: int | None = None,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
 ) -> list[Problem]:
     """The problems of a registered data set, a JSONL file (or a folder holding SPLIT.jsonl), or a hub dataset.
 
@@ -527,6 +640,7 @@ def load_problems(
         answer_field=answer_field,
         strict=strict,
         limit=limit,
+        max_question_chars=max_question_chars,
     )
     if name in DATASET_LOADERS:
         problems = DATASET_LOADERS[name](options)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsd.core import RSDError
+from rsd.eval.checks import check_output_file
 from rsd.eval.datasets import BadRow, as_text, get_field, iter_jsonl
+from rsd.eval.files import atomic_output
 from rsd.eval.grading import (
     DEFAULT_TIMEOUT,
     DEFAULT_WORKERS,
@@ -190,8 +192,9 @@ def grade_rows(rows: list[_Row], args: argparse.Namespace) -> GradeSummary:
 
 
 def _write_output(rows: list[_Row], path: Path) -> None:
+    """In one step (temporary file, fsync, rename): a kill leaves the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row.data, ensure_ascii=False) + "\n")
 
@@ -217,6 +220,8 @@ def _print_summary(summary: GradeSummary, args: argparse.Namespace) -> None:
 
 
 def run_grade(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_file(args.output, "--output")  # now, not after the grading
     rows = _read_rows(args)
     summary = grade_rows(rows, args)
     if args.output:

@@ -16,6 +16,8 @@ Every method has the same signature, `method(ctx, spec, problems, emit)`, and si
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from rsd.controller import record_scoring, reward_request
 from rsd.core import Prompted, RSDError, RunConfig, Trajectory, TrajectoryStats
+from rsd.eval.runfolder import RECORD_HASH, current_records
 from rsd.loop import StepwiseDecoder
 from rsd.policies import Policy
 
@@ -51,6 +54,12 @@ class EvalProblem:
     answer: str
     prompt: str
     meta: dict = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """A hash of everything about the problem that decides its records: a changed problem is run again."""
+        text = json.dumps([self.question, self.answer, self.prompt], ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass
@@ -85,6 +94,7 @@ def base_record(spec: MethodSpec, problem: EvalProblem) -> dict:
         "question": problem.question,
         "prompt": problem.prompt,
         "gold": problem.answer,
+        RECORD_HASH: problem.digest,
     }
 
 
@@ -156,6 +166,7 @@ def select_sample(ctx: EvalContext, spec: MethodSpec, problem: EvalProblem, samp
         "prediction": graded[chosen][0],
         "correct": graded[chosen][1],
         "chosen": chosen,
+        "finish_reason": samples[chosen].finish_reason,
         "samples": [
             {"text": text, "prediction": pred, "correct": ok, "score": None if scores is None else scores[j]}
             for j, (text, (pred, ok)) in enumerate(zip(texts, graded, strict=True))
@@ -219,13 +230,14 @@ def run_methods(
     progress: bool = True,
 ) -> None:
     """Run every method on the problems that have no record yet in `folder`, appending records as they end."""
+    wanted = {p.id: p.digest for p in problems}
     for spec in specs:
         done = folder.done(spec.label)
-        todo = [p for p in problems if p.id not in done]
+        todo = [p for p in problems if (p.id, p.digest) not in done]
         if not todo:
             continue
         bar = make_progress(spec.label, len(problems), len(problems) - len(todo), progress)
-        finished = [r for r in folder.records if r["method"] == spec.label]
+        finished = current_records(folder.records, wanted, [spec.label]).records
         emit = recorder(folder, bar, finished, show_acceptance=spec.kind.startswith("rsd"))
         METHOD_RUNNERS[spec.kind](ctx, spec, todo, emit)
         bar.close()
@@ -260,16 +272,22 @@ def update_progress(bar, finished: list[dict], show_acceptance: bool) -> None:
     bar.update(1)
 
 
-def select_shard(problems: Sequence[EvalProblem], shard: str | None) -> list[EvalProblem]:
-    """`i/n`: every n-th problem starting at i, so shards are disjoint and cover the set."""
-    if not shard:
-        return list(problems)
+def parse_shard(shard: str) -> tuple[int, int]:
+    """`i/n` as (i, n)."""
     try:
         i, n = (int(x) for x in shard.split("/"))
     except ValueError:
         raise RSDError(f"--shard {shard!r}: write it as i/n, e.g. 0/4 for the first of four shards.") from None
     if not 0 <= i < n:
         raise RSDError(f"--shard {shard!r}: i must be in [0, n).")
+    return i, n
+
+
+def select_shard(problems: Sequence, shard: str | None) -> list:
+    """`i/n`: every n-th problem starting at i, so shards are disjoint and cover the set."""
+    if not shard:
+        return list(problems)
+    i, n = parse_shard(shard)
     return list(problems)[i::n]
 
 

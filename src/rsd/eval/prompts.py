@@ -75,7 +75,15 @@ def load_template(template: str) -> PromptTemplate:
             f"unknown template {template!r}: use one of {', '.join(TEMPLATES)} or the path of a template file "
             f"(text with {PLACEHOLDER}, or a JSON list of chat messages)."
         )
-    content = path.read_text(encoding="utf-8")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RSDError(
+            f"template file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            f"save it as UTF-8."
+        ) from None
+    except OSError as exc:
+        raise RSDError(f"cannot read template file {path} ({exc.strerror}); pass a file you can read.") from None
     if PLACEHOLDER not in content:
         raise RSDError(f"template file {path} has no {PLACEHOLDER} placeholder; add one where the question goes.")
     if path.suffix == ".json":

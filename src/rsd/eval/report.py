@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections import Counter
 from collections.abc import Sequence
 
 from rsd.core import MODEL_ROLES
@@ -109,6 +110,7 @@ def summarize_method(method: str, records: Sequence[dict], display: str | None =
         "flops": {**flops, "total": sum(flops.values())},
         "wall_time_s": round(sum(wall.values()), 4),
         "wall_time_by_model_s": {r: round(t, 4) for r, t in wall.items()},
+        "finish_reasons": finish_reasons(records),
     }
     summary["target_forwards"] = target_forwards
     summary["target_forwards_per_target_token"] = share(target_forwards, tokens["target"])
@@ -117,6 +119,23 @@ def summarize_method(method: str, records: Sequence[dict], display: str | None =
     if kind in SAMPLING_KINDS and records:
         summary.update(sampling_summary(records))
     return summary
+
+
+def finish_reasons(records: Sequence[dict]) -> dict[str, int]:
+    """How many problems ended for each reason ("eos", "max_new_tokens", "max_steps", "context", ...)."""
+    return dict(sorted(Counter(r["finish_reason"] for r in records if r.get("finish_reason")).items()))
+
+
+def finish_reason_note(summaries: Sequence[dict]) -> str | None:
+    """A footnote for the table where some problems ended other than at EOS (a budget, or a full context)."""
+    if all(set(s.get("finish_reasons", {})) <= {"eos"} for s in summaries):
+        return None
+    parts = [
+        f"{s['display']} " + ", ".join(f"{n} {reason}" for reason, n in s["finish_reasons"].items())
+        for s in summaries
+        if s.get("finish_reasons")
+    ]
+    return "problems by finish reason: " + "; ".join(parts)
 
 
 def sampling_summary(records: Sequence[dict]) -> dict:
@@ -302,6 +321,8 @@ COMPARISON_TITLE = (
 def text_table(summaries: Sequence[dict], comparisons: Sequence[dict] = ()) -> str:
     """The tables for a terminal: methods, paired comparisons, and pass@k of sampling methods."""
     parts = [aligned(METHOD_HEADER, [method_cells(s) for s in summaries])]
+    if footnote := finish_reason_note(summaries):
+        parts.append(textwrap.fill(footnote, width=118))
     if comparisons:
         parts.append(textwrap.fill(COMPARISON_TITLE.format(confidence=CONFIDENCE), width=118))
         parts.append(aligned(COMPARISON_HEADER, [comparison_cells(c) for c in comparisons]))
@@ -320,6 +341,8 @@ def config_value(value: object) -> str:
 
 def report_markdown(title: str, summaries: Sequence[dict], config: dict, comparisons: Sequence[dict] = ()) -> str:
     lines = [f"# {title}", "", markdown(METHOD_HEADER, [method_cells(s) for s in summaries]), COLUMN_NOTES, ""]
+    if footnote := finish_reason_note(summaries):
+        lines += [footnote, ""]
     if comparisons:
         lines += ["## Paired comparisons", "", COMPARISON_TITLE.format(confidence=CONFIDENCE) + ".", ""]
         lines += [markdown(COMPARISON_HEADER, [comparison_cells(c) for c in comparisons])]
