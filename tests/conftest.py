@@ -4,8 +4,14 @@ parameter: every test that takes it runs on the CPU, and on CUDA where a GPU is 
 import functools
 import os
 
-import pytest
-import torch
+# The tests' models are tiny: torch's intra-op threads gain little on them and, where other jobs share the cores,
+# cost several-fold (threads wait on each other at every small matrix product; one test took 16 s with one thread
+# against 220 s with two on a loaded 2-core machine). Set before torch is imported; subprocesses (the CLI tests)
+# inherit it. The vLLM servers of the served tests set their own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
