@@ -932,5 +932,6 @@ def test_a_served_target_is_refused_and_auto_rewrites_plainly(tmp_path):
             auto.decoder("sd")
         trajectories = auto.generate(["What is 2 + 3?", "What is 7 - 4?"])
     assert any(not step.kept for traj in trajectories for step in traj.steps)
-    for traj in trajectories:
-        assert traj.stats.speculation.rounds == 0
+    for traj in trajectories:  # the server may verify a rejected step (prompt logprobs); the draft never proposes
+        speculation = traj.stats.speculation
+        assert speculation.proposed == speculation.from_draft == speculation.draft.calls == 0
