@@ -8,7 +8,7 @@ output copies around it: on an H200 the three models' arena prefills spent 545 m
 attention and elementwise copies against 663 ms in matrix products (`benchmarks/phase_profile.py --kernels`,
 docs/benchmarks.md).
 
-Here the tokens of every row are packed one after another, without padding (`rsd.engine.forward.PackedPlan`), so the
+Here the tokens of every row are packed one after another, without padding (`rsd.engine.forward.packed_chunks`), so the
 matrix products run on the real tokens only. This kernel takes the queries as the projections left them, [tokens,
 heads, head_dim], and a table of tiles: each tile is up to `tile_tokens` consecutive tokens of one row, read
 with the query heads of one key head folded in (a program reads each key and value block once for all of them). A
@@ -55,14 +55,14 @@ def packed_attention(
     `query` is [tokens, heads, head_dim] (head h belongs to key head h // groups), `keys` and `values` [rows,
     kv_heads, width, head_dim] (arena views, head dimension contiguous), `mask` [rows, width] (True on a row's real
     columns, its tail's included), `columns` [tokens] each token's arena column, `tiles` [n, `TILE_FIELDS`] int32
-    (`rsd.engine.forward.PackedPlan`). Returns [tokens, heads, head_dim] in the query's dtype."""
+    (`rsd.engine.forward.packed_chunks`). Returns [tokens, heads, head_dim] in the query's dtype."""
     tokens, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     if query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("packed_attention: the head dimension must be contiguous")
     if tiles.dim() != 2 or tiles.shape[1] != TILE_FIELDS or not tiles.is_contiguous():
-        raise ValueError(f"packed_attention: tiles must be a contiguous [n, {TILE_FIELDS}] table (PackedPlan)")
+        raise ValueError(f"packed_attention: tiles must be a contiguous [n, {TILE_FIELDS}] table (packed_chunks)")
     out = torch.empty_like(query)
     visible = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     group_rows = group_block(groups)
