@@ -10,7 +10,7 @@ with `stream_options.include_usage`. Per level, over `--seconds` after `--warmup
 tokens/s of the requests completed in the window, p50 and p99 latency (to `[DONE]`) and time to first step (the
 first step's chunk), and failures (any answer that is not a 200 ending in `[DONE]`, over the whole level).
 `--repeats N` runs the levels in turn N times and pools each level's runs; each run prints the load average.
-`--reference N` first times N problems through the in-process decoder alone (no server) at batch 1 and 32: the
+`--reference N` first times N problems through the in-process decoder alone (no server) at batch 1, 8 and 32: the
 batching the models themselves allow on this machine, against which the server's ratio reads.
 
 `--backend tinyworld` serves the committed tiny-world models in process (`rsd serve` with no model arguments);
@@ -250,9 +250,9 @@ def measure(url: str, args: argparse.Namespace, questions: list[str]) -> list[Le
     return levels
 
 
-def reference(questions: list[str], batches: list[int], count: int) -> dict[int, float]:
+def reference(questions: list[str], batches: list[int], count: int, threads: int) -> dict[int, float]:
     """The in-process decoder alone, no server: problems/s of `StepwiseDecoder.run` over the first `count`
-    questions at each batch size, on the tiny world with one torch thread (as `rsd serve` runs it)."""
+    questions at each batch size, on the tiny world with the server's torch threads (1 unless --threads)."""
     import torch
 
     from rsd.api import RSD
@@ -260,7 +260,7 @@ def reference(questions: list[str], batches: list[int], count: int) -> dict[int,
     from rsd.core import Prompted
 
     quiet_libraries()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     models = RSD(*(default_tinyworld_model(r) for r in ("draft", "target", "prm")), device="cpu")
     problems = [Prompted(i, q, models.prompt(q)) for i, q in enumerate(questions[:count])]
     models.decoder(batch_size=8).run(problems[:8])  # warm-up
@@ -271,6 +271,29 @@ def reference(questions: list[str], batches: list[int], count: int) -> dict[int,
         rates[batch] = count / (time.perf_counter() - started)
         print(f"  reference, in process without a server, batch {batch}: {rates[batch]:.2f} problems/s", flush=True)
     return rates
+
+
+def server_threads(serve_args: list[str]) -> int:
+    """The torch threads `rsd serve` runs the tiny world with: its --threads, else 1."""
+    for i, arg in enumerate(serve_args):
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--threads" and i + 1 < len(serve_args):
+            return int(serve_args[i + 1])
+    return 1
+
+
+def reference_bounds(rates: dict[int, float]) -> list[str]:
+    """What the models' own batching allows a server on this machine. Throughput at 32 cannot beat the decoder's
+    own batch 32 over batch 1; and among 8 steady clients each problem shares every round with 7 others, so its
+    latency is at least 8 / (rate at batch 8) against 1 / (rate at batch 1) alone."""
+    return [
+        f"\nreference without a server: {rates[1]:.2f} problems/s at batch 1, {rates[8]:.2f} at 8, "
+        f"{rates[32]:.2f} at 32",
+        f"  batching alone gives {rates[32] / rates[1]:.2f}x at 32 (a ceiling for the server's throughput ratio)",
+        f"  a problem among 8 takes {8 / rates[8]:.2f} s against {1 / rates[1]:.2f} s alone: "
+        f"{8 * rates[1] / rates[8]:.2f}x (a floor under the latency ratio at 8)",
+    ]
 
 
 def main() -> None:
@@ -286,15 +309,16 @@ def main() -> None:
     parser.add_argument("--serve-args", default="", help="extra `rsd serve` options, e.g. '--max-concurrency 128'")
     parser.add_argument(
         "--reference", type=int, default=0, metavar="N",
-        help="first time N problems through the in-process decoder without a server at batch 1 and 32",
+        help="first time N problems through the in-process decoder without a server at batch 1, 8 and 32",
     )  # fmt: skip
-    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--out", default=None, help="also write the results as JSON: a file, or a folder")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     questions = [p.question for p in load_tinyworld(split="test", n=200, seed=0)]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
     results = {}
-    rates = reference(questions, [1, 32], args.reference) if args.reference else {}
+    threads = server_threads(args.serve_args.split())
+    rates = reference(questions, [1, 8, 32], args.reference, threads) if args.reference else {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp, ExitStack() as stack:
         if args.url:
             results["server"] = (args.url, measure(args.url, args, questions))
@@ -305,8 +329,7 @@ def main() -> None:
                 print(f"{backend}: {command}", flush=True)
                 results[backend] = (command, measure(url, args, questions))
     if rates:
-        print(f"\nreference without a server: {rates[32]:.2f} problems/s at batch 32, {rates[1]:.2f} at batch 1 "
-              f"({rates[32] / rates[1]:.2f}x)")  # fmt: skip
+        print("\n".join(reference_bounds(rates)))
     for name, (command, levels) in results.items():
         print(f"\n### {name}: `{command}`\n")
         print(table(levels))
@@ -315,7 +338,9 @@ def main() -> None:
     if args.out:
         payload = {name: {"command": c, "levels": [asdict(lv) for lv in lvs]} for name, (c, lvs) in results.items()}
         payload["reference_problems_per_s"] = rates
-        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+        out = Path(args.out) / "serve_load.json" if Path(args.out).is_dir() else Path(args.out)
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

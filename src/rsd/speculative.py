@@ -38,7 +38,7 @@ from rsd.core import (
 )
 from rsd.engine.kv_cache import to_device
 from rsd.engine.sampler import Draw, accepted_length, choose
-from rsd.engine.steps import Row, StepModel, check_requests, write_steps
+from rsd.engine.steps import CallRequest, Row, StepModel, check_requests, write_steps
 
 MAX_K = 8  # the most tokens the draft proposes per round
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
@@ -47,11 +47,9 @@ AcceptRule = Callable[[Sequence[int], Sequence[int]], int]  # (proposal, the tar
 
 
 @dataclass
-class Rewrite:
+class Rewrite(CallRequest):
     """One step being written with speculation, and what it cost."""
 
-    index: int  # position of the request in the call
-    request: StepRequest
     target: Row  # the target's bookkeeping (cached prefix, context, forwards)
     draft: Row | None = None  # the draft's, once it proposes
     proposal: list[int] = field(default_factory=list)
@@ -64,14 +62,6 @@ class Rewrite:
     draft_consistent: int = 0  # of those, how many agree with prefix + written after a verification
     run_after_prefix: int = 0  # tokens the target ran after its prefill (verified tokens)
     speculation: Speculation = field(default_factory=Speculation)
-
-    @property
-    def prefix(self) -> Sequence[int]:
-        return self.request.prefix_ids
-
-    @property
-    def cap(self) -> int:
-        return self.request.max_tokens
 
     @property
     def position(self) -> int:

@@ -29,16 +29,11 @@ DELIMITER_WINDOW_SLACK = 2
 
 
 @dataclass
-class Row:
-    """One request while a call serves it."""
+class CallRequest:
+    """A request as a call holds it: its position in the call, the request, its prefix and token cap."""
 
     index: int  # position of the request in the call
     request: StepRequest
-    reused: int = 0  # prefix tokens whose keys and values came from the cache
-    tokens: list[int] = field(default_factory=list)  # written so far
-    context_sum: int = 0  # over the tokens run for this row, the positions each attended to
-    forwards: int = 0  # forwards this row took part in
-    stop: StopReason | None = None
 
     @property
     def prefix(self) -> Sequence[int]:
@@ -47,6 +42,17 @@ class Row:
     @property
     def cap(self) -> int:
         return self.request.max_tokens
+
+
+@dataclass
+class Row(CallRequest):
+    """One request while a call serves it."""
+
+    reused: int = 0  # prefix tokens whose keys and values came from the cache
+    tokens: list[int] = field(default_factory=list)  # written so far
+    context_sum: int = 0  # over the tokens run for this row, the positions each attended to
+    forwards: int = 0  # forwards this row took part in
+    stop: StopReason | None = None
 
     @property
     def length(self) -> int:

@@ -104,6 +104,11 @@ class Kernels:
 @functools.cache
 def compiled_kernels() -> Kernels:
     """The kernels, defined on first use: Triton decides at definition whether they are interpreted."""
+    return Kernels(rotate_write_kernel(), *elementwise_kernels())
+
+
+def rotate_write_kernel() -> Any:
+    """Rotate a token's query and key heads; write its key and value heads into the arena."""
     import triton
     import triton.language as tl
 
@@ -140,6 +145,14 @@ def compiled_kernels() -> Kernels:
             kv = head - heads - kv_heads
             tl.store(values_ptr + slot * v_row + kv * v_head + column * v_col + d, x)
 
+    return rotate_write
+
+
+def elementwise_kernels() -> tuple[Any, Any]:
+    """The residual add with the next norm, and the SiLU gate times the up projection."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def add_rms_norm_rows(
         hidden_ptr, update_ptr, weight_ptr, normed_ptr, hidden_row, update_row, size, eps, BLOCK: tl.constexpr
@@ -170,4 +183,4 @@ def compiled_kernels() -> Kernels:
         out = (activated.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
         tl.store(out_ptr + row * size + i, out, mask=inside)
 
-    return Kernels(rotate_write, add_rms_norm_rows, silu_gate)
+    return add_rms_norm_rows, silu_gate

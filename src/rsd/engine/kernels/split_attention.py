@@ -120,6 +120,11 @@ class Kernels:
 @functools.cache
 def compiled_kernels() -> Kernels:
     """The two kernels, defined on first use: Triton decides at definition whether they are interpreted."""
+    return Kernels(partial_attention_kernel(), combine_kernel())
+
+
+def partial_attention_kernel() -> Any:
+    """Each (row, key head, chunk of columns): the running softmax of its query heads over the chunk."""
     import triton
     import triton.language as tl
 
@@ -168,6 +173,14 @@ def compiled_kernels() -> Kernels:
         tl.store(max_ptr + slot * GROUPS + g, running_max)
         tl.store(sum_ptr + slot * GROUPS + g, running_sum)
 
+    return partial_attention
+
+
+def combine_kernel() -> Any:
+    """Each (row, key head) pair's chunks merged into its query heads' outputs."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def attention_combine(
         acc_ptr, max_ptr, sum_ptr, out_ptr, splits, groups,
@@ -186,4 +199,4 @@ def compiled_kernels() -> Kernels:
         out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + (pair * groups + group) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
-    return Kernels(partial_attention, attention_combine)
+    return attention_combine
