@@ -273,6 +273,27 @@ def reference(questions: list[str], batches: list[int], count: int, threads: int
     return rates
 
 
+def environment() -> dict:
+    """The machine and the code a run measured: CPU, Python, torch, and the commit (RSD_BENCH_COMMIT or git's)."""
+    import subprocess
+
+    import torch
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        commit = git.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "machine": platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": os.environ.get("RSD_BENCH_COMMIT") or commit,
+    }
+
+
 def server_threads(serve_args: list[str]) -> int:
     """The torch threads `rsd serve` runs the tiny world with: its --threads, else 1."""
     for i, arg in enumerate(serve_args):
@@ -338,6 +359,7 @@ def main() -> None:
     if args.out:
         payload = {name: {"command": c, "levels": [asdict(lv) for lv in lvs]} for name, (c, lvs) in results.items()}
         payload["reference_problems_per_s"] = rates
+        payload["environment"] = environment()
         out = Path(args.out) / "serve_load.json" if Path(args.out).is_dir() else Path(args.out)
         out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {out}")
