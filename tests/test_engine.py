@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny import make_tokenizer  # noqa: E402
+from tiny import make_layout_lm, make_tokenizer  # noqa: E402
 
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.core import RSDError, StepParams, StepRequest  # noqa: E402
@@ -40,36 +40,8 @@ def tokenizer():
 
 
 def build(kind: str, tokenizer, device: str = "cpu", **overrides):
-    """A random model of one layout: 4 query heads over 2 key heads, sharpened so positions and masks matter."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    classes = {
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    }
-    config_class, model_class = classes[kind]
-    fields = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = model_class(config_class(**{**fields, **overrides})).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return model.to(device)
+    """A random model of one layout (`tiny.make_layout_lm`) on `device`."""
+    return make_layout_lm(kind, tokenizer, **overrides).to(device)
 
 
 def transformers_generator(model, tokenizer) -> HFStepGenerator:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny import make_qwen2_lm, make_tokenizer  # noqa: E402
+from tiny import make_layout_lm, make_qwen2_lm, make_tokenizer  # noqa: E402
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper  # noqa: E402
 from vllm_servers import serving, start_vllm_server, vllm_python  # noqa: E402
 
@@ -73,39 +73,11 @@ def tokenizer():
 
 
 def build(kind: str, lm_head_noise: float = 0.0):
-    """A random model of one layout, 4 query heads over 2 key heads, sharpened so that positions and masks matter.
-    With `lm_head_noise`, the same model with its output layer perturbed: a draft that agrees part of the time."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    classes = {
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    }
-    config_class, model_class = classes[kind]
-    tok = tokenizer()
-    config = config_class(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        max_position_embeddings=4096,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = model_class(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-        if lm_head_noise:
+    """A random model of one layout (`tiny.make_layout_lm`). With `lm_head_noise`, the same model with its output
+    layer perturbed: a draft that agrees part of the time."""
+    model = make_layout_lm(kind, tokenizer(), tie_word_embeddings=False)
+    if lm_head_noise:
+        with torch.no_grad():
             weight = model.lm_head.weight
             noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
             weight.add_(lm_head_noise * weight.std() * noise)

@@ -1,6 +1,7 @@
-"""Tiny models in real layouts for tests: a byte-level BPE tokenizer trained in a second, random Qwen2 models.
+"""Tiny models in real layouts for tests: a byte-level BPE tokenizer trained in a second, random Qwen2 models saved
+as checkpoints, and random in-memory models of the Qwen2, Llama and Qwen3 layouts.
 
-Nothing here downloads. head_dim is 64 so that vLLM's CPU build can serve the same checkpoints.
+Nothing here downloads.
 """
 
 from __future__ import annotations
@@ -88,3 +89,39 @@ def make_qwen2_lm(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_layout_lm(kind: str, tokenizer, **overrides):
+    """A random in-memory model of one layout ("qwen2", "llama", "qwen3"): 4 query heads over 2 key heads, head_dim
+    16, sharpened (a scaled LM head and query/key projections) so that positions and masks decide its choices.
+    `overrides` replace fields of its configuration."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
+    config_class, model_class = classes[kind]
+    fields = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**fields, **overrides})).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
