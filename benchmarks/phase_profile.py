@@ -15,7 +15,12 @@ shapes of each model's forwards in the arena (rows and tokens over the arena's c
 each call its own profile, so only those phases pay for it): GPU milliseconds per kind (matrix products,
 attention, ...) and the largest kernels, per model.
 
+`--rewrite speculative` profiles RSD whose target verifies a rejected step and then speculates with the draft
+(`rsd.speculative`): its rounds' phases (proposals, the verification forward, the verdicts, the rollbacks, the
+draft catching up) are timed too; `--target` picks the target's shape.
+
     PYTHONUNBUFFERED=1 PYTHONPATH=src python benchmarks/phase_profile.py --batches 64 16 --kernels --out $OUT
+    PYTHONPATH=src python benchmarks/phase_profile.py --target 14b --rewrite speculative --batches 16 1 --out $OUT
     PYTHONPATH=src python benchmarks/phase_profile.py --tiny   # the CPU smoke test's sizes
     PYTHONPATH=src python benchmarks/phase_profile.py --tiny --real-lengths --batches 64   # host work, real lengths
 """
@@ -45,6 +50,7 @@ from rsd.engine.sampler import DeviceChoice  # noqa: E402
 from rsd.engine.steps import StepModel, StopRule  # noqa: E402
 from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.rewards.hf import HFRewardModel  # noqa: E402
+from rsd.speculative import SpeculativeStepGenerator  # noqa: E402
 
 ARENA_FORWARD = "forward in the arena"  # a forward of several tokens a row: prefills, the PRM's scoring
 # (class, method, phase name, whether it touches the GPU). The model is the generator's role, or "prm".
@@ -61,6 +67,19 @@ ENGINE_PHASES = (
     (ModelRunner, "keep", "rows to a smaller bucket", True),
     (HFRewardModel, "score_steps", "call", True),
     (ModelRunner, "row_cache", "row cache out (copy)", True),
+)
+# A speculative rewrite's phases (`--rewrite speculative`): (class, method, phase name, whether it touches the GPU,
+# the model whose work it is). A round is one "verification forward".
+SPECULATION_PHASES = (
+    (SpeculativeStepGenerator, "generate_steps", "call", True, "target"),
+    (SpeculativeStepGenerator, "_verify_proposals", "rewrite: prefill and the rejected step read", True, "target"),
+    (SpeculativeStepGenerator, "_open_draft", "rewrite: draft opens its rows", True, "draft"),
+    (SpeculativeStepGenerator, "_propose", "rewrite: proposals", True, "draft"),
+    (SpeculativeStepGenerator, "_verify", "rewrite: verification forward", True, "target"),
+    (SpeculativeStepGenerator, "_verify_round", "rewrite: verdicts (host, rows leaving)", False, "target"),
+    (SpeculativeStepGenerator, "_roll_target_back", "rewrite: rollback", True, "target"),
+    (SpeculativeStepGenerator, "_park_idle", "rewrite: idle slots parked", True, "target"),
+    (SpeculativeStepGenerator, "_catch_up_draft", "rewrite: draft catches up", True, "draft"),
 )
 # The phases whose kernels `--kernels` profiles, and how a call's shape is named for the shape counts.
 KERNEL_PHASES = (ARENA_FORWARD,)
@@ -162,9 +181,10 @@ class PhaseClock:
 def profiled(clock: PhaseClock, prm_body: Any) -> Iterator[None]:
     """The engine's phases wrapped for the duration, then put back as they were. The PRM's body forward is
     transformers' (a body the engine does not run, or RSD_DECODE=eager)."""
-    originals = [(owner, name, owner.__dict__[name]) for owner, name, _, _ in ENGINE_PHASES]
-    for owner, name, phase, synchronised in ENGINE_PHASES:
-        setattr(owner, name, clock.timed(phase, owner.__dict__[name], synchronised))
+    phases = [(*entry, None) for entry in ENGINE_PHASES] + list(SPECULATION_PHASES)
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, *_ in phases]
+    for owner, name, phase, synchronised, model in phases:
+        setattr(owner, name, clock.timed(phase, owner.__dict__[name], synchronised, model))
     body_forward = prm_body.forward
     prm_body.forward = clock.timed("transformers forward", body_forward, True, model="prm")
     try:
@@ -175,19 +195,22 @@ def profiled(clock: PhaseClock, prm_body: Any) -> Iterator[None]:
         prm_body.forward = body_forward
 
 
-def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch: int, kernels: bool = False) -> dict:
+def profile_batch(
+    models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch: int, kernels: bool = False, plain: bool = True
+) -> dict:
     problems = gpu_speed.make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
 
     def run() -> gpu_speed.Run:
-        return gpu_speed.timed(config.device, lambda: gpu_speed.rsd(models, problems, config, plain=True))
+        return gpu_speed.timed(config.device, lambda: gpu_speed.rsd(models, problems, config, plain=plain))
 
-    plain = [run() for _ in range(2)][-1]  # the first one warms up
+    unprofiled = [run() for _ in range(2)][-1]  # the first one warms up
     clock = PhaseClock(config.device)
     with profiled(clock, models.prm.body):
         profiled_run = run()
     result = {
         "batch": batch,
-        "seconds": plain.seconds,
+        "rewrite": "plain" if plain else "speculative",
+        "seconds": unprofiled.seconds,
         "seconds_profiled": profiled_run.seconds,
         "split_profiled": {role: profiled_run.stats.models[role].wall_time_s for role in ("draft", "prm", "target")},
         "phases [seconds, host seconds, calls]": clock.table(),
@@ -203,8 +226,8 @@ def profile_batch(models: gpu_speed.Models, config: gpu_speed.BenchConfig, batch
 
 def lines(result: dict) -> str:
     out = [
-        f"batch {result['batch']}: RSD {result['seconds']:.2f} s unprofiled, {result['seconds_profiled']:.2f} s "
-        "profiled; per model and phase: seconds, host seconds, calls"
+        f"batch {result['batch']}, {result['rewrite']} rewrites: RSD {result['seconds']:.2f} s unprofiled, "
+        f"{result['seconds_profiled']:.2f} s profiled; per model and phase: seconds, host seconds, calls"
     ]
     for name, (total, host, calls) in result["phases [seconds, host seconds, calls]"].items():
         out.append(f"  {name:42s} {total:8.3f} {host:8.3f} {calls:7d}")
@@ -217,11 +240,11 @@ def lines(result: dict) -> str:
     return "\n".join(out)
 
 
-def profile_config(tiny: bool, real_lengths: bool, batches: Sequence[int]) -> gpu_speed.BenchConfig:
+def profile_config(tiny: bool, real_lengths: bool, batches: Sequence[int], target: str = "7b") -> gpu_speed.BenchConfig:
     """The benchmark's setup; tiny models on the CPU, at the smoke test's lengths or the real ones. The PRM takes
     every row of the largest batch in one forward, as in `gpu_speed.py`."""
     if not tiny:
-        return gpu_speed.BenchConfig(batches=tuple(batches))
+        return gpu_speed.BenchConfig(batches=tuple(batches), target=target)
     if not real_lengths:
         return gpu_speed.tiny_config(batches=tuple(batches))
     real = gpu_speed.BenchConfig()
@@ -242,15 +265,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         help="with --tiny: the real lengths (256-token prompts, 8 steps of 64), so the phases show the host's work "
         "at those lengths",
     )
+    parser.add_argument("--target", choices=tuple(gpu_speed.TARGETS), default="7b", help="the target's shape")
+    parser.add_argument(
+        "--rewrite",
+        choices=("plain", "speculative"),
+        default="plain",
+        help="how the target rewrites a rejected step: one forward a token, or verifying then speculating",
+    )
     parser.add_argument("--out", type=Path, help="folder for phase_profile.json")
     args = parser.parse_args(argv)
     if args.real_lengths and not args.tiny:
         parser.error("--real-lengths goes with --tiny: the real models run at the real lengths already")
-    config = profile_config(args.tiny, args.real_lengths, args.batches)
+    config = profile_config(args.tiny, args.real_lengths, args.batches, args.target)
     models = gpu_speed.build_models(config)
     results = []
     for batch in args.batches:
-        results.append(profile_batch(models, config, batch, args.kernels))
+        results.append(profile_batch(models, config, batch, args.kernels, plain=args.rewrite == "plain"))
         print(lines(results[-1]), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
