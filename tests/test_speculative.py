@@ -16,7 +16,9 @@ import functools
 import hashlib
 import io
 import json
+import random
 import shutil
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -427,6 +429,29 @@ def test_the_round_size_follows_each_trajectorys_measured_acceptance():
     assert speculative.round_size("other") == MAX_K
     speculative.release(["u"])
     assert "u" not in speculative.acceptance
+
+
+def test_the_measured_acceptance_is_the_rate_at_which_proposed_tokens_stay():
+    """A rule that keeps each proposed token with probability 0.8, until the first it turns down: the trajectory's
+    measured acceptance settles near 0.8 (a mean of each round's own share would read about 0.6, since a round ends
+    at its first refusal), and k stays large."""
+    target, draft = pair("qwen2")
+    draws = random.Random(0)
+
+    def at_rate(proposal, choices) -> int:
+        kept = 0
+        while kept < len(proposal) and draws.random() < 0.8:
+            kept += 1
+        return kept
+
+    speculative = speculating(target, draft, accept=at_rate)
+    prefix, readings = target.encode(PROMPTS[0]), []
+    for _ in range(12):
+        [out] = speculative.generate_steps([StepRequest("r", prefix, 40)], StepParams(delimiter="\x00"))
+        prefix = [*prefix, *out.token_ids]
+        readings.append(speculative.acceptance["r"])
+    assert 0.72 < statistics.mean(readings) < 0.88
+    assert speculative.round_size("r") >= MAX_K - 2
 
 
 # -- edge cases -------------------------------------------------------------------------------------------------------
