@@ -41,10 +41,49 @@ from rsd.engine.sampler import Draw, accepted_length, choose
 from rsd.engine.steps import CallRequest, Row, StepModel, check_requests, write_steps
 
 MAX_K = 8  # the most tokens the draft proposes per round
+MIN_DRAFT_PRICE = 0.02  # a draft forward costs at least this share of a target forward (k stays bounded anyway)
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
 PRIOR_TRIALS = 2.0  # how many checked tokens the prior weighs
 ACCEPTANCE_MEMORY = 0.7  # weight of what was measured before, per round
 AcceptRule = Callable[[Sequence[int], Sequence[int]], int]  # (proposal, the target's own choices) -> tokens kept
+
+
+class ForwardTimes:
+    """On a GPU, the milliseconds of the draft's decode forwards and of the target's verification forwards that the
+    rounds run anyway (CUDA events, read after the round's one wait for the target's verdict): their ratio is the
+    draft's real price in target forwards. A small draft's forward costs more than its share of the weights (its
+    many small kernels): 0.18 of a 14B target's on an H100, where the weights say 0.10."""
+
+    def __init__(self) -> None:
+        self.milliseconds = {"draft": 0.0, "target": 0.0}
+        self.forwards = {"draft": 0, "target": 0}
+        self.pending: list[tuple[str, Any, Any, int]] = []
+
+    def start(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, model: str, started: Any, forwards: int) -> None:
+        self.pending.append((model, started, self.start(), forwards))
+
+    def read(self) -> None:
+        """Fold in the forwards that have finished (all of them after the round's wait)."""
+        waiting = []
+        for model, started, ended, forwards in self.pending:
+            if ended.query():
+                self.milliseconds[model] += started.elapsed_time(ended)
+                self.forwards[model] += forwards
+            else:
+                waiting.append((model, started, ended, forwards))
+        self.pending = waiting
+
+    def draft_price(self) -> float | None:
+        """A draft forward's measured time over a target verification's, once both have run."""
+        if not (self.forwards["draft"] and self.forwards["target"]):
+            return None
+        draft = self.milliseconds["draft"] / self.forwards["draft"]
+        return draft / max(1e-6, self.milliseconds["target"] / self.forwards["target"])
 
 
 @dataclass
@@ -103,8 +142,12 @@ class SpeculativeStepGenerator:
         # decayed (accepted, checked) token counts it is the ratio of.
         self.acceptance: dict[Hashable, float] = {}
         self.tallies: dict[Hashable, tuple[float, float]] = {}
-        # A draft forward's price in target forwards: on a GPU both cost their weights' bytes, so their sizes.
-        self.draft_price = max(0.02, draft.cost.parameters / max(1, target.cost.parameters))
+        # A draft forward's price in target forwards, which sets k: first their sizes (both read their weights once
+        # a forward); on a GPU, then, the measured times of the forwards the rounds run (`ForwardTimes`), so there k,
+        # and the forwards a step takes, can differ from run to run (the tokens never do).
+        self.draft_price = max(MIN_DRAFT_PRICE, draft.cost.parameters / max(1, target.cost.parameters))
+        on_gpu = self.target.runner.device.type == "cuda" and self.draft.runner.device.type == "cuda"
+        self.times = ForwardTimes() if on_gpu else None
 
     # -- the StepGenerator interface ------------------------------------------------------------------------
     @property
@@ -176,6 +219,7 @@ class SpeculativeStepGenerator:
             logits, starts, fed, draws = self._verify(live, table, limits)
             choices = choose(logits, params, draws)
             read = (choices if table is None else torch.cat([choices, table.flatten()])).tolist()  # the round's wait
+            self._price_draft()
             chosen, table_read = read[: len(draws)], read[len(draws) :]
             slots = self.draft.runner.slots
             proposals = [
@@ -188,6 +232,13 @@ class SpeculativeStepGenerator:
                 self._park_idle(live)
                 self._roll_target_back(live)
                 draft_logits = self._catch_up_draft(live)
+
+    def _price_draft(self) -> None:
+        if self.times is not None:
+            self.times.read()
+            measured = self.times.draft_price()
+            if measured is not None:
+                self.draft_price = max(MIN_DRAFT_PRICE, measured)
 
     def _verify(
         self, live: list[Rewrite], table: torch.Tensor | None, limits: list[int]
@@ -223,7 +274,10 @@ class SpeculativeStepGenerator:
         last = to_device(torch.tensor([row.written[-1] for row in live] + [0], dtype=torch.long), device)
         source = last if table is None else torch.cat([last[:-1], table.flatten().to(device), last[-1:]])
         ids = source[to_device(torch.tensor(index, dtype=torch.long), device)]
+        started = self.times.start() if self.times is not None else None
         logits = runner.verify(ids, tokens) if uniform else runner.extend_ids(counts, ids)
+        if self.times is not None:
+            self.times.stop("target", started, 1)
         return logits, starts, fed, draws
 
     def _verify_round(
@@ -348,6 +402,7 @@ class SpeculativeStepGenerator:
         slots = runner.slots
         first = choose(logits, params, self._draft_draws(live, 0, logits.shape[0]))
         chosen = [torch.nn.functional.pad(first, (0, slots - first.shape[0]))]
+        started = self.times.start() if self.times is not None and max(limits) > 1 else None
         for j in range(1, max(limits)):
             logits = runner.decode(chosen[-1])
             chosen.append(choose(logits, params, self._draft_draws(live, j, slots)))
@@ -358,6 +413,8 @@ class SpeculativeStepGenerator:
                     usage.decode_tokens += 1
                     usage.calls += 1
                 row.draft_held += 1
+        if started is not None:
+            self.times.stop("draft", started, max(limits) - 1)
         return torch.stack(chosen)
 
     def _draft_draws(self, live: list[Rewrite], ahead: int, size: int) -> list[Draw | None]:
@@ -370,36 +427,32 @@ class SpeculativeStepGenerator:
 
     def _catch_up_draft(self, live: list[Rewrite]) -> torch.Tensor:
         """Roll the draft back to what the target kept, then feed it what it has not read: the target's own token,
-        after the last proposal when every one was kept. One decode forward (two when a row needs two tokens: the
-        others then forget their second). Returns the draft's logits per slot."""
+        after the last proposal when every one was kept. One forward: a decode, or, when a row needs two tokens, a
+        forward of two tokens a slot (the others forget their second). Returns the draft's logits per slot."""
         runner = self.draft.runner
         slots = runner.slots
-        counts, first, second, two = [0] * slots, [0] * slots, [0] * slots, [False] * slots
+        counts, feeds = [0] * slots, [[0] for _ in range(slots)]
         for row in live:
             consistent = min(row.draft_consistent, row.position)
             feed = row.written[consistent - len(row.prefix) :]
             if not 1 <= len(feed) <= 2:
                 raise AssertionError(f"speculation bookkeeping: the draft catches up {len(feed)} tokens")
-            slot = row.draft_slot
-            counts[slot] = row.draft_held - consistent
-            first[slot] = feed[0]
-            if len(feed) == 2:
-                second[slot], two[slot] = feed[1], True
+            counts[row.draft_slot] = row.draft_held - consistent
+            feeds[row.draft_slot] = feed
             row.draft.count_run(consistent, len(feed))
             row.draft_held = row.position
             usage = row.speculation.draft
             usage.decode_tokens += len(feed)
-            usage.calls += len(feed)
+            usage.calls += 1
         runner.rollback(counts)
         device = runner.device
-        logits = runner.decode(to_device(torch.tensor(first, dtype=torch.long), device))
-        if any(two):
-            logits = logits.clone()  # a graph's output: the next replay overwrites it
-            again = runner.decode(to_device(torch.tensor(second, dtype=torch.long), device))
-            runner.rollback([0 if two[slot] else 1 for slot in range(slots)])
-            both = to_device(torch.tensor(two), device)
-            logits = torch.where(both[:, None], again, logits)
-        return logits
+        if all(len(feed) == 1 for feed in feeds):
+            return runner.decode(to_device(torch.tensor([feed[0] for feed in feeds], dtype=torch.long), device))
+        ids = to_device(torch.tensor([(feed + [0])[:2] for feed in feeds], dtype=torch.long).flatten(), device)
+        logits = runner.verify(ids, 2) if runner.can_verify(2) else runner.extend_ids([2] * slots, ids)
+        runner.rollback([2 - len(feed) for feed in feeds])
+        last = to_device(torch.tensor([2 * slot + len(feed) - 1 for slot, feed in enumerate(feeds)]), device)
+        return logits.index_select(0, last)
 
     def round_size(self, key: Hashable) -> int:
         """The k that maximises the expected tokens per unit of work at the trajectory's measured acceptance a: a
