@@ -22,6 +22,8 @@ All rewriting rows verify in one forward; a row that finishes leaves both arenas
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ from rsd.engine.sampler import Draw, accepted_length, choose
 from rsd.engine.steps import CallRequest, Row, StepModel, check_requests, write_steps
 
 MAX_K = 8  # the most tokens the draft proposes per round
+TIMED_FORWARDS = 32  # recent timings of each model's forwards whose median prices the draft on a GPU
 MIN_DRAFT_PRICE = 0.02  # a draft forward costs at least this share of a target forward (k stays bounded anyway)
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
 PRIOR_TRIALS = 2.0  # how many checked tokens the prior weighs
@@ -49,14 +52,17 @@ AcceptRule = Callable[[Sequence[int], Sequence[int]], int]  # (proposal, the tar
 
 
 class ForwardTimes:
-    """On a GPU, the milliseconds of the draft's decode forwards and of the target's verification forwards that the
-    rounds run anyway (CUDA events, read after the round's one wait for the target's verdict): their ratio is the
-    draft's real price in target forwards. A small draft's forward costs more than its share of the weights (its
-    many small kernels): 0.18 of a 14B target's on an H100, where the weights say 0.10."""
+    """On a GPU, the milliseconds of the draft's forwards and of the target's verification forwards that the rounds
+    run anyway (CUDA events, read after the round's one wait for the target's verdict): the ratio of their recent
+    medians is the draft's real price in target forwards. A small draft's forward costs more than its share of the
+    weights (its many small kernels): 0.17 of a 14B target's on an H100, where the weights say 0.10. Medians, because
+    a forward whose CUDA graph is being captured takes a hundred times longer."""
 
     def __init__(self) -> None:
-        self.milliseconds = {"draft": 0.0, "target": 0.0}
-        self.forwards = {"draft": 0, "target": 0}
+        self.samples: dict[str, deque[float]] = {
+            "draft": deque(maxlen=TIMED_FORWARDS),
+            "target": deque(maxlen=TIMED_FORWARDS),
+        }
         self.pending: list[tuple[str, Any, Any, int]] = []
 
     def start(self) -> Any:
@@ -72,18 +78,16 @@ class ForwardTimes:
         waiting = []
         for model, started, ended, forwards in self.pending:
             if ended.query():
-                self.milliseconds[model] += started.elapsed_time(ended)
-                self.forwards[model] += forwards
+                self.samples[model].append(started.elapsed_time(ended) / forwards)
             else:
                 waiting.append((model, started, ended, forwards))
         self.pending = waiting
 
     def draft_price(self) -> float | None:
         """A draft forward's measured time over a target verification's, once both have run."""
-        if not (self.forwards["draft"] and self.forwards["target"]):
+        if not (self.samples["draft"] and self.samples["target"]):
             return None
-        draft = self.milliseconds["draft"] / self.forwards["draft"]
-        return draft / max(1e-6, self.milliseconds["target"] / self.forwards["target"])
+        return statistics.median(self.samples["draft"]) / max(1e-6, statistics.median(self.samples["target"]))
 
 
 @dataclass
@@ -445,11 +449,20 @@ class SpeculativeStepGenerator:
             usage.decode_tokens += len(feed)
             usage.calls += 1
         runner.rollback(counts)
+        started = self.times.start() if self.times is not None else None
+        logits = self._feed_draft(feeds)
+        if self.times is not None:
+            self.times.stop("draft", started, 1)
+        return logits
+
+    def _feed_draft(self, feeds: list[list[int]]) -> torch.Tensor:
+        """Feed each draft slot its one or two tokens in one forward: the logits after each slot's last."""
+        runner = self.draft.runner
         device = runner.device
         if all(len(feed) == 1 for feed in feeds):
             return runner.decode(to_device(torch.tensor([feed[0] for feed in feeds], dtype=torch.long), device))
         ids = to_device(torch.tensor([(feed + [0])[:2] for feed in feeds], dtype=torch.long).flatten(), device)
-        logits = runner.verify(ids, 2) if runner.can_verify(2) else runner.extend_ids([2] * slots, ids)
+        logits = runner.verify(ids, 2) if runner.can_verify(2) else runner.extend_ids([2] * len(feeds), ids)
         runner.rollback([2 - len(feed) for feed in feeds])
         last = to_device(torch.tensor([2 * slot + len(feed) - 1 for slot, feed in enumerate(feeds)]), device)
         return logits.index_select(0, last)
