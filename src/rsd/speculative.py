@@ -7,7 +7,8 @@ one token per forward:
      prefix, and keeps the longest prefix of it that it would have written itself, plus its own next token;
   2. then rounds: the draft proposes k tokens (one decode forward each), the target reads them all in one forward,
      keeps what it agrees with and adds its own next token; both models roll back the rest (their next feed
-     overwrites it: nothing is copied); k follows the acceptance measured so far;
+     overwrites it: nothing is copied); k, one for all the rows of a round (they share its forwards), follows
+     their measured acceptance and the draft's price;
   3. until the step ends (delimiter, EOS or cap), where the target alone would end it.
 
 Exact by construction: a proposed token stays only if it equals the target's own choice at its position
@@ -141,9 +142,9 @@ class SpeculativeStepGenerator:
         self.tokenizer = target.tokenizer
         self.accept = accept
         self.max_rows = max_rows
-        # Per trajectory, the token acceptance measured over its rounds (smoothed): its k follows its own history,
-        # so a step's forwards and counts never depend on which trajectories share the batch. `tallies` holds the
-        # decayed (accepted, checked) token counts it is the ratio of.
+        # Per trajectory, the token acceptance measured over its rounds (smoothed); a round's k follows those of its
+        # rows, so what a step costs depends on which trajectories share its rounds (its tokens never do). `tallies`
+        # holds the decayed (accepted, checked) token counts each is the ratio of.
         self.acceptance: dict[Hashable, float] = {}
         self.tallies: dict[Hashable, tuple[float, float]] = {}
         # A draft forward's price in target forwards, which sets k: first their sizes (both read their weights once
@@ -218,7 +219,9 @@ class SpeculativeStepGenerator:
         self._roll_target_back(live)
         draft_logits = self._open_draft(live)
         while live:
-            limits = [max(0, min(self.round_size(row.request.key), row.cap - len(row.written) - 1)) for row in live]
+            rooms = [max(0, row.cap - len(row.written) - 1) for row in live]  # proposals the step can still use
+            k = self.round_size(*(row.request.key for row in live), rooms=rooms)
+            limits = [min(k, room) for room in rooms]
             table = self._propose(live, draft_logits, limits, params)
             logits, starts, fed, draws = self._verify(live, table, limits)
             choices = choose(logits, params, draws)
@@ -303,8 +306,7 @@ class SpeculativeStepGenerator:
             row.target_held += count
             kept = self._accept(row, proposal, own, params)
             # The draft fed the tokens before the row's last proposal; those the target kept stay in its cache. (It
-            # fed more where another row needed more proposals: those are forgotten, so that what the row's draft
-            # holds, and so what its next steps cost, never depends on which rows shared the batch.)
+            # fed more where the step had less room than the round's k: those are forgotten.)
             row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, len(proposal) - 1))
             row.speculation.proposed += len(proposal)
             row.speculation.from_draft += kept
@@ -467,13 +469,18 @@ class SpeculativeStepGenerator:
         last = to_device(torch.tensor([2 * slot + len(feed) - 1 for slot, feed in enumerate(feeds)]), device)
         return logits.index_select(0, last)
 
-    def round_size(self, key: Hashable) -> int:
-        """The k that maximises the expected tokens per unit of work at the trajectory's measured acceptance a: a
-        round of k proposals writes (1 - a^(k+1)) / (1 - a) tokens for one target forward and k draft forwards."""
-        a = min(self.acceptance.get(key, PRIOR_ACCEPTANCE), 0.999)
+    def round_size(self, *keys: Hashable, rooms: Sequence[int] | None = None) -> int:
+        """The k that maximises the tokens a round writes per unit of work, over its rows (the trajectories `keys`,
+        with `rooms[i]` proposals the step can still use): a row of measured acceptance a writes
+        (1 - a^(j+1)) / (1 - a) tokens from j = min(k, room) proposals, and the round costs one target forward and k
+        draft forwards whatever its rows. One k for all of them: a row with fewer proposals would not make the round
+        cheaper, since every slot runs as many tokens as the longest."""
+        acceptances = [min(self.acceptance.get(key, PRIOR_ACCEPTANCE), 0.999) for key in keys]
+        rooms = list(rooms) if rooms is not None else [MAX_K] * len(keys)
 
         def tokens_per_work(k: int) -> float:
-            return (1 - a ** (k + 1)) / (1 - a) / (1 + self.draft_price * k)
+            written = sum((1 - a ** (min(k, room) + 1)) / (1 - a) for a, room in zip(acceptances, rooms, strict=True))
+            return written / (1 + self.draft_price * k)
 
         return max(range(1, MAX_K + 1), key=tokens_per_work)
 
