@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPLATE = "qwen25-math-cot"
 REWRITES = ("auto", "speculative", "plain")  # how the target writes a step: with the draft's help, or alone
-# "auto" speculates on a GPU in calls of at most this many rows. Measured on an H100 (docs/benchmarks.md): one row
-# gains 1.2x (7B target) to 1.9x (14B); at five or more rows the rounds' host work outweighs the forwards saved
-# (0.8x for a 7B target).
+# "auto" speculates on a GPU in every call when the draft has at most this share of the target's parameters, else in
+# calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on an H100 against plain rewrites (docs/benchmarks.md): a
+# 1.5B draft for a 14B target (0.10) gains 1.20x / 1.26x / 1.03x at batch 1 / 16 / 64; for a 7B target (0.20) it
+# gains 1.08x at batch 1 and loses 4-6% at 16 and 64, where a draft forward costs a third of the target's.
+AUTO_SPECULATIVE_DRAFT_SHARE = 0.15
 AUTO_SPECULATIVE_ROWS = 2
 
 
@@ -186,16 +188,23 @@ class RSD:
 
     def rewriter(self) -> StepGenerator:
         """Who rewrites rejected steps: the target with speculation where `rewrite` asks for it and it can run; with
-        "auto", on a GPU only for calls of few rows (`AUTO_SPECULATIVE_ROWS`), where it was measured to pay."""
+        "auto", on a GPU in every call for a draft much smaller than the target, else only in calls of few rows
+        (`AUTO_SPECULATIVE_DRAFT_SHARE`, `AUTO_SPECULATIVE_ROWS`): where it was measured to pay."""
         if self.rewrite == "plain":
             return self.target
         if self.rewrite == "speculative":
             return self.speculative_target()
-        on_gpu = str(getattr(self.target, "device", "cpu")).startswith("cuda")
         try:
-            return self.speculative_target(AUTO_SPECULATIVE_ROWS if on_gpu else None)
+            return self.speculative_target(self.auto_speculative_rows())
         except RSDError:  # served, or another tokenizer: the target alone
             return self.target
+
+    def auto_speculative_rows(self) -> int | None:
+        """The most rows of a call that "auto" rewrites with speculation (None: every call)."""
+        if not str(getattr(self.target, "device", "cpu")).startswith("cuda"):
+            return None
+        share = self.draft.cost.parameters / max(1, self.target.cost.parameters)
+        return None if share <= AUTO_SPECULATIVE_DRAFT_SHARE else AUTO_SPECULATIVE_ROWS
 
     @property
     def served(self) -> bool:
