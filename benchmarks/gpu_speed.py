@@ -11,7 +11,7 @@ once:
 - `target_only`: the target alone through rsd's engine (one call writing every token, CUDA graphs);
 - `sd`: the target alone with token-level speculation from the draft, batched (`rsd.speculative`);
 - `rsd_plain`: RSD whose target rewrites a rejected step one forward per token;
-- `rsd`: RSD whose target verifies the rejected step, then speculates with the draft (as shipped).
+- `rsd`: RSD whose target verifies the rejected step, then speculates with the draft (`--rewrite speculative`).
 
 Random weights never agree, so a proposed token's acceptance is a seeded draw at `--token-acceptance` (default 0.8),
 made through the speculative generator's acceptance rule: the GPU runs exactly the forwards, rollbacks and copies

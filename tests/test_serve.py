@@ -173,6 +173,18 @@ def test_per_request_delta_gives_the_draft_alone_and_the_target_alone(server, ti
 
 
 @pytest.mark.slow
+def test_method_sd_serves_the_targets_own_answer_in_fewer_forwards(tiny_rsd):
+    with serve("--method", "sd") as running:
+        answer = chat(running.client(), QUESTION)
+    [alone] = tiny_rsd.generate([QUESTION], method="target")
+    assert answer.choices[0].message.content == alone.text
+    assert {s["source"] for s in rsd_of(answer)["steps"]} == {"target"}
+    stats = rsd_of(answer)["stats"]
+    assert stats["speculation"]["proposed"] > 0
+    assert stats["target_forwards"] < alone.stats.target_tokens == answer.usage.completion_tokens
+
+
+@pytest.mark.slow
 def test_completions_read_the_prompt_verbatim_and_honour_max_steps_and_stop(server, tiny_rsd):
     client = server.client()
     prompt = tiny_rsd.prompt(QUESTION)

@@ -26,7 +26,12 @@ def register(sub: argparse._SubParsersAction, add_model_arguments, add_decoding_
         "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_VARIABLE})"
     )
     group.add_argument("--served-model-name", default="rsd", help="the model name clients send (default rsd)")
-    group.add_argument("--method", default="rsd", choices=("rsd", "draft", "target"), help="rsd, or one model alone")
+    group.add_argument(
+        "--method",
+        default="rsd",
+        choices=("rsd", "draft", "target", "sd"),
+        help="rsd, one model alone, or sd (the target alone with token-level speculation from the draft)",
+    )
     group.add_argument("--max-concurrency", type=int, default=64, help="trajectories decoded at once (64)")
     group.add_argument("--max-queue", type=int, default=256, help="trajectories waiting beyond those; then 503 (256)")
     group.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request; 0: none (600)")
