@@ -23,9 +23,10 @@ All rewriting rows verify in one forward; a row that finishes leaves both arenas
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +67,17 @@ class ForwardTimes:
         }
         self.pending: list[tuple[str, Any, Any, int]] = []
 
-    def start(self) -> Any:
+    @contextlib.contextmanager
+    def timing(self, model: str, forwards: int) -> Iterator[None]:
+        """Time the `forwards` forwards of `model` queued inside (read later, by `read`)."""
+        started = self._event()
+        yield
+        self.pending.append((model, started, self._event(), forwards))
+
+    def _event(self) -> Any:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
-
-    def stop(self, model: str, started: Any, forwards: int) -> None:
-        self.pending.append((model, started, self.start(), forwards))
 
     def read(self) -> None:
         """Fold in the forwards that have finished (all of them after the round's wait)."""
@@ -240,6 +245,12 @@ class SpeculativeStepGenerator:
                 self._roll_target_back(live)
                 draft_logits = self._catch_up_draft(live)
 
+    def _timed(self, model: str, forwards: int) -> contextlib.AbstractContextManager:
+        """Time the forwards queued inside on a GPU (`ForwardTimes`); elsewhere nothing."""
+        if self.times is None or forwards < 1:
+            return contextlib.nullcontext()
+        return self.times.timing(model, forwards)
+
     def _price_draft(self) -> None:
         if self.times is not None:
             self.times.read()
@@ -281,10 +292,8 @@ class SpeculativeStepGenerator:
         last = to_device(torch.tensor([row.written[-1] for row in live] + [0], dtype=torch.long), device)
         source = last if table is None else torch.cat([last[:-1], table.flatten().to(device), last[-1:]])
         ids = source[to_device(torch.tensor(index, dtype=torch.long), device)]
-        started = self.times.start() if self.times is not None else None
-        logits = runner.verify(ids, tokens) if uniform else runner.extend_ids(counts, ids)
-        if self.times is not None:
-            self.times.stop("target", started, 1)
+        with self._timed("target", 1):
+            logits = runner.verify(ids, tokens) if uniform else runner.extend_ids(counts, ids)
         return logits, starts, fed, draws
 
     def _verify_round(
@@ -408,19 +417,17 @@ class SpeculativeStepGenerator:
         slots = runner.slots
         first = choose(logits, params, self._draft_draws(live, 0, logits.shape[0]))
         chosen = [torch.nn.functional.pad(first, (0, slots - first.shape[0]))]
-        started = self.times.start() if self.times is not None and max(limits) > 1 else None
-        for j in range(1, max(limits)):
-            logits = runner.decode(chosen[-1])
-            chosen.append(choose(logits, params, self._draft_draws(live, j, slots)))
-            for row, limit in zip(live, limits, strict=True):
-                if j < limit:  # a decode this row's own proposals needed (others ride on it)
-                    row.draft.count_run(row.draft_held, 1)
-                    usage = row.speculation.draft
-                    usage.decode_tokens += 1
-                    usage.calls += 1
-                row.draft_held += 1
-        if started is not None:
-            self.times.stop("draft", started, max(limits) - 1)
+        with self._timed("draft", max(limits) - 1):
+            for j in range(1, max(limits)):
+                logits = runner.decode(chosen[-1])
+                chosen.append(choose(logits, params, self._draft_draws(live, j, slots)))
+                for row, limit in zip(live, limits, strict=True):
+                    if j < limit:  # a decode this row's own proposals needed (others ride on it)
+                        row.draft.count_run(row.draft_held, 1)
+                        usage = row.speculation.draft
+                        usage.decode_tokens += 1
+                        usage.calls += 1
+                    row.draft_held += 1
         return torch.stack(chosen)
 
     def _draft_draws(self, live: list[Rewrite], ahead: int, size: int) -> list[Draw | None]:
@@ -451,11 +458,8 @@ class SpeculativeStepGenerator:
             usage.decode_tokens += len(feed)
             usage.calls += 1
         runner.rollback(counts)
-        started = self.times.start() if self.times is not None else None
-        logits = self._feed_draft(feeds)
-        if self.times is not None:
-            self.times.stop("draft", started, 1)
-        return logits
+        with self._timed("draft", 1):
+            return self._feed_draft(feeds)
 
     def _feed_draft(self, feeds: list[list[int]]) -> torch.Tensor:
         """Feed each draft slot its one or two tokens in one forward: the logits after each slot's last."""
