@@ -180,7 +180,7 @@ def test_method_sd_serves_the_targets_own_answer_in_fewer_forwards(tiny_rsd):
     assert answer.choices[0].message.content == alone.text
     assert {s["source"] for s in rsd_of(answer)["steps"]} == {"target"}
     stats = rsd_of(answer)["stats"]
-    assert stats["speculation"]["proposed"] > 0
+    assert stats["speculation"]["draft_tokens_proposed"] > 0
     assert stats["target_forwards"] < alone.stats.target_tokens == answer.usage.completion_tokens
 
 
