@@ -57,8 +57,8 @@ class ForwardTimes:
     """On a GPU, the milliseconds of the draft's forwards and of the target's verification forwards that the rounds
     run anyway (CUDA events, read after the round's one wait for the target's verdict): the ratio of their recent
     medians is the draft's real price in target forwards. A small draft's forward costs more than its share of the
-    weights (its many small kernels): 0.17 of a 14B target's on an H100, where the weights say 0.10. Medians, because
-    a forward whose CUDA graph is being captured takes a hundred times longer."""
+    weights (its many small kernels): about 0.18 of a 14B target's on an H100, where the weights say 0.10.
+    Medians, because a forward whose CUDA graph is being captured takes a hundred times longer."""
 
     def __init__(self) -> None:
         self.samples: dict[str, deque[float]] = {
