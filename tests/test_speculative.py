@@ -31,7 +31,12 @@ from tiny import make_layout_lm, make_qwen2_lm, make_tokenizer  # noqa: E402
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper  # noqa: E402
 from vllm_servers import serving, start_vllm_server, vllm_python  # noqa: E402
 
-from rsd.api import AUTO_SPECULATIVE_DRAFT_SHARE, AUTO_SPECULATIVE_ROWS, RSD  # noqa: E402
+from rsd.api import (  # noqa: E402
+    AUTO_SPECULATIVE_DRAFT_SHARE,
+    AUTO_SPECULATIVE_ROWS,
+    AUTO_SPECULATIVE_SMALL_DRAFT_ROWS,
+    RSD,
+)
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.cli import main  # noqa: E402
 from rsd.core import (  # noqa: E402
@@ -907,14 +912,16 @@ def test_a_draft_with_another_tokenizer_is_refused_and_auto_rewrites_plainly(tmp
     assert error.startswith("rsd: error: ") and "--rewrite plain" in error and "\n" not in error
 
 
-def test_auto_rewrites_speculate_on_a_gpu_in_every_call_only_for_a_much_smaller_draft():
+def test_auto_rewrites_speculate_on_a_gpu_in_calls_of_16_rows_only_for_a_much_smaller_draft():
     rsd = rsd_of("qwen2", "engine", "auto")
     assert rsd.auto_speculative_rows() is None  # on the CPU: every call
     rsd.target.device = "cuda:0"  # the rule reads where the target lives and the models' sizes, nothing else
     assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_ROWS  # a draft the target's size: few rows only
     target_size = rsd.target.cost.parameters
     rsd.draft.cost = replace(rsd.draft.cost, parameters=int(target_size * AUTO_SPECULATIVE_DRAFT_SHARE))
-    assert rsd.auto_speculative_rows() is None
+    assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_SMALL_DRAFT_ROWS == 16
+    generator = rsd.rewriter()  # a call of more rows is written by the target alone
+    assert isinstance(generator, SpeculativeStepGenerator) and generator.max_rows == 16
     rsd.draft.cost = replace(rsd.draft.cost, parameters=int(target_size * 0.2))  # 1.5B against 7B
     assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_ROWS
 

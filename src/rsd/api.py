@@ -25,11 +25,14 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPLATE = "qwen25-math-cot"
 REWRITES = ("auto", "speculative", "plain")  # how the target writes a step: with the draft's help, or alone
-# "auto" speculates on a GPU in every call when the draft has at most this share of the target's parameters, else in
-# calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on an H100 against plain rewrites (docs/benchmarks.md): a
-# 1.5B draft for a 14B target (0.10) gains 1.20x / 1.26x / 1.03x at batch 1 / 16 / 64; for a 7B target (0.20) it
-# gains 1.08x at batch 1 and loses 4-6% at 16 and 64, where a draft forward costs a third of the target's.
+# "auto" speculates on a GPU in calls of at most `AUTO_SPECULATIVE_SMALL_DRAFT_ROWS` rows when the draft has at most
+# this share of the target's parameters, else in calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on two H100
+# machines against plain rewrites (docs/benchmarks.md): a 1.5B draft for a 14B target (0.10) gains 1.18-1.20x at
+# batch 1 and 1.16-1.26x at batch 16 (calls of about 5 rows); at batch 64 (calls of about 20) 1.03x on one machine
+# and 0.92x on the other, whose slower host the rounds of many rows wait on. For a 7B target (0.20) it gains 1.08x
+# at batch 1 and loses 4-6% at 16 and 64, where a draft forward costs a third of the target's.
 AUTO_SPECULATIVE_DRAFT_SHARE = 0.15
+AUTO_SPECULATIVE_SMALL_DRAFT_ROWS = 16
 AUTO_SPECULATIVE_ROWS = 2
 
 
@@ -188,8 +191,8 @@ class RSD:
 
     def rewriter(self) -> StepGenerator:
         """Who rewrites rejected steps: the target with speculation where `rewrite` asks for it and it can run; with
-        "auto", on a GPU in every call for a draft much smaller than the target, else only in calls of few rows
-        (`AUTO_SPECULATIVE_DRAFT_SHARE`, `AUTO_SPECULATIVE_ROWS`): where it was measured to pay."""
+        "auto", on a GPU in calls of up to 16 rows for a draft much smaller than the target, else only in calls of
+        few rows (`AUTO_SPECULATIVE_DRAFT_SHARE` and the row limits beside it): where it was measured to pay."""
         if self.rewrite == "plain":
             return self.target
         if self.rewrite == "speculative":
@@ -204,7 +207,7 @@ class RSD:
         if not str(getattr(self.target, "device", "cpu")).startswith("cuda"):
             return None
         share = self.draft.cost.parameters / max(1, self.target.cost.parameters)
-        return None if share <= AUTO_SPECULATIVE_DRAFT_SHARE else AUTO_SPECULATIVE_ROWS
+        return AUTO_SPECULATIVE_SMALL_DRAFT_ROWS if share <= AUTO_SPECULATIVE_DRAFT_SHARE else AUTO_SPECULATIVE_ROWS
 
     @property
     def served(self) -> bool:
