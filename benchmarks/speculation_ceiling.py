@@ -8,7 +8,8 @@ last until the slowest of them has written its step. This script simulates those
 set rate, every row rejected with probability 1 - keep share) and prints, per price: the best k and the ceiling of
 an uninterrupted run, and the speed-up of a rewrite's rounds over plain rewrites (one target forward per token)
 for one row and for the rows rejected at each batch size. No host time, no prefill, verification forwards priced
-as decodes: ceilings, not predictions.
+as decodes: ceilings, not predictions. Last, how much an uninterrupted run's round count moves with its draws
+alone (one standard deviation), the spread a benchmark of one trajectory carries.
 
     python benchmarks/speculation_ceiling.py --prices 0.18 0.10 --batches 1 16 64
 """
@@ -56,6 +57,15 @@ def lockstep_rounds(rng: random.Random, rows: int, acceptance: float, k: int, st
     return rounds
 
 
+def run_rounds(rng: random.Random, acceptance: float, k: int, tokens: int) -> int:
+    """Rounds of k proposals an uninterrupted run takes to write `tokens` tokens."""
+    rounds = written = 0
+    while written < tokens:
+        rounds += 1
+        written += kept_run(rng, acceptance, min(k, max(0, tokens - written - 1))) + 1
+    return rounds
+
+
 def rewrite_speedup(
     acceptance: float, price: float, batch: int, keep_share: float, step_tokens: int, draws: int, seed: int
 ) -> tuple[int, float]:
@@ -82,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--keep-share", type=float, default=0.7, help="share of draft steps kept (default 0.7)")
     parser.add_argument("--step-tokens", type=int, default=64, help="tokens of a step (default 64)")
     parser.add_argument("--draws", type=int, default=2000, help="simulated rewrite rounds per k (default 2000)")
+    parser.add_argument("--run-tokens", type=int, default=512, help="an uninterrupted run's tokens (default 512)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if not 0.0 <= args.acceptance <= 1.0 or not 0.0 <= args.keep_share < 1.0:
@@ -103,6 +114,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             for batch in args.batches
         ]
         print(f"| {price:.2f} | {k}, {rate:.2f}x | " + " | ".join(cells) + " |")
+    for price in args.prices:  # how much one run's round count moves with its draws alone
+        k = uninterrupted(args.acceptance, price)[0]
+        rng = random.Random(args.seed)
+        rounds = [run_rounds(rng, args.acceptance, k, args.run_tokens) for _ in range(args.draws)]
+        mean, spread = statistics.mean(rounds), statistics.pstdev(rounds)
+        print(
+            f"price {price:.2f}: a {args.run_tokens}-token run at k = {k} takes {mean:.0f} +- {spread:.0f} rounds "
+            f"({spread / mean:.1%}, one standard deviation over {args.draws} draws)"
+        )
 
 
 if __name__ == "__main__":

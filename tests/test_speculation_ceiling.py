@@ -36,7 +36,10 @@ def test_rewrite_rounds_end_with_the_slowest_row_and_cost_nothing_when_every_tok
 def test_the_script_prints_a_row_per_price_and_refuses_bad_rates(capsys):
     ceiling.main(["--prices", "0.18", "0.1", "--batches", "1", "4", "--draws", "50"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-2].startswith("| 0.18 | 4, 1.95x |") and lines[-1].startswith("| 0.10 | 6, 2.47x |")
+    assert lines[-4].startswith("| 0.18 | 4, 1.95x |") and lines[-3].startswith("| 0.10 | 6, 2.47x |")
+    assert lines[-2].startswith("price 0.18: a 512-token run at k = 4 takes 15")  # 512 / 3.36 tokens a round
+    rng = random.Random(0)
+    assert ceiling.run_rounds(rng, 1.0, 4, 512) == 103 and ceiling.run_rounds(rng, 0.0, 4, 512) == 512
     with pytest.raises(SystemExit):
         ceiling.main(["--acceptance", "1.5"])
     assert "--acceptance is in [0, 1]" in capsys.readouterr().err
