@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,3 +155,29 @@ def test_questions_from_jsonl_and_bad_lines(tmp_path):
     bad.write_text(json.dumps({"question": "Start 1."}) + "\n" + json.dumps({"text": "Start 2."}) + "\n")
     result, seconds = rsd_cli("generate", *TINY, "--questions", str(bad))
     assert_one_line_refusal(result, seconds, "line 2", "'question'")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, on purpose
+def test_a_ctrl_c_that_a_finalizer_swallows_still_ends_the_command_as_interrupted(monkeypatch, capsys):
+    """Python drops an exception raised inside a finalizer (it prints "Exception ignored"): a Ctrl-C that lands in
+    one must still end the command as interrupted (130, and the line that says so), not let it exit 0."""
+    from rsd import cli
+
+    went_on = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler raises here, inside the finalizer, and Python drops it
+
+    def command(args):
+        Finalized()  # no name holds it: its finalizer runs at once
+        went_on.append(True)
+        return 0
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "cmd_generate", command)
+    models = ["--draft", "tinyworld", "--target", "tinyworld", "--prm", "tinyworld"]
+    assert cli.main(["generate", *models, "--question", "What is 2 + 3?"]) == 130
+    assert went_on  # the interrupt did not stop the command where it landed
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("rsd: interrupted")
+    assert signal.getsignal(signal.SIGINT) is before  # the command's handler is gone

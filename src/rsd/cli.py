@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from rsd.core import RSDError, Trajectory
 from rsd.eval.datasets import DEFAULT_MAX_QUESTION_CHARS
@@ -343,15 +346,47 @@ def interrupted_line(args: argparse.Namespace, argv: Sequence[str]) -> str:
     return f"rsd: interrupted; finished problems are saved in {folder}; resume with: {shlex.join(command)}"
 
 
+class CtrlC:
+    """Ctrl-C as Python raises it (KeyboardInterrupt), remembered. Python drops an exception raised inside a
+    finalizer (it prints "Exception ignored in ..."), so a Ctrl-C that lands while one runs would let the command
+    go on to its end and exit 0 as if nobody had pressed it; remembered, it still ends the command as interrupted."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def watching(self) -> contextlib.AbstractContextManager:
+        """Handle SIGINT while the command runs (from the main thread only: only it may set handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return contextlib.nullcontext()
+        return self._installed()
+
+    @contextlib.contextmanager
+    def _installed(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from rsd.eval.checks import check_arguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    ctrl_c = CtrlC()
     try:
         check_arguments(args)  # before anything slow: a typo costs a second, not a model load
-        return args.func(args)
+        with ctrl_c.watching():
+            code = args.func(args)
+        if ctrl_c.pressed:  # an interrupt that a finalizer swallowed: the command still ends as interrupted
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
         print(interrupted_line(args, argv), file=sys.stderr)
         return 130
