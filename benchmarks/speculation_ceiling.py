@@ -21,14 +21,7 @@ import random
 import statistics
 from collections.abc import Sequence
 
-MAX_K = 8  # as rsd.speculative
-
-
-def tokens_per_round(acceptance: float, k: int) -> float:
-    """Expected tokens a round of k proposals writes: the accepted ones and the target's own next."""
-    if acceptance >= 1.0:
-        return k + 1.0
-    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+from rsd.speculative import MAX_K, tokens_per_round
 
 
 def uninterrupted(acceptance: float, price: float) -> tuple[int, float]:

@@ -358,14 +358,12 @@ class CtrlC:
         self.pressed = True
         raise KeyboardInterrupt
 
-    def watching(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
         """Handle SIGINT while the command runs (from the main thread only: only it may set handlers)."""
         if threading.current_thread() is not threading.main_thread():
-            return contextlib.nullcontext()
-        return self._installed()
-
-    @contextlib.contextmanager
-    def _installed(self) -> Iterator[None]:
+            yield
+            return
         previous = signal.signal(signal.SIGINT, self)
         try:
             yield

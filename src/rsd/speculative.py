@@ -483,7 +483,7 @@ class SpeculativeStepGenerator:
         rooms = list(rooms) if rooms is not None else [MAX_K] * len(keys)
 
         def tokens_per_work(k: int) -> float:
-            written = sum((1 - a ** (min(k, room) + 1)) / (1 - a) for a, room in zip(acceptances, rooms, strict=True))
+            written = sum(tokens_per_round(a, min(k, room)) for a, room in zip(acceptances, rooms, strict=True))
             return written / (1 + self.draft_price * k)
 
         return max(range(1, MAX_K + 1), key=tokens_per_work)
@@ -503,6 +503,14 @@ class SpeculativeStepGenerator:
             forwards=row.target.forwards,
             speculation=row.speculation,
         )
+
+
+def tokens_per_round(acceptance: float, proposals: int) -> float:
+    """Expected tokens a round writes from `proposals` proposed tokens, each kept with probability `acceptance`
+    until the first refused: the kept ones and the target's own next token."""
+    if acceptance >= 1.0:
+        return proposals + 1.0
+    return (1 - acceptance ** (proposals + 1)) / (1 - acceptance)
 
 
 def speculation_problem(target: Any, draft: Any) -> tuple[str, str] | None:
