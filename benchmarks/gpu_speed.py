@@ -69,6 +69,7 @@ QWEN_CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 METHODS = ("target_only", "sd", "rsd_plain", "rsd")
+SPECULATING = ("sd", "rsd")  # the methods whose target speculates with the draft
 COMMIT_ENV = "RSD_BENCH_COMMIT"  # the commit a run measured (a device's copy of the tree has no git)
 
 
@@ -286,6 +287,7 @@ class Run:
 
     seconds: float
     stats: TrajectoryStats
+    forward_ms: dict[str, float] | None = None  # what the speculation rounds measured (`forward_ms`)
 
 
 def synchronize(device: str) -> None:
@@ -304,6 +306,16 @@ def clocked(device: str, work: Callable[[], Any]) -> tuple[float, Any]:
 
 def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
     return Run(*clocked(device, work))
+
+
+def forward_ms(speculative: SpeculativeStepGenerator) -> dict[str, float] | None:
+    """The medians of the draft's and the target's forwards that the speculation rounds timed (their most recent
+    ones, on a GPU) and their ratio, the draft price that set k: what the rounds really paid, for the ceiling."""
+    times = speculative.times
+    if times is None or not (times.samples["draft"] and times.samples["target"]):
+        return None
+    draft, target = (statistics.median(times.samples[model]) for model in ("draft", "target"))
+    return {"draft": draft, "target": target, "draft_price": draft / target}
 
 
 def alone(generator: Any, problems: list[Prompted], config: BenchConfig) -> TrajectoryStats:
@@ -362,6 +374,8 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, log: Callable
     for round_index in range(1, config.repeats + 1):
         for name, run in work.items():
             runs[name].append(timed(config.device, run))
+            if name in SPECULATING:
+                runs[name][-1].forward_ms = forward_ms(models.speculative)
         log(f"batch {batch}: round {round_index}: " + ", ".join(f"{k} {v[-1].seconds:.3f}s" for k, v in runs.items()))
     return summarize_batch(batch, runs)
 
@@ -386,6 +400,7 @@ def summarize_batch(batch: int, runs: dict[str, list[Run]]) -> dict:
             "token_acceptance": stats.speculation.token_acceptance_rate,
             "speculation": stats.speculation.to_dict(),
             "split_s": split if name.startswith("rsd") else None,
+            "forward_ms": rs[-1].forward_ms,
         }
     base = seconds.get("target_only")
     for name in seconds:
@@ -422,17 +437,19 @@ def git_commit() -> str | None:
 def table(results: list[dict], config: BenchConfig) -> str:
     lines = [
         "| batch | method | seconds | vs target-only | target fwd/token | token acc. | kept | "
-        "FLOPs (x1e12) | target share of time |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "FLOPs (x1e12) | target share of time | draft price (draft / target ms) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         for name, m in r["methods"].items():
             split = m["split_s"]
             share = f"{split['target'] / m['seconds']:.0%}" if split else ""
+            ms = m["forward_ms"]
+            price = f"{ms['draft_price']:.2f} ({ms['draft']:.2f} / {ms['target']:.2f})" if ms else ""
             lines.append(
                 f"| {r['batch']} | {name} | {m['seconds']:.2f} | {m.get('speedup_vs_target_only', 0):.2f}x | "
                 f"{fmt(m['target_forwards_per_target_token'])} | {fmt(m['token_acceptance'], '.0%')} | "
-                f"{fmt(m['kept_share'], '.0%')} | {m['flops']['total'] / 1e12:.4g} | {share} |"
+                f"{fmt(m['kept_share'], '.0%')} | {m['flops']['total'] / 1e12:.4g} | {share} | {price} |"
             )
     return "\n".join(lines)
 
