@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_speed  # noqa: E402
 
-from rsd.speculative import SpeculativeStepGenerator  # noqa: E402
+from rsd.speculative import ForwardTimes, SpeculativeStepGenerator  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,18 @@ def test_with_exact_verification_the_timed_paths_write_the_targets_own_tokens():
         fast.target_tokens,
     )
     assert fast.target_forwards <= plain.target_forwards
+
+
+def test_the_draft_price_the_rounds_measured_is_reported_where_they_timed_their_forwards(report):
+    """On a GPU the speculation rounds time their forwards (`ForwardTimes`): the report gives the medians of the
+    draft's and the target's and their ratio. Untimed (the CPU), no price is made up."""
+    for result in report["results"]:
+        assert all(method["forward_ms"] is None for method in result["methods"].values())
+    timed = SimpleNamespace(times=ForwardTimes())
+    assert gpu_speed.forward_ms(timed) is None  # nothing timed yet
+    timed.times.samples["draft"].extend([2.0, 2.2, 9.0])  # a forward whose graph was being captured: 9 ms
+    assert gpu_speed.forward_ms(timed) is None  # no target verification timed yet
+    timed.times.samples["target"].extend([12.0, 13.0])
+    assert gpu_speed.forward_ms(timed) == pytest.approx({"draft": 2.2, "target": 12.5, "draft_price": 2.2 / 12.5})
+    assert gpu_speed.forward_ms(SimpleNamespace(times=None)) is None
+    assert report["table"].splitlines()[0].endswith("| draft price (draft / target ms) |")
