@@ -312,10 +312,10 @@ def forward_ms(speculative: SpeculativeStepGenerator) -> dict[str, float] | None
     """The medians of the draft's and the target's forwards that the speculation rounds timed (their most recent
     ones, on a GPU) and their ratio, the draft price that set k: what the rounds really paid, for the ceiling."""
     times = speculative.times
-    if times is None or not (times.samples["draft"] and times.samples["target"]):
+    medians = None if times is None else times.medians()
+    if medians is None:
         return None
-    draft, target = (statistics.median(times.samples[model]) for model in ("draft", "target"))
-    return {"draft": draft, "target": target, "draft_price": draft / target}
+    return {"draft": medians[0], "target": medians[1], "draft_price": times.draft_price()}
 
 
 def alone(generator: Any, problems: list[Prompted], config: BenchConfig) -> TrajectoryStats:

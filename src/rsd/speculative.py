@@ -89,11 +89,16 @@ class ForwardTimes:
                 waiting.append((model, started, ended, forwards))
         self.pending = waiting
 
-    def draft_price(self) -> float | None:
-        """A draft forward's measured time over a target verification's, once both have run."""
+    def medians(self) -> tuple[float, float] | None:
+        """The median milliseconds of a draft forward and of a target verification, once both have run."""
         if not (self.samples["draft"] and self.samples["target"]):
             return None
-        return statistics.median(self.samples["draft"]) / max(1e-6, statistics.median(self.samples["target"]))
+        return statistics.median(self.samples["draft"]), statistics.median(self.samples["target"])
+
+    def draft_price(self) -> float | None:
+        """A draft forward's measured time over a target verification's, once both have run."""
+        medians = self.medians()
+        return None if medians is None else medians[0] / max(1e-6, medians[1])
 
 
 @dataclass
