@@ -307,6 +307,41 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert all(gen.engine.runner._graphs[key] is graphs[key] for key in graphs)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_call_with_short_tails_opens_through_a_graph_and_holds_what_an_eager_open_holds(tokenizer, dtype):
+    """A step after a kept one reads a token or a few: its call opens as a graphed decode (one token a row) or, with
+    rsd's kernels (half precision), a graphed verification of the tails padded to a power of two. The logits and the
+    keys and values it leaves equal an eager prefill's, and the call decodes on alike."""
+    model = build("qwen2", tokenizer, "cuda").to(dtype)
+    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
+    cases = [[[5], [9], [13]]]
+    if dtype == torch.bfloat16:
+        cases.append([tokenizer.encode(" 3 +"), [9], tokenizer.encode(" x = 4")])
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    with torch.inference_mode():
+        for tails in cases:
+            caches = []
+            for prompt in prompts:  # each row's prompt cached, as a PrefixCache holds it between calls
+                runner = ModelRunner(model)
+                runner.open([None], [prompt], 0)
+                caches.append(runner.row_cache(0, prompt).kv)
+            graphed, eager = ModelRunner(model), ModelRunner(model)
+            eager.forward.packed_checked = graphed.forward.packed_checked = True  # as after a call's first prefill
+            got = graphed.open(caches, tails, 16).clone()
+            assert graphed._graphs, "the call did not open through a graph"
+            assert max(key[0] for key in graphed._graphs) == bucket_rows(max(map(len, tails)))
+            eager.arena.open(caches, max(map(len, tails)) + 16)
+            want = eager.extend(tails, [1] * len(tails)).clone()
+            torch.testing.assert_close(got, want, **tolerance)
+            for slot, (prompt, tail) in enumerate(zip(prompts, tails, strict=True)):
+                ids = prompt + tail
+                torch.testing.assert_close(graphed.row_cache(slot, ids).kv, eager.row_cache(slot, ids).kv, **tolerance)
+            step = ids_of([7, 8, 9], graphed.slots, "cuda")
+            torch.testing.assert_close(graphed.decode(step)[:3].clone(), eager.decode(step)[:3].clone(), **tolerance)
+
+
 def test_unsupported_models_say_why_and_fall_back_to_transformers(tokenizer):
     from transformers import (
         GemmaConfig,

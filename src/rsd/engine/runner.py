@@ -24,7 +24,7 @@ import torch
 
 from rsd.core import RSDError
 from rsd.engine.forward import Feed, ModelForward, layout_problem
-from rsd.engine.kv_cache import MAX_FEED, RowCache
+from rsd.engine.kv_cache import MAX_FEED, RowCache, to_device
 from rsd.hf_loading import first_line
 
 if TYPE_CHECKING:
@@ -48,6 +48,11 @@ def check_decode_env() -> None:
     value = os.environ.get(DECODE_ENV, "")
     if value not in ("", "eager"):
         raise RSDError(f"{DECODE_ENV}={value!r}: the one value it takes is 'eager'; unset it or set it to eager.")
+
+
+def bucket_tokens(tokens: int) -> int:
+    """A short tail's tokens rounded up to a power of two: calls whose tails differ in length reuse a few graphs."""
+    return 1 << max(0, tokens - 1).bit_length()
 
 
 def make_runner(model: Any) -> ModelRunner | TransformersRunner:
@@ -90,8 +95,37 @@ class ModelRunner:
         run (at least one token each), with `room` more columns a row for what it feeds later. Returns the logits
         (float32) of each row's last tail token (or of its last `logits_of[i]`, row after row); with a bare body
         the hidden states."""
-        self.arena.open(prefixes, max(len(t) for t in tails) + room)
+        tokens = max(len(t) for t in tails)
+        graphed = all(n == 1 for n in logits_of or ()) and self._opens_by_graph(tokens)
+        fed = bucket_tokens(tokens) if graphed else tokens
+        self.arena.open(prefixes, fed + room)
+        if graphed:
+            return self._open_by_graph(tails, fed)
         return self.extend(tails, [1] * len(tails) if logits_of is None else logits_of)
+
+    def _opens_by_graph(self, tokens: int) -> bool:
+        """Whether a call whose longest tail is `tokens` tokens opens through a graphed forward: on a GPU, for a
+        causal LM, when the tails are short. An eager forward is hundreds of launches, bound by the host (about 15 ms
+        for a 1.5B model, whatever its tokens); a step that follows a kept one reads a token or a few, and a graph
+        replays them in the device's time."""
+        if not self.use_graphs or self.forward.lm_head is None:
+            return False
+        return tokens == 1 or self.can_verify(bucket_tokens(tokens))
+
+    def _open_by_graph(self, tails: list[list[int]], tokens: int) -> torch.Tensor:
+        """The tails fed as a decode (one token each) or a verification of `tokens` tokens a slot, each tail padded
+        at its end (the padding is rolled back: a causal forward's earlier tokens never see it); the logits of each
+        row's last tail token, row after row."""
+        slots = self.arena.rows
+        fed = [*tails, *([[0]] * (slots - len(tails)))]  # the bucket's idle slots read a harmless id
+        ids = torch.tensor([[*tail, *[0] * (tokens - len(tail))] for tail in fed], dtype=torch.long).flatten()
+        ids = to_device(ids, self.device)
+        if tokens == 1:
+            return self.decode(ids)[: len(tails)]
+        logits = self.verify(ids, tokens)
+        self.rollback([tokens - len(tail) for tail in fed])
+        last = to_device(torch.tensor([slot * tokens + len(tail) - 1 for slot, tail in enumerate(tails)]), self.device)
+        return logits.index_select(0, last)
 
     def extend(self, tokens: list[list[int]], logits_of: Sequence[int] | None = None) -> torch.Tensor:
         """Feed `tokens[slot]` to each slot (none to slots with an empty list, or beyond the list): the logits of
