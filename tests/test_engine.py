@@ -307,39 +307,57 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert all(gen.engine.runner._graphs[key] is graphs[key] for key in graphs)
 
 
+def short_tail_cases(tokenizer, dtype) -> list[list[list[int]]]:
+    """Tails a call opens with through a graph: one token a row (a decode); with rsd's kernels (half precision)
+    ragged short tails padded to 8, and one tail of two attention tiles (the tiny model's tile is 64 tokens)."""
+    cases = [[[5], [9], [13], [2]]]
+    if dtype == torch.bfloat16:
+        sum_text = tokenizer.encode(" 3 + 4 = 7")
+        cases.append([sum_text, sum_text[:6], sum_text[:7], sum_text[:5]])
+        cases.append([tokenizer.encode(" 3 + 4 = 7 and 12 - 5 = 7 ," * 8)[:70]])
+    return cases
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_call_with_short_tails_opens_through_a_graph_and_holds_what_an_eager_open_holds(tokenizer, dtype):
-    """A step after a kept one reads a token or a few: its call opens as a graphed decode (one token a row) or, with
-    rsd's kernels (half precision), a graphed verification of the tails padded to a power of two. The logits and the
-    keys and values it leaves equal an eager prefill's, and the call decodes on alike."""
+@pytest.mark.parametrize("bare_body", [False, True])
+def test_a_call_with_short_tails_opens_through_a_graph_and_holds_what_an_eager_open_holds(tokenizer, dtype, bare_body):
+    """A step after a kept one reads a token, a PRM a step: such a call opens as a graphed decode (one token a row)
+    or, with rsd's kernels, a graphed verification of the tails padded to a power of two, for a causal LM and for
+    a bare body (a PRM's). Its output for each row's last token and the keys and values it leaves equal an eager
+    prefill's, and the call decodes on alike."""
     model = build("qwen2", tokenizer, "cuda").to(dtype)
-    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
-    cases = [[[5], [9], [13]]]
-    if dtype == torch.bfloat16:
-        cases.append([tokenizer.encode(" 3 +"), [9], tokenizer.encode(" x = 4")])
-    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    network = model.model if bare_body else model
+
+    def runner() -> ModelRunner:
+        made = ModelRunner(network, body=network) if bare_body else ModelRunner(network)
+        made.forward.packed_checked = True  # as after a call's first (eager) prefill
+        return made
+
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 6e-2}
     with torch.inference_mode():
-        for tails in cases:
+        for tails in short_tail_cases(tokenizer, dtype):
+            prompts = [tokenizer.encode(text) for text in PROMPTS[: len(tails)]]
             caches = []
             for prompt in prompts:  # each row's prompt cached, as a PrefixCache holds it between calls
-                runner = ModelRunner(model)
-                runner.open([None], [prompt], 0)
-                caches.append(runner.row_cache(0, prompt).kv)
-            graphed, eager = ModelRunner(model), ModelRunner(model)
-            eager.forward.packed_checked = graphed.forward.packed_checked = True  # as after a call's first prefill
+                alone = runner()
+                alone.open([None], [prompt], 0)
+                caches.append(alone.row_cache(0, prompt).kv)
+            graphed, eager = runner(), runner()
             got = graphed.open(caches, tails, 16).clone()
             assert graphed._graphs, "the call did not open through a graph"
             assert max(key[0] for key in graphed._graphs) == bucket_rows(max(map(len, tails)))
             eager.arena.open(caches, max(map(len, tails)) + 16)
             want = eager.extend(tails, [1] * len(tails)).clone()
+            assert got.shape == want.shape
             torch.testing.assert_close(got, want, **tolerance)
             for slot, (prompt, tail) in enumerate(zip(prompts, tails, strict=True)):
                 ids = prompt + tail
                 torch.testing.assert_close(graphed.row_cache(slot, ids).kv, eager.row_cache(slot, ids).kv, **tolerance)
-            step = ids_of([7, 8, 9], graphed.slots, "cuda")
-            torch.testing.assert_close(graphed.decode(step)[:3].clone(), eager.decode(step)[:3].clone(), **tolerance)
+            step, rows = ids_of(list(range(7, 7 + len(tails))), graphed.slots, "cuda"), len(tails)
+            on = graphed.decode(step)[:rows].clone(), eager.decode(step)[:rows].clone()
+            torch.testing.assert_close(*on, **tolerance)
 
 
 def test_unsupported_models_say_why_and_fall_back_to_transformers(tokenizer):

@@ -147,6 +147,10 @@ class ModelForward:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A forward's result: a causal LM's logits, a bare body's final-normed hidden states."""
+        return self.logits(hidden) if self.lm_head is not None else hidden
+
     # -- the entry points ----------------------------------------------------------------------------------------
     def hidden(self, arena: Arena, feed: Feed, keep: list[int]) -> torch.Tensor:
         """Run `feed` (placed and synced in `arena`); the final-normed hidden states of the tokens `keep`."""
@@ -173,37 +177,38 @@ class ModelForward:
         else:
             x = self._layers_by_torch(arena, hidden, cos, sin, torch.arange(rows, device=self.device), columns,
                                       self._decode_attention_by_torch(arena, rows, width))  # fmt: skip
-        return self.logits(x)
+        return self.output(x)
 
-    def verify(self, arena: Arena, tokens: int) -> torch.Tensor:
+    def verify(self, arena: Arena, tokens: int, last_only: bool = False) -> torch.Tensor:
         """`tokens` tokens for every slot of `arena` (`arena.ids`, slot after slot, at each slot's next columns and
-        positions): the logits (float32) of every one. Reads device buffers only, like `decode`: the runner replays
-        it as a graph. Through rsd's Triton kernels only (a row's tokens are one tile of the packed attention)."""
+        positions): the logits (float32; a bare body's hidden states) of every one, or with `last_only` of each
+        slot's token `arena.last[slot]` (an index into the fed tokens). Reads device buffers only, like `decode`: the
+        runner replays it as a graph. Through rsd's Triton kernels only (a row's tokens are tiles of the packed
+        attention, built here on the device)."""
         rows = arena.rows
         index = torch.arange(rows * tokens, device=self.device)
         slots, offsets = index // tokens, index % tokens  # no host data: a graph replays it
         columns = arena.cursor[0, :rows][slots] + offsets
         positions = arena.cursor[1, :rows][slots] + offsets
         arena.mask.index_put_((slots, columns), torch.ones_like(slots, dtype=torch.bool))
-        first = torch.arange(rows, device=self.device)
-        tiles = torch.stack(
-            [
-                first,
-                first * tokens,
-                torch.full_like(first, tokens),
-                arena.first[:rows],
-                arena.cursor[0, :rows] + tokens,
-            ],
-            dim=1,
-        ).to(torch.int32)
+        tile = tile_tokens(self.shape.groups)
+        per_row = -(-tokens // tile)
+        row = torch.arange(rows, device=self.device).repeat_interleave(per_row)
+        start = torch.arange(per_row, device=self.device).repeat(rows) * tile
+        count = (tokens - start).clamp(max=tile)
+        ends = arena.cursor[0, :rows][row] + start + count  # each tile's last token's column + 1
+        tiles = torch.stack([row, row * tokens + start, count, arena.first[:rows][row], ends], dim=1).to(torch.int32)
         hidden = self.body.embed_tokens(arena.ids[: rows * tokens])
         cos, sin = self.rotary(hidden, positions)
         attend = self._packed_attention(arena, columns, tiles)
-        return self.logits(self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend))
+        x = self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend)
+        if last_only:
+            x = x.index_select(0, arena.last[:rows])
+        return self.output(x)
 
-    def verifies_in_one_tile(self, tokens: int) -> bool:
-        """Whether `verify` runs `tokens` tokens a row: the kernels run here and a row's tokens fit one tile."""
-        return self.kernels and tokens <= tile_tokens(self.shape.groups)
+    def verifies(self) -> bool:
+        """Whether `verify` runs here: it needs rsd's kernels."""
+        return self.kernels
 
     def without_kernels(self, error: BaseException) -> None:
         warnings.warn(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 WIDTH_BUCKET = 256  # arena columns are allocated, and graphs captured, in multiples of this
-MAX_FEED = 16  # the most tokens a slot feeds in one graphed forward (a verification of proposals)
+MAX_FEED = 128  # the most tokens a slot feeds in one graphed forward (proposals to verify, a short prefill)
 
 
 @dataclass
@@ -221,6 +221,7 @@ class Arena:
         self.cursor = torch.zeros((2, rows), dtype=torch.long, device=self.device)
         self.first = torch.zeros((rows,), dtype=torch.long, device=self.device)
         self.ids = torch.zeros((rows * MAX_FEED,), dtype=torch.long, device=self.device)
+        self.last = torch.zeros((rows,), dtype=torch.long, device=self.device)  # a graphed open's last tokens
         self.capacity = (rows, width)
         self.generation += 1  # graphs captured over the old buffers are stale
 

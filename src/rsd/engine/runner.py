@@ -24,7 +24,7 @@ import torch
 
 from rsd.core import RSDError
 from rsd.engine.forward import Feed, ModelForward, layout_problem
-from rsd.engine.kv_cache import MAX_FEED, RowCache, to_device
+from rsd.engine.kv_cache import MAX_FEED, RowCache, bucket_rows, to_device
 from rsd.hf_loading import first_line
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 DECODE_ENV = "RSD_DECODE"  # "eager": every model runs transformers' own forward (a kernel misbehaves, say)
 MAX_GRAPHS = 64  # captured graphs kept per model (least recently used dropped first)
+MAX_GRAPHED_OPEN = 1024  # the most tokens (padding included) a call opens with through a graph
 
 
 def engine_problem(model: Any) -> str | None:
@@ -48,11 +49,6 @@ def check_decode_env() -> None:
     value = os.environ.get(DECODE_ENV, "")
     if value not in ("", "eager"):
         raise RSDError(f"{DECODE_ENV}={value!r}: the one value it takes is 'eager'; unset it or set it to eager.")
-
-
-def bucket_tokens(tokens: int) -> int:
-    """A short tail's tokens rounded up to a power of two: calls whose tails differ in length reuse a few graphs."""
-    return 1 << max(0, tokens - 1).bit_length()
 
 
 def make_runner(model: Any) -> ModelRunner | TransformersRunner:
@@ -74,7 +70,7 @@ class ModelRunner:
         self.arena = self.forward.new_arena()
         self.device = self.forward.device
         self.use_graphs = self.device.type == "cuda"
-        self._graphs: OrderedDict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, int, bool, bool], tuple[Any, torch.Tensor]] = OrderedDict()
         self._generation = self.arena.generation
         self._uncapturable: set[int] = set()  # tokens a slot whose forwards failed to capture (they run eagerly)
 
@@ -95,37 +91,42 @@ class ModelRunner:
         run (at least one token each), with `room` more columns a row for what it feeds later. Returns the logits
         (float32) of each row's last tail token (or of its last `logits_of[i]`, row after row); with a bare body
         the hidden states."""
-        tokens = max(len(t) for t in tails)
-        graphed = all(n == 1 for n in logits_of or ()) and self._opens_by_graph(tokens)
-        fed = bucket_tokens(tokens) if graphed else tokens
-        self.arena.open(prefixes, fed + room)
-        if graphed:
+        fed = self._graphed_open_tokens(tails) if all(n == 1 for n in logits_of or ()) else None
+        self.arena.open(prefixes, (fed or max(len(t) for t in tails)) + room)
+        if fed is not None:
             return self._open_by_graph(tails, fed)
         return self.extend(tails, [1] * len(tails) if logits_of is None else logits_of)
 
-    def _opens_by_graph(self, tokens: int) -> bool:
-        """Whether a call whose longest tail is `tokens` tokens opens through a graphed forward: on a GPU, for a
-        causal LM, when the tails are short. An eager forward is hundreds of launches, bound by the host (about 15 ms
-        for a 1.5B model, whatever its tokens); a step that follows a kept one reads a token or a few, and a graph
-        replays them in the device's time."""
-        if not self.use_graphs or self.forward.lm_head is None:
-            return False
-        return tokens == 1 or self.can_verify(bucket_tokens(tokens))
+    def _graphed_open_tokens(self, tails: list[list[int]]) -> int | None:
+        """The tokens a slot a call opens with through a graphed forward (its tails padded to a power of two), or
+        None for an eager prefill. An eager forward is hundreds of launches, bound by the host (about 15 ms for a
+        1.5B model, whatever its tokens); a step after a kept one reads one token, a PRM a step, and a graph replays
+        them in the device's time. Long or ragged tails stay eager: padding would more than double their tokens."""
+        if not self.use_graphs:
+            return None
+        fed = bucket_rows(max(len(t) for t in tails))  # a power of two: calls reuse a few graphs
+        if fed == 1:
+            return 1
+        padded = fed * bucket_rows(len(tails))
+        if not self.can_verify(fed) or padded > MAX_GRAPHED_OPEN or padded > 2 * sum(len(t) for t in tails):
+            return None
+        return fed
 
     def _open_by_graph(self, tails: list[list[int]], tokens: int) -> torch.Tensor:
         """The tails fed as a decode (one token each) or a verification of `tokens` tokens a slot, each tail padded
-        at its end (the padding is rolled back: a causal forward's earlier tokens never see it); the logits of each
-        row's last tail token, row after row."""
+        at its end (rolled back after: a causal forward's earlier tokens never see it); the logits (a body's hidden
+        states) of each row's last tail token, row after row."""
         slots = self.arena.rows
         fed = [*tails, *([[0]] * (slots - len(tails)))]  # the bucket's idle slots read a harmless id
         ids = torch.tensor([[*tail, *[0] * (tokens - len(tail))] for tail in fed], dtype=torch.long).flatten()
         ids = to_device(ids, self.device)
         if tokens == 1:
             return self.decode(ids)[: len(tails)]
-        logits = self.verify(ids, tokens)
+        last = torch.tensor([slot * tokens + len(tail) - 1 for slot, tail in enumerate(fed)], dtype=torch.long)
+        self.arena.last[:slots].copy_(to_device(last, self.device))
+        out = self._graphed(ids, tokens, last_only=True)[: len(tails)]
         self.rollback([tokens - len(tail) for tail in fed])
-        last = to_device(torch.tensor([slot * tokens + len(tail) - 1 for slot, tail in enumerate(tails)]), self.device)
-        return logits.index_select(0, last)
+        return out
 
     def extend(self, tokens: list[list[int]], logits_of: Sequence[int] | None = None) -> torch.Tensor:
         """Feed `tokens[slot]` to each slot (none to slots with an empty list, or beyond the list): the logits of
@@ -140,7 +141,7 @@ class ModelRunner:
         feed = Feed.placed(self.arena, counts, ids)
         self.arena.sync()
         hidden = self.forward.hidden(self.arena, feed, feed.kept_tokens(logits_of))
-        return self.forward.logits(hidden) if self.forward.lm_head is not None else hidden
+        return self.forward.output(hidden)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed `ids` ([slots], on the device: no host data, so the caller can queue the next forward before it reads
@@ -150,7 +151,7 @@ class ModelRunner:
 
     def can_verify(self, tokens: int) -> bool:
         """Whether `verify` runs here: `tokens` a slot through rsd's kernels (CUDA, half precision)."""
-        return tokens <= MAX_FEED and self.forward.verifies_in_one_tile(tokens) and self.forward.packed_checked
+        return tokens <= MAX_FEED and self.forward.verifies() and self.forward.packed_checked
 
     def verify(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
         """`decode` of `tokens` tokens a slot at once (`ids` [slots x tokens], slot after slot, on the device): the
@@ -161,14 +162,14 @@ class ModelRunner:
         """Slots whose rows have left start their columns over (they run on garbage until the bucket shrinks)."""
         self.arena.park(slots)
 
-    def _graphed(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    def _graphed(self, ids: torch.Tensor, tokens: int, last_only: bool = False) -> torch.Tensor:
         arena = self.arena
         arena.check_feed(tokens)
         arena.ids[: arena.rows * tokens].copy_(ids)
         if tokens == 1:
             logits = self._run_graph(1, lambda: self.forward.decode(arena))
         else:
-            logits = self._run_graph(tokens, lambda: self.forward.verify(arena, tokens))
+            logits = self._run_graph(tokens, lambda: self.forward.verify(arena, tokens, last_only), last_only)
         arena.cursor[:, : arena.rows] += tokens
         arena.advanced(tokens)
         return logits
@@ -187,7 +188,7 @@ class ModelRunner:
         return self.arena.row_cache(slot, ids)
 
     # -- graphed forwards ------------------------------------------------------------------------------------------
-    def _run_graph(self, tokens: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _run_graph(self, tokens: int, forward: Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
         """`forward` (a decode or a verification, reading device buffers only), replayed as a CUDA graph captured once
         per (tokens a slot, rows, width) on a GPU; run as it is elsewhere."""
         model, arena = self.forward, self.arena
@@ -205,7 +206,7 @@ class ModelRunner:
         if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones
             self._graphs.clear()
             self._generation = arena.generation
-        key = (tokens, arena.rows, arena.width, model.kernels)
+        key = (tokens, arena.rows, arena.width, model.kernels, last_only)
         entry = self._graphs.get(key)
         if entry is None:
             try:
