@@ -29,6 +29,7 @@ from rsd.engine.forward import Feed, ModelForward, packed_chunks, rms_norm, rota
 from rsd.engine.kernels import layer_kernels as kernels  # noqa: E402
 from rsd.engine.kernels import packed_attention as packed  # noqa: E402
 from rsd.engine.kernels import split_attention as split  # noqa: E402
+from rsd.engine.kernels.packed_attention import tile_tokens  # noqa: E402
 from rsd.engine.kv_cache import Arena  # noqa: E402
 from rsd.engine.runner import ModelRunner  # noqa: E402
 
@@ -241,6 +242,42 @@ def test_a_verification_through_the_kernels_equals_the_torch_path(tokenizer, on)
         if len(results) == 1:
             forward = runner.forward
             assert forward.kernels and forward.packed_checked and forward.decode_checked  # no fallback
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bare_body", [False, True])
+def test_a_short_open_fed_as_a_padded_verification_equals_an_eager_prefill(tokenizer, on, bare_body):
+    """What a graphed open runs (`ModelRunner._open_by_graph`, here without the graph): ragged tails padded to a
+    power of two and fed as one verification whose rows span several attention tiles (the tiny model's tile is 64
+    tokens), the padding rolled back, only each row's last token read out, for a causal LM and for a bare body.
+    Its output, the keys and values it leaves and the next decode token equal an eager prefill's."""
+    model = build("qwen2", tokenizer, on)
+    network = model.model if bare_body else model
+    long_text = tokenizer.encode(" 3 + 4 = 7 and 12 - 5 = 7 ," * 8)
+    tails = [long_text[:70], long_text[:66], long_text[:100]]
+    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
+    fed = 128
+    assert tile_tokens(2) < max(map(len, tails)) <= fed  # several tiles a row
+
+    def runner() -> ModelRunner:
+        made = ModelRunner(network, body=network) if bare_body else ModelRunner(network)
+        made.forward.kernels = made.forward.packed_checked = True
+        return made
+
+    results = []
+    for padded in (True, False):
+        made = runner()
+        with torch.inference_mode():
+            made.open([None] * 3, prompts, room=fed + 8)
+            caches = [made.row_cache(slot, prompt).kv for slot, prompt in enumerate(prompts)]
+            made.arena.open(caches, fed + 8)
+            opened = made._open_by_graph(tails, fed) if padded else made.extend(tails, [1] * len(tails))
+            out = opened.clone()
+            kv = [made.row_cache(slot, p + t).kv for slot, (p, t) in enumerate(zip(prompts, tails, strict=True))]
+            step = made.decode(ids_of([5, 6, 7], made.slots, on))[:3].clone()
+        results.append((out, *kv, step))
+    assert results[0][0].shape[0] == len(tails)
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
