@@ -248,7 +248,7 @@ def test_a_verification_through_the_kernels_equals_the_torch_path(tokenizer, on)
 
 @pytest.mark.parametrize("bare_body", [False, True])
 def test_a_short_open_fed_as_a_padded_verification_equals_an_eager_prefill(tokenizer, on, bare_body):
-    """What a graphed open runs (`ModelRunner._open_by_graph`, here without the graph): ragged tails padded to a
+    """What a graphed open runs (`ModelRunner._feed_padded`, here without the graph): ragged tails padded to a
     power of two and fed as one verification whose rows span several attention tiles (the tiny model's tile is 64
     tokens), the padding rolled back, only each row's last token read out, for a causal LM and for a bare body.
     Its output, the keys and values it leaves and the next decode token equal an eager prefill's."""
@@ -272,7 +272,7 @@ def test_a_short_open_fed_as_a_padded_verification_equals_an_eager_prefill(token
             made.open([None] * 3, prompts, room=fed + 8)
             caches = [made.row_cache(slot, prompt).kv for slot, prompt in enumerate(prompts)]
             made.arena.open(caches, fed + 8)
-            opened = made._open_by_graph(tails, fed) if padded else made.extend(tails, [1] * len(tails))
+            opened = made._feed_padded(tails, fed) if padded else made.extend(tails, [1] * len(tails))
             out = opened.clone()
             kv = [made.row_cache(slot, p + t).kv for slot, (p, t) in enumerate(zip(prompts, tails, strict=True))]
             step = made.decode(ids_of([5, 6, 7], made.slots, on))[:3].clone()

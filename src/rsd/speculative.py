@@ -446,7 +446,7 @@ class SpeculativeStepGenerator:
     def _catch_up_draft(self, live: list[Rewrite]) -> torch.Tensor:
         """Roll the draft back to what the target kept, then feed it what it has not read: the target's own token,
         after the last proposal when every one was kept. One forward: a decode, or, when a row needs two tokens, a
-        forward of two tokens a slot (the others forget their second). Returns the draft's logits per slot."""
+        forward of two tokens a slot (the others' padding rolled back). Returns the draft's logits per slot."""
         runner = self.draft.runner
         slots = runner.slots
         counts, feeds = [0] * slots, [[0] for _ in range(slots)]
@@ -464,19 +464,7 @@ class SpeculativeStepGenerator:
             usage.calls += 1
         runner.rollback(counts)
         with self._timed("draft", 1):
-            return self._feed_draft(feeds)
-
-    def _feed_draft(self, feeds: list[list[int]]) -> torch.Tensor:
-        """Feed each draft slot its one or two tokens in one forward: the logits after each slot's last."""
-        runner = self.draft.runner
-        device = runner.device
-        if all(len(feed) == 1 for feed in feeds):
-            return runner.decode(to_device(torch.tensor([feed[0] for feed in feeds], dtype=torch.long), device))
-        ids = to_device(torch.tensor([(feed + [0])[:2] for feed in feeds], dtype=torch.long).flatten(), device)
-        logits = runner.verify(ids, 2) if runner.can_verify(2) else runner.extend_ids([2] * len(feeds), ids)
-        runner.rollback([2 - len(feed) for feed in feeds])
-        last = to_device(torch.tensor([2 * slot + len(feed) - 1 for slot, feed in enumerate(feeds)]), device)
-        return logits.index_select(0, last)
+            return runner.feed_last(feeds)
 
     def round_size(self, *keys: Hashable, rooms: Sequence[int] | None = None) -> int:
         """The k that maximises the tokens a round writes per unit of work, over its rows (the trajectories `keys`,

@@ -94,7 +94,7 @@ class ModelRunner:
         fed = self._graphed_open_tokens(tails) if all(n == 1 for n in logits_of or ()) else None
         self.arena.open(prefixes, (fed or max(len(t) for t in tails)) + room)
         if fed is not None:
-            return self._open_by_graph(tails, fed)
+            return self._feed_padded(tails, fed)
         return self.extend(tails, [1] * len(tails) if logits_of is None else logits_of)
 
     def _graphed_open_tokens(self, tails: list[list[int]]) -> int | None:
@@ -112,7 +112,16 @@ class ModelRunner:
             return None
         return fed
 
-    def _open_by_graph(self, tails: list[list[int]], tokens: int) -> torch.Tensor:
+    def feed_last(self, tails: list[list[int]]) -> torch.Tensor:
+        """Feed row i its short `tails[i]` (at least one token) in one forward: the logits (a body's hidden states) of
+        each row's last token. Tails of one token are a decode; longer ones a verification padded to the longest where
+        rsd's kernels run, else an eager forward."""
+        tokens = max(len(tail) for tail in tails)
+        if tokens == 1 or self.can_verify(tokens):
+            return self._feed_padded(tails, tokens)
+        return self.extend(tails, [1] * len(tails))
+
+    def _feed_padded(self, tails: list[list[int]], tokens: int) -> torch.Tensor:
         """The tails fed as a decode (one token each) or a verification of `tokens` tokens a slot, each tail padded
         at its end (rolled back after: a causal forward's earlier tokens never see it); the logits (a body's hidden
         states) of each row's last tail token, row after row."""

@@ -90,6 +90,10 @@ class TransformersRunner:
             first += count
         return self.extend(tokens, logits_of)
 
+    def feed_last(self, tails: list[list[int]]) -> torch.Tensor:
+        """Feed row i its `tails[i]`: the logits of each row's last token."""
+        return self.extend(tails, [1] * len(tails))
+
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.mask.shape[1]
         positions = torch.tensor(self.positions, dtype=torch.long)[:, None]
