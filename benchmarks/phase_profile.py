@@ -3,7 +3,8 @@
 One RSD run per batch size (the `gpu_speed.py` setup: random models of the real configurations, 256-token
 prompts, 8 steps of 64 tokens, the threshold keeping 70% of draft steps), after two untimed runs, with the
 engine's phases timed (`rsd.engine`: a call's prefill, its forwards of several tokens a row, decode forwards, token
-reads, stop checks, rows leaving; the PRM's calls and forwards). A phase that touches the GPU is timed between two
+reads, stop checks, rows leaving, the capture of a CUDA graph for a forward of a shape not yet replayed; the PRM's
+calls and forwards). A phase that touches the GPU is timed between two
 device synchronisations. That removes the overlap the decode loop relies on, so the phases of a profiled run add up
 to more than an unprofiled run takes. Host-only phases (the stop checks) are timed without synchronising.
 
@@ -53,6 +54,7 @@ from rsd.rewards.hf import HFRewardModel  # noqa: E402
 from rsd.speculative import SpeculativeStepGenerator  # noqa: E402
 
 ARENA_FORWARD = "forward in the arena"  # a forward of several tokens a row: prefills, the PRM's scoring
+GRAPH_CAPTURE = "graph capture"  # a forward of a shape with no graph yet, captured (a GPU only)
 # (class, method, phase name, whether it touches the GPU). The model is the generator's role, or "prm".
 ENGINE_PHASES = (
     (HFStepGenerator, "generate_steps", "call", True),
@@ -61,6 +63,7 @@ ENGINE_PHASES = (
     (ModelForward, "hidden", ARENA_FORWARD, True),
     (TransformersRunner, "_forward", "transformers forward", True),  # other layouts, RSD_DECODE=eager
     (ModelRunner, "decode", "decode forward (graphs on a GPU)", True),
+    (ModelRunner, "_capture", GRAPH_CAPTURE, True),  # inside the forward it captures
     (DeviceChoice, "receive", "token read", True),
     (StopRule, "__call__", "stop checks (host)", False),
     (StepModel, "leave", "row cache out", True),

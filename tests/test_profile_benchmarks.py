@@ -37,6 +37,7 @@ def test_phase_profile_times_every_phase_and_puts_the_engine_back(tmp_path):
     # One scoring call per step, one forward in the arena each (the PRM's Qwen2 body runs in the engine).
     assert phases["prm/call"][2] == phases[f"prm/{arena_forward}"][2] == steps
     assert "prm/transformers forward" not in phases
+    assert not [phase for phase in phases if phase.endswith(phase_profile.GRAPH_CAPTURE)]  # no graphs on the CPU
     # A phase inside a call is part of it.
     assert phases["target/decode forward (graphs on a GPU)"][0] <= phases["target/call"][0]
     assert phases[f"draft/{arena_forward}"][0] <= phases["draft/prefill"][0] <= phases["draft/call"][0]
