@@ -4,9 +4,9 @@ One RSD run per batch size (the `gpu_speed.py` setup: random models of the real 
 prompts, 8 steps of 64 tokens, the threshold keeping 70% of draft steps), after two untimed runs, with the
 engine's phases timed (`rsd.engine`: a call's prefill, its forwards of several tokens a row, decode forwards, token
 reads, stop checks, rows leaving, the capture of a CUDA graph for a forward of a shape not yet replayed; the PRM's
-calls and forwards). A phase that touches the GPU is timed between two
-device synchronisations. That removes the overlap the decode loop relies on, so the phases of a profiled run add up
-to more than an unprofiled run takes. Host-only phases (the stop checks) are timed without synchronising.
+calls and forwards). A phase that touches the GPU is timed between two device synchronisations. That removes the
+overlap the decode loop relies on, so the phases of a profiled run add up to more than an unprofiled run takes.
+Host-only phases (the stop checks) are timed without synchronising.
 
 For each (model, phase): seconds in all, host seconds (from the call to its return, before the closing
 synchronisation; a phase whose host seconds are close to its total is bound by the host) and calls; and the
