@@ -43,10 +43,19 @@ def vllm_python() -> str | None:
     return path if path and Path(path).is_file() and os.access(path, os.X_OK) else None
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and not given before in this process: servers started together bind theirs only later, and
+    the OS may hand a port it just gave back to the next caller."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @dataclass
@@ -150,7 +159,7 @@ def wait_until_ready(servers: Sequence[VLLMServer], timeout_s: float = 400.0) ->
                 stop_all(servers)
                 raise RSDError(f"vLLM server for {server.model} exited:\n{server.log_tail()}")
             try:
-                if httpx.get(f"{server.url}/models", timeout=2.0).status_code == 200:
+                if serves_its_model(server):
                     waiting.remove(server)
             except httpx.HTTPError:
                 pass
@@ -160,6 +169,13 @@ def wait_until_ready(servers: Sequence[VLLMServer], timeout_s: float = 400.0) ->
                            f"{waiting[0].log_tail()}")  # fmt: skip
         if waiting:
             time.sleep(1.0)
+
+
+def serves_its_model(server: VLLMServer) -> bool:
+    """Whether the server on `server`'s port answers /v1/models with its own model (another process that took the
+    port first would answer with another: then this one's bind fails and it exits)."""
+    answer = httpx.get(f"{server.url}/models", timeout=2.0)
+    return answer.status_code == 200 and server.model in {model["id"] for model in answer.json().get("data", [])}
 
 
 def stop_all(servers: Sequence[VLLMServer]) -> None:
