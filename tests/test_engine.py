@@ -25,7 +25,7 @@ from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.core import RSDError, StepParams, StepRequest  # noqa: E402
 from rsd.engine import forward as engine_forward  # noqa: E402
 from rsd.engine.kv_cache import WIDTH_BUCKET, bucket_rows, common_prefix_length  # noqa: E402
-from rsd.engine.runner import DECODE_ENV, ModelRunner, engine_problem, make_runner  # noqa: E402
+from rsd.engine.runner import DECODE_ENV, GraphCache, ModelRunner, engine_problem, make_runner  # noqa: E402
 from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.engine.weights import fuse_projections  # noqa: E402
 
@@ -305,6 +305,54 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert run(gen) == want
     assert list(gen.engine.runner._graphs) == list(graphs)
     assert all(gen.engine.runner._graphs[key] is graphs[key] for key in graphs)
+
+
+def test_the_graph_cache_drops_the_least_recently_used_past_its_bytes_or_its_count():
+    cache = GraphCache(budget=100, most=3)
+    cache.put("a", "graph a", 40)
+    cache.put("b", "graph b", 40)
+    assert cache.get("a") == "graph a"  # now the most recently used: "b" goes first
+    cache.put("c", "graph c", 40)  # 120 bytes > 100
+    assert list(cache) == ["a", "c"] and cache.bytes == 80
+    assert cache.get("b") is None
+    cache.put("d", "graph d", 1)
+    cache.put("e", "graph e", 1)  # four graphs > 3, bytes fine
+    assert list(cache) == ["c", "d", "e"] and cache.bytes == 42
+    cache.put("huge", "graph huge", 500)  # alone over the budget: kept, since the call that captured it needs it
+    assert list(cache) == ["huge"] and cache.bytes == 500 and cache["huge"] == "graph huge"
+    cache.put("huge", "graph huge again", 10)  # the same key again: its bytes replaced, not added
+    assert dict(cache) == {"huge": "graph huge again"} and cache.bytes == 10
+    cache.clear()
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_runner_keeps_its_graphs_within_its_memory_budget_and_decodes_the_same(tokenizer):
+    """Calls of 1 to 4 rows ask for three decode graphs (rows 1, 2, 4); a budget for about two of them keeps the
+    most recent within it, recaptures a dropped one when it is asked for again, and decodes what transformers does."""
+    model = build("qwen2", tokenizer, "cuda")
+    gen = engine_generator(model, tokenizer)
+    eager = transformers_generator(model, tokenizer)
+    graphs = gen.engine.runner._graphs
+    assert graphs.budget > 0  # a share of the card's memory
+
+    def run(generator, rows):
+        requests = [StepRequest(f"r{rows}-{i}", generator.encode(PROMPTS[i]), 6) for i in range(rows)]
+        outputs = generator.generate_steps(requests, GREEDY)
+        generator.release([r.key for r in requests])
+        return [o.token_ids for o in outputs]
+
+    assert run(gen, 1) == run(eager, 1)
+    one_row = graphs.bytes
+    assert one_row > 0
+    graphs.budget = 2 * one_row + one_row // 2  # room for the one-row graph and a little more
+    seen = set(graphs)
+    for rows in (2, 3, 1, 2, 3):  # each row count asked for again after others: recaptured if it was dropped
+        assert run(gen, rows) == run(eager, rows)
+        assert graphs.bytes <= graphs.budget or len(graphs) == 1
+        seen |= set(graphs)
+    assert len(graphs) < len(seen)  # some graphs were dropped to stay within the budget
 
 
 def short_tail_cases(tokenizer, dtype) -> list[list[list[int]]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +31,11 @@ if TYPE_CHECKING:
     from rsd.engine.transformers_runner import TransformersRunner
 
 DECODE_ENV = "RSD_DECODE"  # "eager": every model runs transformers' own forward (a kernel misbehaves, say)
-MAX_GRAPHS = 64  # captured graphs kept per model (least recently used dropped first)
+# A model's captured graphs: least recently used dropped first past either bound. Each graph's private memory pool
+# holds its output and intermediates (a verification's logits are tokens x vocabulary x 4 bytes), so their number
+# alone bounds nothing: a few graphs of 64 rows can hold gigabytes, a hundred decode graphs of one row megabytes.
+GRAPH_MEMORY_SHARE = 0.05  # of the card's memory
+MAX_GRAPHS = 512
 MAX_GRAPHED_OPEN = 1024  # the most tokens (padding included) a call opens with through a graph
 
 
@@ -70,7 +74,7 @@ class ModelRunner:
         self.arena = self.forward.new_arena()
         self.device = self.forward.device
         self.use_graphs = self.device.type == "cuda"
-        self._graphs: OrderedDict[tuple[int, int, int, bool, bool], tuple[Any, torch.Tensor]] = OrderedDict()
+        self._graphs = GraphCache(graph_memory_budget(self.device))
         self._generation = self.arena.generation
         self._uncapturable: set[int] = set()  # tokens a slot whose forwards failed to capture (they run eagerly)
 
@@ -219,7 +223,7 @@ class ModelRunner:
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(forward)
+                entry, size = self._capture(forward)
             except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
                 kind = "decode" if tokens == 1 else f"{tokens}-token verification"
                 warnings.warn(
@@ -229,19 +233,18 @@ class ModelRunner:
                 )
                 self._uncapturable.add(tokens)
                 return forward()
-            self._graphs[key] = entry
-            while len(self._graphs) > MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        self._graphs.move_to_end(key)
+            self._graphs.put(key, entry, size)
         graph, logits = entry
         graph.replay()
         return logits
 
-    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[tuple[Any, torch.Tensor], int]:
+        """The graph of `forward` and its output, and the bytes capturing it reserved (at least its output's)."""
         # A graphed forward is idempotent for given buffers (it rewrites the same columns with the same keys), so the
         # warm-up run that capturing needs can use the live call.
         device = self.device
         with torch.cuda.device(device):  # a model on cuda:1 captures there, whatever the current device
+            reserved = torch.cuda.memory_reserved(device)
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
@@ -250,4 +253,55 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = forward()
-        return graph, logits
+            size = max(torch.cuda.memory_reserved(device) - reserved, logits.numel() * logits.element_size())
+        return (graph, logits), size
+
+
+def graph_memory_budget(device: torch.device) -> int:
+    """The bytes a model's captured graphs may hold on `device` (none off CUDA, where nothing is captured)."""
+    if device.type != "cuda":
+        return 0
+    return int(GRAPH_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+
+
+class GraphCache:
+    """Captured graphs by shape key, each with the bytes it holds; the least recently used are dropped while they
+    hold more than `budget` bytes or number more than `most` (never the one just added: a call needs it)."""
+
+    def __init__(self, budget: int, most: int = MAX_GRAPHS) -> None:
+        self.budget, self.most = budget, most
+        self.bytes = 0
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any | None:
+        """The entry under `key`, now the most recently used, or None."""
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        self._entries.move_to_end(key)
+        return found[0]
+
+    def put(self, key: Hashable, entry: Any, size: int) -> None:
+        if key in self._entries:
+            self.bytes -= self._entries.pop(key)[1]
+        self._entries[key] = (entry, size)
+        self.bytes += size
+        while len(self._entries) > 1 and (self.bytes > self.budget or len(self._entries) > self.most):
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._entries)
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(self._entries)
+
+    def __getitem__(self, key: Hashable) -> Any:
+        return self._entries[key][0]
