@@ -305,3 +305,7 @@ class GraphCache:
 
     def __getitem__(self, key: Hashable) -> Any:
         return self._entries[key][0]
+
+    def size(self, key: Hashable) -> int:
+        """The bytes the graph under `key` holds."""
+        return self._entries[key][1]
