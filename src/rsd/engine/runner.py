@@ -244,12 +244,12 @@ class ModelRunner:
         # warm-up run that capturing needs can use the live call.
         device = self.device
         with torch.cuda.device(device):  # a model on cuda:1 captures there, whatever the current device
-            reserved = torch.cuda.memory_reserved(device)
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 forward()
             torch.cuda.current_stream(device).wait_stream(stream)
+            reserved = torch.cuda.memory_reserved(device)  # after the warm-up: only the graph's own pool counts
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = forward()
