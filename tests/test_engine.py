@@ -329,25 +329,33 @@ def test_the_graph_cache_drops_the_least_recently_used_past_its_bytes_or_its_cou
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_a_runner_keeps_its_graphs_within_its_memory_budget_and_decodes_the_same(tokenizer):
-    """Calls of 1, 2 and 3 rows capture decode graphs of 1, 2 and 4 rows, each sized at least by its output; with a
-    budget just under what they hold, a call of 5 rows (a graph of 8) drops the least recently used ones, and a
-    dropped graph asked for again is captured again; every call decodes what transformers' forward decodes."""
+    """A call of 5 long rows sizes the arena once (8 rows, 512 columns: no later call makes it again, which would
+    drop every graph); calls of 1, 2 and 3 short rows then capture decode graphs of 1, 2 and 4 rows, each sized at
+    least by its output; with a budget just under what they hold, a call of 5 short rows (a new graph of 8 rows)
+    drops the least recently used ones, and a dropped graph asked for again is captured again; every call decodes
+    what transformers' forward decodes."""
     model = build("qwen2", tokenizer, "cuda")
     gen = engine_generator(model, tokenizer)
     eager = transformers_generator(model, tokenizer)
-    graphs = gen.engine.runner._graphs
+    runner = gen.engine.runner
+    graphs = runner._graphs
     assert graphs.budget > 0  # a share of the card's memory
 
-    def run(generator, rows):
-        requests = [StepRequest(f"r{rows}-{i}", generator.encode(PROMPTS[i]), 6) for i in range(rows)]
+    def run(generator, rows, repeat=1):
+        prompts = [generator.encode(PROMPTS[i] * repeat) for i in range(rows)]
+        requests = [StepRequest(f"r{rows}-{repeat}-{i}", ids, 6) for i, ids in enumerate(prompts)]
         outputs = generator.generate_steps(requests, GREEDY)
         generator.release([r.key for r in requests])
         return [o.token_ids for o in outputs]
 
+    assert run(gen, 5, repeat=12) == run(eager, 5, repeat=12)
+    generation = runner.arena.generation
+    assert runner.arena.capacity[0] == 8 and runner.arena.width > WIDTH_BUCKET
     for rows in (1, 2, 3):
         assert run(gen, rows) == run(eager, rows)
+    assert runner.arena.generation == generation
     captured = list(graphs)
-    assert {key[1] for key in captured} >= {1, 2, 4}  # (tokens a slot, rows, ...)
+    assert {key[1] for key in captured if key[2] == WIDTH_BUCKET} >= {1, 2, 4}  # (tokens a slot, rows, width, ...)
     for key in captured:
         _, output = graphs[key]
         assert graphs.size(key) >= output.numel() * output.element_size()
@@ -357,6 +365,7 @@ def test_a_runner_keeps_its_graphs_within_its_memory_budget_and_decodes_the_same
     assert graphs.bytes <= graphs.budget and not set(captured) <= set(graphs)
     assert run(gen, 1) == run(eager, 1) and run(gen, 2) == run(eager, 2)
     assert graphs.bytes <= graphs.budget or len(graphs) == 1
+    assert runner.arena.generation == generation
 
 
 def short_tail_cases(tokenizer, dtype) -> list[list[list[int]]]:
