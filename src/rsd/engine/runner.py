@@ -239,7 +239,7 @@ class ModelRunner:
         return logits
 
     def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[tuple[Any, torch.Tensor], int]:
-        """The graph of `forward` and its output, and the bytes capturing it reserved (at least its output's)."""
+        """The graph of `forward` and its output, and the bytes its memory pool reserved (at least its output's)."""
         # A graphed forward is idempotent for given buffers (it rewrites the same columns with the same keys), so the
         # warm-up run that capturing needs can use the live call.
         device = self.device
@@ -249,7 +249,11 @@ class ModelRunner:
             with torch.cuda.stream(stream):
                 forward()
             torch.cuda.current_stream(device).wait_stream(stream)
-            reserved = torch.cuda.memory_reserved(device)  # after the warm-up: only the graph's own pool counts
+            # Capturing empties the allocator's cache first; emptied here, the memory reserved then grows by the
+            # graph's own pool alone (its output and intermediates, in whole segments).
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            reserved = torch.cuda.memory_reserved(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = forward()
