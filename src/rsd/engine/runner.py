@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 DECODE_ENV = "RSD_DECODE"  # "eager": every model runs transformers' own forward (a kernel misbehaves, say)
 # A model's captured graphs: least recently used dropped first past either bound. Each graph's private memory pool
-# holds its output and intermediates (a verification's logits are tokens x vocabulary x 4 bytes), so their number
-# alone bounds nothing: a few graphs of 64 rows can hold gigabytes, a hundred decode graphs of one row megabytes.
+# holds its output and intermediates (a verification's logits are tokens x vocabulary x 4 bytes) in whole allocator
+# segments, so their number alone bounds nothing: a few graphs of 64 rows can hold gigabytes, a decode graph of one
+# row a segment or two of a few megabytes.
 GRAPH_MEMORY_SHARE = 0.05  # of the card's memory
 MAX_GRAPHS = 512
 MAX_GRAPHED_OPEN = 1024  # the most tokens (padding included) a call opens with through a graph
