@@ -54,6 +54,7 @@ from rsd.core import (
     StepRequest,
     TrajectoryStats,
 )
+from rsd.engine.runner import GraphStats, ModelRunner
 from rsd.loop import StepwiseDecoder
 from rsd.policies import Threshold
 from rsd.rewards.formats import QwenPRMInput
@@ -288,6 +289,7 @@ class Run:
     seconds: float
     stats: TrajectoryStats
     forward_ms: dict[str, float] | None = None  # what the speculation rounds measured (`forward_ms`)
+    graphs: dict[str, dict[str, float]] | None = None  # per model: graphs captured in the run, and held after it
 
 
 def synchronize(device: str) -> None:
@@ -304,8 +306,29 @@ def clocked(device: str, work: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def timed(device: str, work: Callable[[], TrajectoryStats]) -> Run:
-    return Run(*clocked(device, work))
+def timed(device: str, work: Callable[[], TrajectoryStats], models: Models) -> Run:
+    before = graph_stats(models)
+    seconds, stats = clocked(device, work)
+    return Run(seconds, stats, graphs=graphs_of_run(before, graph_stats(models)))
+
+
+def graph_stats(models: Models) -> dict[str, GraphStats]:
+    """Each model's CUDA graphs so far (`ModelRunner.graph_stats`)."""
+    runners = {"draft": models.draft.engine.runner, "prm": models.prm.runner, "target": models.target.engine.runner}
+    return {role: runner.graph_stats for role, runner in runners.items() if isinstance(runner, ModelRunner)}
+
+
+def graphs_of_run(before: dict[str, GraphStats], after: dict[str, GraphStats]) -> dict[str, dict[str, float]]:
+    """Per model: the graphs a run captured and the seconds they took, and the graphs held after it with their GiB."""
+    return {
+        role: {
+            "captured": now.captures - before[role].captures,
+            "capture_s": now.capture_seconds - before[role].capture_seconds,
+            "held": now.held,
+            "held_gib": now.held_bytes / 2**30,
+        }
+        for role, now in after.items()
+    }
 
 
 def forward_ms(speculative: SpeculativeStepGenerator) -> dict[str, float] | None:
@@ -369,15 +392,24 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, log: Callable
     }
     work = {name: work[name] for name in config.methods}
     for run in work.values():  # warm-up: kernels compiled, graphs captured, allocator grown
-        timed(config.device, run)
+        timed(config.device, run, models)
     runs: dict[str, list[Run]] = {name: [] for name in work}
     for round_index in range(1, config.repeats + 1):
         for name, run in work.items():
-            runs[name].append(timed(config.device, run))
+            runs[name].append(timed(config.device, run, models))
             if name in SPECULATING:
                 runs[name][-1].forward_ms = forward_ms(models.speculative)
-        log(f"batch {batch}: round {round_index}: " + ", ".join(f"{k} {v[-1].seconds:.3f}s" for k, v in runs.items()))
+        log(f"batch {batch}: round {round_index}: " + ", ".join(f"{k} {round_line(v[-1])}" for k, v in runs.items()))
     return summarize_batch(batch, runs)
+
+
+def round_line(run: Run) -> str:
+    """A run's seconds, and the graphs it captured (each a device synchronisation and an extra forward) if any."""
+    captured = {role: g["captured"] for role, g in (run.graphs or {}).items() if g["captured"]}
+    if not captured:
+        return f"{run.seconds:.3f}s"
+    seconds = sum(g["capture_s"] for g in (run.graphs or {}).values())
+    return f"{run.seconds:.3f}s (captured {captured}, {seconds:.2f}s)"
 
 
 # -- figures ----------------------------------------------------------------------------------------------------------
@@ -401,6 +433,7 @@ def summarize_batch(batch: int, runs: dict[str, list[Run]]) -> dict:
             "speculation": stats.speculation.to_dict(),
             "split_s": split if name.startswith("rsd") else None,
             "forward_ms": rs[-1].forward_ms,
+            "graphs": [r.graphs for r in rs],
         }
     base = seconds.get("target_only")
     for name in seconds:

@@ -95,6 +95,8 @@ def test_the_engine_decodes_what_transformers_decodes(kind, tokenizer, device):
     assert_rows_leave_the_batch_alike(fast, eager)
     sampling = StepParams(delimiter="\n\n", temperature=1.0, top_p=0.9, seed=7)
     assert trajectories(fast, caps, 2, sampling) == trajectories(eager, caps, 2, sampling)
+    stats = fast.engine.runner.graph_stats
+    assert (stats.captures > 0 and stats.held > 0) == (device == "cuda")  # graphs on a GPU only
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
@@ -302,7 +304,11 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert run(gen) == want
     graphs = dict(gen.engine.runner._graphs)
     assert graphs and all(key[1:3] == (4, WIDTH_BUCKET) for key in graphs)  # (tokens a slot, rows, width, ...)
+    stats = gen.engine.runner.graph_stats
+    assert stats.captures == stats.held == len(graphs) and stats.capture_seconds > 0
+    assert stats.held_bytes == gen.engine.runner._graphs.bytes > 0
     assert run(gen) == want
+    assert gen.engine.runner.graph_stats == stats  # nothing captured again
     assert list(gen.engine.runner._graphs) == list(graphs)
     assert all(gen.engine.runner._graphs[key] is graphs[key] for key in graphs)
 

@@ -15,9 +15,11 @@ forward (every other causal LM, and the escape hatch `RSD_DECODE=eager`).
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,6 +80,12 @@ class ModelRunner:
         self._graphs = GraphCache(graph_memory_budget(self.device))
         self._generation = self.arena.generation
         self._uncapturable: set[int] = set()  # tokens a slot whose forwards failed to capture (they run eagerly)
+        self._captures, self._capture_seconds = 0, 0.0
+
+    @property
+    def graph_stats(self) -> GraphStats:
+        """What this runner's CUDA graphs have cost so far (all zero off CUDA)."""
+        return GraphStats(self._captures, self._capture_seconds, len(self._graphs), self._graphs.bytes)
 
     @property
     def slots(self) -> int:
@@ -223,6 +231,7 @@ class ModelRunner:
         key = (tokens, arena.rows, arena.width, model.kernels, last_only)
         entry = self._graphs.get(key)
         if entry is None:
+            start = time.perf_counter()
             try:
                 entry, size = self._capture(forward)
             except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
@@ -234,6 +243,8 @@ class ModelRunner:
                 )
                 self._uncapturable.add(tokens)
                 return forward()
+            self._captures += 1
+            self._capture_seconds += time.perf_counter() - start
             self._graphs.put(key, entry, size)
         graph, logits = entry
         graph.replay()
@@ -267,6 +278,17 @@ def graph_memory_budget(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return int(GRAPH_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """A runner's graphs: captures made, the host seconds they took (each synchronises the device and runs the
+    forward once more), and the graphs held now with the bytes their memory pools reserved."""
+
+    captures: int
+    capture_seconds: float
+    held: int
+    held_bytes: int
 
 
 class GraphCache:
