@@ -204,7 +204,7 @@ def profile_batch(
     problems = gpu_speed.make_problems(models.tokenizer, batch, config.prompt_tokens, config.seed, tag=f"b{batch}")
 
     def run() -> gpu_speed.Run:
-        return gpu_speed.timed(config.device, lambda: gpu_speed.rsd(models, problems, config, plain=plain))
+        return gpu_speed.timed(config.device, lambda: gpu_speed.rsd(models, problems, config, plain=plain), models)
 
     unprofiled = [run() for _ in range(2)][-1]  # the first one warms up
     clock = PhaseClock(config.device)
