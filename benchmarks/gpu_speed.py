@@ -213,6 +213,13 @@ def build_prm(shape: Shape, tokenizer: Any, config: BenchConfig, seed: int) -> H
     return HFRewardModel("random-qwen-prm-1.5b", "qwen-prm", body, head, QwenPRMInput(tokenizer), cost, 64)
 
 
+def pattern_keeps(problem: int, step: int, steps: int, keep_share: float) -> bool:
+    """Whether the fixed pattern keeps problem `problem`'s step `step`: of the steps counted across problems (number
+    problem x steps + step), a share `1 - keep_share` is rejected, evenly spread."""
+    n, rejected = problem * steps + step, 1.0 - keep_share
+    return math.floor((n + 1) * rejected + 1e-9) == math.floor(n * rejected + 1e-9)
+
+
 class PatternedPRM:
     """The PRM, run for real, its rewards replaced by a fixed pattern: of the steps counted across problems (problem
     p's step i is number p x steps + i), a share `1 - keep_share` scores 0, evenly spread, the others 1."""
@@ -228,8 +235,7 @@ class PatternedPRM:
         return outputs
 
     def kept(self, problem: int, step: int) -> bool:
-        n, rejected = problem * self.steps + step, 1.0 - self.keep_share
-        return math.floor((n + 1) * rejected + 1e-9) == math.floor(n * rejected + 1e-9)
+        return pattern_keeps(problem, step, self.steps, self.keep_share)
 
     def release(self, keys: Sequence[Any]) -> None:
         self.prm.release(keys)

@@ -11,15 +11,28 @@ for one row and for the rows rejected at each batch size. No host time, no prefi
 as decodes: ceilings, not predictions. Last, how much an uninterrupted run's round count moves with its draws
 alone (one standard deviation), the spread a benchmark of one trajectory carries.
 
+`--run` prices RSD itself from a `gpu_speed.py` result at one batch size: its best time is the draft's and the
+PRM's calls, the first forward of each rewrite (read from a `phase_profile.py --rewrite speculative` result given
+with `--phases`: the target's forwards in the arena, which read the kept steps it has not seen and the rejected
+step, compute-bound) and the simulated mean of the rewrites' rounds, each priced at the run's own median
+verification and draft forward. Printed beside it: the same with the profiled run's own count of rounds, and what
+the run measured, with and without the CUDA graphs its rounds captured.
+
     python benchmarks/speculation_ceiling.py --prices 0.18 0.10 --batches 1 16 64
+    python benchmarks/speculation_ceiling.py --run benchmarks/results/h100-b17887f-gpu-speed-14b-batch16.json \
+        --phases benchmarks/results/h100-b1261a5-phases-14b-speculative.json --batches 16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rsd.speculative import MAX_K, tokens_per_round
 
@@ -77,6 +90,116 @@ def rewrite_speedup(
     return best
 
 
+FIRST_FORWARDS = "target/forward in the arena"  # in a speculative profile: each rewrite's first forward
+ROUNDS = "target/rewrite: verification forward"
+PHASES_KEY = "phases [seconds, host seconds, calls]"
+
+
+def batch_result(report: dict[str, Any], batch: int, source: str) -> dict[str, Any]:
+    for result in report["results"]:
+        if result["batch"] == batch:
+            return result
+    found = ", ".join(str(result["batch"]) for result in report["results"])
+    raise SystemExit(f"{source} has no batch {batch} (it has {found}); pick one of those with --batches")
+
+
+def pattern_calls(batch: int, config: dict[str, Any]) -> list[int]:
+    """The rows of each rewrite call of a `gpu_speed.py` run at `batch`: per step, those its fixed pattern rejects."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_speed import pattern_keeps
+
+    steps, keep_share = config["steps"], config["keep_share"]
+    rows = [sum(not pattern_keeps(p, step, steps, keep_share) for p in range(batch)) for step in range(steps)]
+    return [n for n in rows if n]
+
+
+def run_rounds_mean(calls: list[int], acceptance: float, k: int, step_tokens: int, draws: int, seed: int) -> float:
+    """The mean rounds, over `draws` runs of acceptance draws, that the rewrite calls of `calls` rows each take."""
+    rng = random.Random(seed)
+    runs = [sum(lockstep_rounds(rng, rows, acceptance, k, step_tokens) for rows in calls) for _ in range(draws)]
+    return statistics.mean(runs)
+
+
+def rsd_best_time(
+    run: dict[str, Any], batch: int, phases: dict[str, Any] | None, draws: int, seed: int
+) -> dict[str, float]:
+    """RSD's best time with speculative rewrites at `batch`, priced from a `gpu_speed.py` report (`run`) and a
+    `phase_profile.py --rewrite speculative` report (`phases`, for the first forwards and the rounds a run took):
+    the rewrite calls its pattern makes, their rounds simulated at the best fixed k."""
+    config, result = run["config"], batch_result(run, batch, "--run")
+    rsd = result["methods"].get("rsd")
+    if rsd is None or not rsd.get("forward_ms"):
+        raise SystemExit(
+            f"--run has no timed forwards of RSD with speculative rewrites at batch {batch}: give a GPU run of "
+            "gpu_speed.py with the rsd method"
+        )
+    verification, draft = rsd["forward_ms"]["target"] / 1e3, rsd["forward_ms"]["draft"] / 1e3
+    calls = pattern_calls(batch, config)
+    acceptance, step_tokens = config["token_acceptance"], config["step_tokens"]
+    k, rounds = min(
+        ((k, run_rounds_mean(calls, acceptance, k, step_tokens, draws, seed)) for k in range(1, MAX_K + 1)),
+        key=lambda pair: pair[1] * (verification + pair[0] * draft),
+    )
+    round_seconds = verification + k * draft
+    parts = {
+        "draft and PRM": rsd["split_s"]["draft"] + rsd["split_s"]["prm"],
+        "first forwards": 0.0,
+        "rounds": rounds * round_seconds,
+    }
+    figures: dict[str, float] = {}
+    if phases is not None:
+        profile = batch_result(phases, batch, "--phases")[PHASES_KEY]
+        parts["first forwards"] = profile[FIRST_FORWARDS][0]
+        figures["profiled rounds"] = profile[ROUNDS][2]
+    uncaptured = [
+        seconds - sum(graphs.get("capture_s", 0.0) for graphs in captured.values())
+        for seconds, captured in zip(rsd["seconds_all"], rsd.get("graphs") or [], strict=False)
+    ]
+    best = sum(parts.values())
+    figures.update(parts)
+    figures.update({
+        "k": k,
+        "price": draft / verification,
+        "calls": len(calls),
+        "simulated rounds": rounds,
+        "best": best,
+        "target only": result["seconds"]["target_only"],
+        "measured": result["seconds"]["rsd"],
+        "measured without captures": statistics.median(uncaptured) if uncaptured else float("nan"),
+    })  # fmt: skip
+    if "profiled rounds" in figures:
+        figures["best at the profiled rounds"] = best - parts["rounds"] + figures["profiled rounds"] * round_seconds
+    return figures
+
+
+def best_time_lines(figures: dict[str, float], batch: int) -> list[str]:
+    base = figures["target only"]
+
+    def against(seconds: float) -> str:
+        return f"{seconds:.2f} s ({base / seconds:.2f}x target-only)"
+
+    lines = [
+        f"batch {batch}: RSD with speculative rewrites at this run's prices (draft price {figures['price']:.3f}, "
+        f"k = {figures['k']:.0f}); target-only {base:.2f} s",
+        f"  draft and PRM calls       {figures['draft and PRM']:.2f} s",
+        f"  first forwards            {figures['first forwards']:.2f} s"
+        + ("" if "profiled rounds" in figures else " (no --phases: left out)"),
+        f"  rounds                    {figures['rounds']:.2f} s ({figures['simulated rounds']:.0f} simulated over "
+        f"{figures['calls']:.0f} calls)",
+        f"  best                      {against(figures['best'])}",
+    ]
+    if "profiled rounds" in figures:
+        lines.append(
+            f"  best, profiled rounds     {against(figures['best at the profiled rounds'])} "
+            f"({figures['profiled rounds']:.0f} rounds)"
+        )
+    lines.append(
+        f"  measured                  {against(figures['measured'])}; without captures "
+        f"{against(figures['measured without captures'])}"
+    )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--acceptance", type=float, default=0.8, help="token acceptance (default 0.8)")
@@ -87,11 +210,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=2000, help="simulated rewrite rounds per k (default 2000)")
     parser.add_argument("--run-tokens", type=int, default=512, help="an uninterrupted run's tokens (default 512)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--run", type=Path, help="a gpu_speed.py result: RSD's best time at its prices, per batch")
+    parser.add_argument("--phases", type=Path, help="with --run: a phase_profile.py --rewrite speculative result")
     args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error("--draws is at least 1")
+    if args.run is not None:
+        run = read_report(parser, args.run)
+        phases = read_report(parser, args.phases) if args.phases is not None else None
+        for batch in args.batches:
+            print("\n".join(best_time_lines(rsd_best_time(run, batch, phases, args.draws, args.seed), batch)))
+        return
+    if args.phases is not None:
+        parser.error("--phases goes with --run")
     if not 0.0 <= args.acceptance <= 1.0 or not 0.0 <= args.keep_share < 1.0:
         parser.error("--acceptance is in [0, 1] and --keep-share in [0, 1)")
-    if any(price < 0 for price in args.prices) or args.step_tokens < 2 or args.draws < 1:
-        parser.error("prices are at least 0, --step-tokens at least 2, --draws at least 1")
+    if any(price < 0 for price in args.prices) or args.step_tokens < 2:
+        parser.error("prices are at least 0 and --step-tokens at least 2")
     print(f"token acceptance {args.acceptance}, steps of {args.step_tokens} tokens, {args.keep_share:.0%} kept")
     batches = " | ".join(f"rewrites at batch {batch}: k, speed-up" for batch in args.batches)
     print(f"| draft price | uninterrupted: k, speed-up | {batches} |")
@@ -116,6 +251,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"price {price:.2f}: a {args.run_tokens}-token run at k = {k} takes {mean:.0f} +- {spread:.0f} rounds "
             f"({spread / mean:.1%}, one standard deviation over {args.draws} draws)"
         )
+
+
+def read_report(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        parser.error(f"{path}: {exc}")
+        raise  # parser.error exits
 
 
 if __name__ == "__main__":

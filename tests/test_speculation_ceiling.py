@@ -3,6 +3,7 @@ closed form where there is one, and the lock-step rewrite rounds it simulates ag
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -43,3 +44,48 @@ def test_the_script_prints_a_row_per_price_and_refuses_bad_rates(capsys):
     with pytest.raises(SystemExit):
         ceiling.main(["--acceptance", "1.5"])
     assert "--acceptance is in [0, 1]" in capsys.readouterr().err
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RUN_16 = RESULTS / "h100-b17887f-gpu-speed-14b-batch16.json"
+PHASES_16 = RESULTS / "h100-b1261a5-phases-14b-speculative.json"
+
+
+def test_the_pattern_rejects_the_share_it_is_set_to_and_every_step_has_rewrites_from_16_rows():
+    config = {"steps": 8, "keep_share": 0.7}
+    assert ceiling.pattern_calls(1, config) == [1, 1]  # 2 of the 8 steps of problem 0 (75% kept)
+    sixteen = ceiling.pattern_calls(16, config)
+    assert len(sixteen) == 8 and sum(sixteen) == round(0.3 * 16 * 8)  # 38 rows rewritten over the 8 calls
+
+
+def test_rsd_best_time_adds_its_parts_at_the_runs_own_prices(capsys):
+    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES_16), "--batches", "16", "--draws", "200"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(
+        "batch 16: RSD with speculative rewrites at this run's prices (draft price 0.160, k = 4)"
+    )
+    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES_16))
+    figures = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1)
+    rsd = run["results"][0]["methods"]["rsd"]
+    assert figures["draft and PRM"] == pytest.approx(rsd["split_s"]["draft"] + rsd["split_s"]["prm"])
+    assert figures["first forwards"] == pytest.approx(0.511, abs=1e-3)  # the 8 first forwards the profile timed
+    # 165 rounds of one verification (12.91 ms) and 4 draft forwards (2.06 ms) each.
+    assert figures["simulated rounds"] == pytest.approx(165, abs=5)
+    assert figures["rounds"] == pytest.approx(figures["simulated rounds"] * (0.012915 + 4 * 0.002061), rel=1e-3)
+    assert figures["best"] == pytest.approx(
+        sum(figures[part] for part in ("draft and PRM", "first forwards", "rounds"))
+    )
+    assert figures["best at the profiled rounds"] - figures["best"] == pytest.approx(
+        (176 - figures["simulated rounds"]) * (0.012915 + 4 * 0.002061), rel=1e-3
+    )
+    # The median round without the graphs it captured: 6.398 - 0.588, 6.042 - 0.306, 5.852 - 0.092 s.
+    assert figures["measured without captures"] == pytest.approx(5.760, abs=2e-3)
+    assert figures["best"] < figures["measured without captures"] < figures["measured"]
+
+
+def test_rsd_best_time_names_a_batch_the_run_does_not_have(capsys):
+    with pytest.raises(SystemExit, match="has no batch 64 \\(it has 16\\)"):
+        ceiling.main(["--run", str(RUN_16), "--batches", "64", "--draws", "5"])
+    with pytest.raises(SystemExit):
+        ceiling.main(["--phases", str(PHASES_16)])
+    assert "--phases goes with --run" in capsys.readouterr().err
