@@ -123,6 +123,22 @@ def test_long_tails_run_in_chunks_of_tokens_and_decode_the_same(kind, tokenizer,
     assert len(chunks) > 5 * 4 * model.config.num_hidden_layers  # well over one chunk per row: token by token
 
 
+def test_a_graphed_forward_returns_the_models_dtype_and_callers_get_float32(tokenizer, device):
+    """A graph's memory pool keeps its output: a decode forward returns its logits in the model's dtype (bfloat16
+    here), and the runner hands its callers a float32 copy of the same values."""
+    runner = ModelRunner(build("qwen2", tokenizer, device).to(torch.bfloat16))
+    with torch.inference_mode():
+        runner.open([None] * 3, [[5, 9, 7] * 30] * 3, room=50)
+        runner.arena.ids[:4] = 11  # what `decode` feeds below
+        raw = runner.forward.decode(runner.arena).clone()
+        logits = runner.decode(torch.full((4,), 11, dtype=torch.long, device=device))
+    assert raw.dtype == torch.bfloat16 and logits.dtype == torch.float32 and raw.abs().max() > 0
+    torch.testing.assert_close(logits, raw.float())
+    if runner.use_graphs:  # what the graph holds is the model's dtype
+        (_, output), *_ = (runner._graphs[key] for key in runner._graphs)
+        assert output.dtype == torch.bfloat16
+
+
 def test_a_decode_forward_is_idempotent_until_the_runner_advances(tokenizer, device):
     """Rows opened with blank prefixes (as the kernel benchmark opens them): a decode forward rewrites the same
     column with the same keys (capturing a graph and the kernels' first check rely on it); `decode` moves on."""

@@ -144,12 +144,20 @@ class ModelForward:
     def new_arena(self) -> Arena:
         return Arena(self.layers, self.shape.kv_heads, self.shape.head_dim, self.dtype, self.device)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
-
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
-        """A forward's result: a causal LM's logits, a bare body's final-normed hidden states."""
-        return self.logits(hidden) if self.lm_head is not None else hidden
+        """A forward's result: a causal LM's logits (float32), a bare body's final-normed hidden states."""
+        return self.finished(self.head(hidden))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A causal LM's logits in the model's dtype (a bare body's hidden states): what a graphed forward returns.
+        A graph's memory pool keeps its output, and the float32 copy beside it would triple a pool that the logits
+        fill (a verification of 64 rows of 5 tokens: 97 MB of bf16 logits, 195 MB more in float32)."""
+        return self.lm_head(hidden) if self.lm_head is not None else hidden
+
+    def finished(self, head: torch.Tensor) -> torch.Tensor:
+        """`head`'s result as callers take it: logits in float32 (a copy outside any graph), hidden states as they
+        are."""
+        return head.float() if self.lm_head is not None else head
 
     # -- the entry points ----------------------------------------------------------------------------------------
     def hidden(self, arena: Arena, feed: Feed, keep: list[int]) -> torch.Tensor:
@@ -166,7 +174,8 @@ class ModelForward:
 
     def decode(self, arena: Arena) -> torch.Tensor:
         """One token for every slot of `arena` (`arena.ids`, at each slot's next column and position): the
-        next-token logits (float32) of every slot. Reads device buffers only: the runner replays it as a graph."""
+        next-token logits (`head`: the model's dtype) of every slot. Reads device buffers only: the runner replays it
+        as a graph."""
         rows, width = arena.rows, arena.width
         columns, positions = arena.cursor[0, :rows], arena.cursor[1, :rows]
         arena.mask[:rows].scatter_(1, columns[:, None], True)
@@ -177,14 +186,14 @@ class ModelForward:
         else:
             x = self._layers_by_torch(arena, hidden, cos, sin, torch.arange(rows, device=self.device), columns,
                                       self._decode_attention_by_torch(arena, rows, width))  # fmt: skip
-        return self.output(x)
+        return self.head(x)
 
     def verify(self, arena: Arena, tokens: int, last_only: bool = False) -> torch.Tensor:
         """`tokens` tokens for every slot of `arena` (`arena.ids`, slot after slot, at each slot's next columns and
-        positions): the logits (float32; a bare body's hidden states) of every one, or with `last_only` of each
-        slot's token `arena.last[slot]` (an index into the fed tokens). Reads device buffers only, like `decode`: the
-        runner replays it as a graph. Through rsd's Triton kernels only (a row's tokens are tiles of the packed
-        attention, built here on the device)."""
+        positions): the logits (`head`: the model's dtype; a bare body's hidden states) of every one, or with
+        `last_only` of each slot's token `arena.last[slot]` (an index into the fed tokens). Reads device buffers
+        only, like `decode`: the runner replays it as a graph. Through rsd's Triton kernels only (a row's tokens are
+        tiles of the packed attention, built here on the device)."""
         rows = arena.rows
         index = torch.arange(rows * tokens, device=self.device)
         slots, offsets = index // tokens, index % tokens  # no host data: a graph replays it
@@ -204,7 +213,7 @@ class ModelForward:
         x = self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend)
         if last_only:
             x = x.index_select(0, arena.last[:rows])
-        return self.output(x)
+        return self.head(x)
 
     def verifies(self) -> bool:
         """Whether `verify` runs here: it needs rsd's kernels."""

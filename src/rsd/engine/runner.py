@@ -194,7 +194,7 @@ class ModelRunner:
             logits = self._run_graph(tokens, lambda: self.forward.verify(arena, tokens, last_only), last_only)
         arena.cursor[:, : arena.rows] += tokens
         arena.advanced(tokens)
-        return logits
+        return self.forward.finished(logits)
 
     def rollback(self, counts: Sequence[int]) -> None:
         """Forget the last `counts[slot]` tokens each slot fed."""
