@@ -105,7 +105,9 @@ def batch_result(report: dict[str, Any], batch: int, source: str) -> dict[str, A
 
 def pattern_calls(batch: int, config: dict[str, Any]) -> list[int]:
     """The rows of each rewrite call of a `gpu_speed.py` run at `batch`: per step, those its fixed pattern rejects."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # run as a script its folder is there; imported (the tests) it may not be
+        sys.path.insert(0, here)
     from gpu_speed import pattern_keeps
 
     steps, keep_share = config["steps"], config["keep_share"]
