@@ -123,11 +123,12 @@ def run_rounds_mean(calls: list[int], acceptance: float, k: int, step_tokens: in
 
 
 def rsd_best_time(
-    run: dict[str, Any], batch: int, phases: dict[str, Any] | None, draws: int, seed: int
+    run: dict[str, Any], batch: int, phases: dict[str, Any] | None, draws: int, seed: int, draft_time: float = 1.0
 ) -> dict[str, float]:
     """RSD's best time with speculative rewrites at `batch`, priced from a `gpu_speed.py` report (`run`) and a
     `phase_profile.py --rewrite speculative` report (`phases`, for the first forwards and the rounds a run took):
-    the rewrite calls its pattern makes, their rounds simulated at the best fixed k."""
+    the rewrite calls its pattern makes, their rounds simulated at the best fixed k. `draft_time` scales every
+    draft forward's time (its own calls' and its proposals'): what a faster draft forward would give."""
     config, result = run["config"], batch_result(run, batch, "--run")
     rsd = result["methods"].get("rsd")
     if rsd is None or not rsd.get("forward_ms"):
@@ -135,7 +136,7 @@ def rsd_best_time(
             f"--run has no timed forwards of RSD with speculative rewrites at batch {batch}: give a GPU run of "
             "gpu_speed.py with the rsd method"
         )
-    verification, draft = rsd["forward_ms"]["target"] / 1e3, rsd["forward_ms"]["draft"] / 1e3
+    verification, draft = rsd["forward_ms"]["target"] / 1e3, draft_time * rsd["forward_ms"]["draft"] / 1e3
     calls = pattern_calls(batch, config)
     acceptance, step_tokens = config["token_acceptance"], config["step_tokens"]
     k, rounds = min(
@@ -144,7 +145,7 @@ def rsd_best_time(
     )
     round_seconds = verification + k * draft
     parts = {
-        "draft and PRM": rsd["split_s"]["draft"] + rsd["split_s"]["prm"],
+        "draft and PRM": draft_time * rsd["split_s"]["draft"] + rsd["split_s"]["prm"],
         "first forwards": 0.0,
         "rounds": rounds * round_seconds,
     }
@@ -162,6 +163,7 @@ def rsd_best_time(
     figures.update({
         "k": k,
         "price": draft / verification,
+        "draft time": draft_time,
         "calls": len(calls),
         "simulated rounds": rounds,
         "best": best,
@@ -180,8 +182,14 @@ def best_time_lines(figures: dict[str, float], batch: int) -> list[str]:
     def against(seconds: float) -> str:
         return f"{seconds:.2f} s ({base / seconds:.2f}x target-only)"
 
+    scaled = figures["draft time"] != 1.0
+    prices = (
+        f"this run's prices, the draft's forwards at {figures['draft time']:.2f} of their time"
+        if scaled
+        else ("this run's prices")
+    )
     lines = [
-        f"batch {batch}: RSD with speculative rewrites at this run's prices (draft price {figures['price']:.3f}, "
+        f"batch {batch}: RSD with speculative rewrites at {prices} (draft price {figures['price']:.3f}, "
         f"k = {figures['k']:.0f}); target-only {base:.2f} s",
         f"  draft and PRM calls       {figures['draft and PRM']:.2f} s",
         f"  first forwards            {figures['first forwards']:.2f} s"
@@ -214,17 +222,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--run", type=Path, help="a gpu_speed.py result: RSD's best time at its prices, per batch")
     parser.add_argument("--phases", type=Path, help="with --run: a phase_profile.py --rewrite speculative result")
+    parser.add_argument(
+        "--draft-time",
+        type=float,
+        default=1.0,
+        help="with --run: every draft forward at this share of the time the run measured (a faster draft)",
+    )
     args = parser.parse_args(argv)
     if args.draws < 1:
         parser.error("--draws is at least 1")
+    if args.draft_time <= 0:
+        parser.error("--draft-time is a share of the measured time, above 0")
     if args.run is not None:
         run = read_report(parser, args.run)
         phases = read_report(parser, args.phases) if args.phases is not None else None
         for batch in args.batches:
-            print("\n".join(best_time_lines(rsd_best_time(run, batch, phases, args.draws, args.seed), batch)))
+            figures = rsd_best_time(run, batch, phases, args.draws, args.seed, args.draft_time)
+            print("\n".join(best_time_lines(figures, batch)))
         return
-    if args.phases is not None:
-        parser.error("--phases goes with --run")
+    if args.phases is not None or args.draft_time != 1.0:
+        parser.error("--phases and --draft-time go with --run")
     if not 0.0 <= args.acceptance <= 1.0 or not 0.0 <= args.keep_share < 1.0:
         parser.error("--acceptance is in [0, 1] and --keep-share in [0, 1)")
     if any(price < 0 for price in args.prices) or args.step_tokens < 2:

@@ -88,4 +88,28 @@ def test_rsd_best_time_names_a_batch_the_run_does_not_have(capsys):
         ceiling.main(["--run", str(RUN_16), "--batches", "64", "--draws", "5"])
     with pytest.raises(SystemExit):
         ceiling.main(["--phases", str(PHASES_16)])
-    assert "--phases goes with --run" in capsys.readouterr().err
+    assert "--phases and --draft-time go with --run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ceiling.main(["--draft-time", "0.5"])
+    with pytest.raises(SystemExit):
+        ceiling.main(["--run", str(RUN_16), "--draft-time", "0"])
+    assert "--draft-time is a share of the measured time, above 0" in capsys.readouterr().err
+
+
+def test_a_faster_draft_scales_its_own_calls_and_its_proposals_and_no_other_part(capsys):
+    """Every draft forward at 0.77 of its measured time: the draft's calls and the rounds' proposals shrink, the
+    PRM's calls, the first forwards and the verifications stay; k is chosen again at the new price."""
+    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES_16))
+    rsd = run["results"][0]["methods"]["rsd"]
+    measured = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1)
+    faster = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1, draft_time=0.77)
+    assert faster["draft and PRM"] == pytest.approx(0.77 * rsd["split_s"]["draft"] + rsd["split_s"]["prm"])
+    assert faster["first forwards"] == measured["first forwards"]
+    assert faster["price"] == pytest.approx(0.77 * measured["price"])
+    verification, draft = 0.012915, 0.77 * 0.002061
+    round_seconds = verification + faster["k"] * draft
+    assert faster["rounds"] == pytest.approx(faster["simulated rounds"] * round_seconds, rel=1e-3)
+    assert faster["best"] < measured["best"] and faster["measured"] == measured["measured"]
+    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES_16), "--batches", "16", "--draws", "200",
+                  "--draft-time", "0.77"])  # fmt: skip
+    assert "the draft's forwards at 0.77 of their time (draft price 0.123" in capsys.readouterr().out
