@@ -16,7 +16,9 @@ PRM's calls, the first forward of each rewrite (read from a `phase_profile.py --
 with `--phases`: the target's forwards in the arena, which read the kept steps it has not seen and the rejected
 step, compute-bound) and the simulated mean of the rewrites' rounds, each priced at the run's own median
 verification and draft forward. Printed beside it: the same with the profiled run's own count of rounds, and what
-the run measured, with and without the CUDA graphs its rounds captured.
+the run measured, with and without the CUDA graphs its rounds captured. Where the profile has another batch size,
+the first forwards are estimated: the tokens the run's pattern makes them read, at the profile's own seconds per
+token (an upper bound where the calls are larger: longer prefills run nearer the card's peak).
 
     python benchmarks/speculation_ceiling.py --prices 0.18 0.10 --batches 1 16 64
     python benchmarks/speculation_ceiling.py --run benchmarks/results/h100-b17887f-gpu-speed-14b-batch16.json \
@@ -103,16 +105,52 @@ def batch_result(report: dict[str, Any], batch: int, source: str) -> dict[str, A
     raise SystemExit(f"{source} has no batch {batch} (it has {found}); pick one of those with --batches")
 
 
-def pattern_calls(batch: int, config: dict[str, Any]) -> list[int]:
-    """The rows of each rewrite call of a `gpu_speed.py` run at `batch`: per step, those its fixed pattern rejects."""
+def pattern_keeps(problem: int, step: int, config: dict[str, Any]) -> bool:
+    """Whether a `gpu_speed.py` run's fixed pattern keeps problem `problem`'s step `step`."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # run as a script its folder is there; imported (the tests) it may not be
         sys.path.insert(0, here)
-    from gpu_speed import pattern_keeps
+    import gpu_speed
 
-    steps, keep_share = config["steps"], config["keep_share"]
-    rows = [sum(not pattern_keeps(p, step, steps, keep_share) for p in range(batch)) for step in range(steps)]
+    return gpu_speed.pattern_keeps(problem, step, config["steps"], config["keep_share"])
+
+
+def pattern_calls(batch: int, config: dict[str, Any]) -> list[int]:
+    """The rows of each rewrite call of a `gpu_speed.py` run at `batch`: per step, those its fixed pattern rejects."""
+    rows = [sum(not pattern_keeps(p, step, config) for p in range(batch)) for step in range(config["steps"])]
     return [n for n in rows if n]
+
+
+def first_forward_tokens(batch: int, config: dict[str, Any]) -> int:
+    """The tokens the rewrites' first forwards of a `gpu_speed.py` run at `batch` read: for each rejected step, what
+    the target has not seen of its row (the prompt the first time; then the last token of its own step before, and
+    the steps the draft wrote since) and the rejected step (all but its last token: a proposal leaves room for the
+    target's own)."""
+    prompt, step_tokens = config["prompt_tokens"], config["step_tokens"]
+    tokens = 0
+    for problem in range(batch):
+        last_written = None  # the step the target last wrote for this row
+        for step in range(config["steps"]):
+            if pattern_keeps(problem, step, config):
+                continue
+            if last_written is None:
+                unseen = prompt + step * step_tokens
+            else:
+                unseen = 1 + (step - 1 - last_written) * step_tokens
+            tokens += unseen + step_tokens - 1
+            last_written = step
+    return tokens
+
+
+def first_forwards(phases: dict[str, Any], batch: int, config: dict[str, Any]) -> tuple[float, int | None]:
+    """The seconds of the rewrites' first forwards at `batch`, from a speculative phase profile: its own where it
+    profiled that batch (and None), else estimated at the seconds per token of its first batch (and that batch)."""
+    profiled = {result["batch"]: result[PHASES_KEY] for result in phases["results"]}
+    if batch in profiled:
+        return profiled[batch][FIRST_FORWARDS][0], None
+    source = min(profiled, key=lambda other: abs(other - batch))
+    rate = profiled[source][FIRST_FORWARDS][0] / first_forward_tokens(source, config)
+    return rate * first_forward_tokens(batch, config), source
 
 
 def run_rounds_mean(calls: list[int], acceptance: float, k: int, step_tokens: int, draws: int, seed: int) -> float:
@@ -151,9 +189,12 @@ def rsd_best_time(
     }
     figures: dict[str, float] = {}
     if phases is not None:
-        profile = batch_result(phases, batch, "--phases")[PHASES_KEY]
-        parts["first forwards"] = profile[FIRST_FORWARDS][0]
-        figures["profiled rounds"] = profile[ROUNDS][2]
+        parts["first forwards"], source = first_forwards(phases, batch, config)
+        figures["first forward tokens"] = first_forward_tokens(batch, config)
+        if source is None:
+            figures["profiled rounds"] = batch_result(phases, batch, "--phases")[PHASES_KEY][ROUNDS][2]
+        else:
+            figures["first forwards estimated from batch"] = source
     uncaptured = [
         seconds - sum(graphs.get("capture_s", 0.0) for graphs in captured.values())
         for seconds, captured in zip(rsd["seconds_all"], rsd.get("graphs") or [], strict=False)
@@ -176,6 +217,16 @@ def rsd_best_time(
     return figures
 
 
+def first_forwards_note(figures: dict[str, float]) -> str:
+    if "first forward tokens" not in figures:
+        return " (no --phases: left out)"
+    tokens = f"{figures['first forward tokens']:,.0f} tokens"
+    if "first forwards estimated from batch" in figures:
+        source = figures["first forwards estimated from batch"]
+        return f" ({tokens}, estimated at the profile's seconds per token at batch {source:.0f})"
+    return f" ({tokens}, profiled)"
+
+
 def best_time_lines(figures: dict[str, float], batch: int) -> list[str]:
     base = figures["target only"]
 
@@ -192,8 +243,7 @@ def best_time_lines(figures: dict[str, float], batch: int) -> list[str]:
         f"batch {batch}: RSD with speculative rewrites at {prices} (draft price {figures['price']:.3f}, "
         f"k = {figures['k']:.0f}); target-only {base:.2f} s",
         f"  draft and PRM calls       {figures['draft and PRM']:.2f} s",
-        f"  first forwards            {figures['first forwards']:.2f} s"
-        + ("" if "profiled rounds" in figures else " (no --phases: left out)"),
+        f"  first forwards            {figures['first forwards']:.2f} s" + first_forwards_note(figures),
         f"  rounds                    {figures['rounds']:.2f} s ({figures['simulated rounds']:.0f} simulated over "
         f"{figures['calls']:.0f} calls)",
         f"  best                      {against(figures['best'])}",

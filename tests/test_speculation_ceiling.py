@@ -113,3 +113,32 @@ def test_a_faster_draft_scales_its_own_calls_and_its_proposals_and_no_other_part
     ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES_16), "--batches", "16", "--draws", "200",
                   "--draft-time", "0.77"])  # fmt: skip
     assert "the draft's forwards at 0.77 of their time (draft price 0.123" in capsys.readouterr().out
+
+
+def profiled_first_forward_tokens(path: Path) -> int:
+    """The tokens of a speculative phase profile's first forwards, from the shapes it recorded."""
+    shapes = json.loads(path.read_text())["results"][0]["forward shapes"]["target/forward in the arena"]
+    return sum(int(shape.split(" rows, ")[1].split(" tokens")[0]) * count for shape, count in shapes.items())
+
+
+def test_the_patterns_first_forward_tokens_are_those_the_profiles_ran():
+    """What the target reads before each rewrite (the prompt or the last token of its own step, the kept steps
+    since, the rejected step but its last token), summed over the run's pattern, against the shapes profiled."""
+    config = json.loads(RUN_16.read_text())["config"]
+    assert ceiling.first_forward_tokens(16, config) == profiled_first_forward_tokens(PHASES_16) == 11_248
+    batch_1 = RUN_16.parent / "h100-3693daf-phases-14b-speculative-batch1.json"
+    assert ceiling.first_forward_tokens(1, config) == profiled_first_forward_tokens(batch_1) == 511 + 192
+
+
+def test_the_first_forwards_of_an_unprofiled_batch_are_estimated_at_the_profiles_seconds_per_token(capsys):
+    run_64 = RUN_16.parent / "h100-1d61cec-gpu-speed-14b-batch64.json"
+    run, phases = (json.loads(path.read_text()) for path in (run_64, PHASES_16))
+    figures = ceiling.rsd_best_time(run, 64, phases, draws=50, seed=1)
+    tokens = ceiling.first_forward_tokens(64, run["config"])
+    assert figures["first forward tokens"] == tokens > 4 * 11_248 * 0.9
+    assert figures["first forwards"] == pytest.approx(0.5106 * tokens / 11_248, rel=1e-3)
+    assert figures["first forwards estimated from batch"] == 16 and "profiled rounds" not in figures
+    ceiling.main(["--run", str(run_64), "--phases", str(PHASES_16), "--batches", "64", "--draws", "50"])
+    out = capsys.readouterr().out
+    assert f"({tokens:,} tokens, estimated at the profile's seconds per token at batch 16)" in out
+    assert "best, profiled rounds" not in out
