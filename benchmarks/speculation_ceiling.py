@@ -144,7 +144,7 @@ def first_forward_tokens(batch: int, config: dict[str, Any]) -> int:
 
 def first_forwards(phases: dict[str, Any], batch: int, config: dict[str, Any]) -> tuple[float, int | None]:
     """The seconds of the rewrites' first forwards at `batch`, from a speculative phase profile: its own where it
-    profiled that batch (and None), else estimated at the seconds per token of its first batch (and that batch)."""
+    profiled that batch (and None), else estimated at the seconds per token of its nearest batch (and that one)."""
     profiled = {result["batch"]: result[PHASES_KEY] for result in phases["results"]}
     if batch in profiled:
         return profiled[batch][FIRST_FORWARDS][0], None
@@ -233,12 +233,9 @@ def best_time_lines(figures: dict[str, float], batch: int) -> list[str]:
     def against(seconds: float) -> str:
         return f"{seconds:.2f} s ({base / seconds:.2f}x target-only)"
 
-    scaled = figures["draft time"] != 1.0
-    prices = (
-        f"this run's prices, the draft's forwards at {figures['draft time']:.2f} of their time"
-        if scaled
-        else ("this run's prices")
-    )
+    prices = "this run's prices"
+    if figures["draft time"] != 1.0:
+        prices += f", the draft's forwards at {figures['draft time']:.2f} of their time"
     lines = [
         f"batch {batch}: RSD with speculative rewrites at {prices} (draft price {figures['price']:.3f}, "
         f"k = {figures['k']:.0f}); target-only {base:.2f} s",
