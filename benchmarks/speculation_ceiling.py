@@ -144,7 +144,9 @@ def first_forward_tokens(batch: int, config: dict[str, Any]) -> int:
 
 def first_forwards(phases: dict[str, Any], batch: int, config: dict[str, Any]) -> tuple[float, int | None]:
     """The seconds of the rewrites' first forwards at `batch`, from a speculative phase profile: its own where it
-    profiled that batch (and None), else estimated at the seconds per token of its nearest batch (and that one)."""
+    profiled that batch (and None), else estimated at the seconds per token of its nearest batch (and that one),
+    whose tokens are counted with the run's prompt and step lengths (the profile records none: both scripts share
+    them)."""
     profiled = {result["batch"]: result[PHASES_KEY] for result in phases["results"]}
     if batch in profiled:
         return profiled[batch][FIRST_FORWARDS][0], None
