@@ -36,7 +36,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -295,7 +295,7 @@ class Run:
     seconds: float
     stats: TrajectoryStats
     forward_ms: dict[str, float] | None = None  # what the speculation rounds measured (`forward_ms`)
-    graphs: dict[str, dict[str, float]] | None = None  # per model: graphs captured in the run, and held after it
+    graphs: dict[str, dict[str, Any]] | None = None  # per model: graphs captured in the run, and held after it
 
 
 def synchronize(device: str) -> None:
@@ -324,17 +324,30 @@ def graph_stats(models: Models) -> dict[str, GraphStats]:
     return {role: runner.graph_stats for role, runner in runners.items() if isinstance(runner, ModelRunner)}
 
 
-def graphs_of_run(before: dict[str, GraphStats], after: dict[str, GraphStats]) -> dict[str, dict[str, float]]:
-    """Per model: the graphs a run captured and the seconds they took, and the graphs held after it with their GiB."""
+def graphs_of_run(before: dict[str, GraphStats], after: dict[str, GraphStats]) -> dict[str, dict[str, Any]]:
+    """Per model: the graphs a run captured and the seconds they took, the graphs held after it with their GiB, and
+    the tokens a slot its forwards ran without graphs for (a capture failed)."""
     return {
         role: {
             "captured": now.captures - before[role].captures,
             "capture_s": now.capture_seconds - before[role].capture_seconds,
             "held": now.held,
             "held_gib": now.held_bytes / 2**30,
+            "eager": list(now.eager),
         }
         for role, now in after.items()
     }
+
+
+def without_graphs(runs_graphs: Iterable[dict[str, dict[str, Any]] | None]) -> dict[str, list[int]]:
+    """Per model, the tokens a slot whose forwards ran without CUDA graphs in any of the runs whose `graphs` these
+    are (none when every capture worked): times measured so are not the engine's."""
+    eager: dict[str, set[int]] = {}
+    for graphs_of_models in runs_graphs:
+        for role, graphs in (graphs_of_models or {}).items():
+            if graphs.get("eager"):
+                eager.setdefault(role, set()).update(graphs["eager"])
+    return {role: sorted(tokens) for role, tokens in sorted(eager.items())}
 
 
 def forward_ms(speculative: SpeculativeStepGenerator) -> dict[str, float] | None:
@@ -410,12 +423,17 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, log: Callable
 
 
 def round_line(run: Run) -> str:
-    """A run's seconds, and the graphs it captured (each a device synchronisation and an extra forward) if any."""
+    """A run's seconds, the graphs it captured (each a device synchronisation and an extra forward) if any, and the
+    forwards it ran without graphs if any."""
+    line = f"{run.seconds:.3f}s"
     captured = {role: g["captured"] for role, g in (run.graphs or {}).items() if g["captured"]}
-    if not captured:
-        return f"{run.seconds:.3f}s"
-    seconds = sum(g["capture_s"] for g in (run.graphs or {}).values())
-    return f"{run.seconds:.3f}s (captured {captured}, {seconds:.2f}s)"
+    if captured:
+        seconds = sum(g["capture_s"] for g in (run.graphs or {}).values())
+        line += f" (captured {captured}, {seconds:.2f}s)"
+    eager = without_graphs([run.graphs])
+    if eager:
+        line += f" (without graphs, tokens a slot: {eager})"
+    return line
 
 
 # -- figures ----------------------------------------------------------------------------------------------------------
@@ -554,12 +572,19 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2, default=str))
     report["table"] = table(report["results"], config)
+    runs_graphs = (graphs for result in report["results"] for m in result["methods"].values() for graphs in m["graphs"])
+    report["without_graphs"] = without_graphs(runs_graphs)
     if path is not None:
         path.write_text(json.dumps(report, indent=2, default=str))
     gpu = report["environment"].get("gpu", config.device)
     target = "tiny" if config.tiny else config.target
     print(f"\n{gpu}; target {target}; medians of {config.repeats} rounds; token acceptance {config.token_acceptance}")
     print(report["table"])
+    if report["without_graphs"]:
+        print(
+            f"Without CUDA graphs (a capture failed; the warnings above say why), tokens a slot: "
+            f"{report['without_graphs']}. These times are not the engine's."
+        )
     return report
 
 

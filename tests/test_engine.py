@@ -515,7 +515,7 @@ def test_a_failed_capture_warns_once_and_decodes_without_graphs(tokenizer):
         got = fast.generate_steps(requests, GREEDY)
     assert len([w for w in seen if "CUDA graph capture failed" in str(w.message)]) == 1
     assert [o.token_ids for o in got] == [o.token_ids for o in eager.generate_steps(requests, GREEDY)]
-    assert 1 in fast.engine.runner._uncapturable  # its decode forwards run without graphs from now on
+    assert fast.engine.runner.graph_stats.eager == (1,)  # its decode forwards run without graphs from now on
     more = [StepRequest(f"m{i}", fast.encode(text), 4) for i, text in enumerate(PROMPTS)]
     want = [o.token_ids for o in eager.generate_steps(more, GREEDY)]
     with warnings.catch_warnings():

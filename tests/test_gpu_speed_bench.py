@@ -54,6 +54,23 @@ def test_rsd_variants_make_the_same_decisions_and_only_speculation_saves_target_
             assert methods["rsd"]["target_forwards_per_target_token"] < 1.0
 
 
+def test_forwards_run_without_graphs_are_named_in_the_round_line_and_the_report(report):
+    """A failed capture leaves a model's forwards of that shape eager for the rest of the run: its times are not the
+    engine's, so the round's line and the report name them (the runner's `graph_stats.eager`)."""
+    assert report["without_graphs"] == {}  # nothing failed (on the CPU nothing is captured at all)
+    assert all(graphs["eager"] == [] for graphs in report["results"][0]["methods"]["rsd"]["graphs"][0].values())
+    captured = {"captured": 2, "capture_s": 0.25, "held": 5, "held_gib": 0.1}
+    graphs = {
+        "draft": {**captured, "captured": 0, "capture_s": 0.0, "eager": []},
+        "target": {**captured, "eager": [1, 9]},
+    }
+    line = gpu_speed.round_line(gpu_speed.Run(8.9, stats=None, graphs=graphs))
+    assert line == "8.900s (captured {'target': 2}, 0.25s) (without graphs, tokens a slot: {'target': [1, 9]})"
+    later = {"target": {**captured, "eager": [3, 9]}, "prm": {**captured, "eager": [1]}}
+    assert gpu_speed.without_graphs([graphs, None, later]) == {"prm": [1], "target": [1, 3, 9]}
+    assert gpu_speed.round_line(gpu_speed.Run(1.0, stats=None, graphs={"draft": graphs["draft"]})) == "1.000s"
+
+
 def test_the_seeded_acceptance_keeps_tokens_at_its_rate():
     rule = gpu_speed.SeededAcceptance(0.8, seed=3)
     proposal = list(range(4))

@@ -85,7 +85,8 @@ class ModelRunner:
     @property
     def graph_stats(self) -> GraphStats:
         """What this runner's CUDA graphs have cost so far (all zero off CUDA)."""
-        return GraphStats(self._captures, self._capture_seconds, len(self._graphs), self._graphs.bytes)
+        held = len(self._graphs), self._graphs.bytes
+        return GraphStats(self._captures, self._capture_seconds, *held, tuple(sorted(self._uncapturable)))
 
     @property
     def slots(self) -> int:
@@ -283,12 +284,14 @@ def graph_memory_budget(device: torch.device) -> int:
 @dataclass(frozen=True)
 class GraphStats:
     """A runner's graphs: captures made, the host seconds they took (each synchronises the device and runs the
-    forward once more), and the graphs held now with the bytes their memory pools reserved."""
+    forward once more), the graphs held now with the bytes their memory pools reserved, and the tokens a slot whose
+    forwards run without graphs because their capture failed (1: decode; a warning said why when it failed)."""
 
     captures: int
     capture_seconds: float
     held: int
     held_bytes: int
+    eager: tuple[int, ...] = ()
 
 
 class GraphCache:
