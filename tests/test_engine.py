@@ -134,9 +134,38 @@ def test_a_graphed_forward_returns_the_models_dtype_and_callers_get_float32(toke
         logits = runner.decode(torch.full((4,), 11, dtype=torch.long, device=device))
     assert raw.dtype == torch.bfloat16 and logits.dtype == torch.float32 and raw.abs().max() > 0
     torch.testing.assert_close(logits, raw.float())
-    if runner.use_graphs:  # what the graph holds is the model's dtype
+    if runner.use_graphs:  # what the graph writes is the model's dtype, into the runner's one output buffer
         _, output = runner._graphs[next(iter(runner._graphs))]
         assert output.dtype == torch.bfloat16
+        assert output.untyped_storage().data_ptr() == runner._outputs.untyped_storage().data_ptr()
+        assert logits.untyped_storage().data_ptr() != output.untyped_storage().data_ptr()  # the caller's own copy
+
+
+def test_a_forward_writes_its_output_at_the_front_of_a_given_buffer(tokenizer, device):
+    """What a graphed forward does with its runner's output buffer: a plain LM head's product is written there, a
+    hooked head's result copied there, a bare body's hidden states too; each the same values as without a buffer."""
+    model = build("qwen2", tokenizer, device)
+    causal, body = ModelRunner(model), ModelRunner(model, body=model.model)
+    with torch.inference_mode():
+        for runner in (causal, body):
+            runner.open([None] * 3, [[5, 9, 7] * 10] * 3, room=20)
+            runner.arena.ids[:4] = 11
+        width = causal.forward.output_features
+        buffer = torch.full((6 * width,), float("nan"), dtype=model.dtype, device=device)
+        logits = causal.forward.decode(causal.arena)
+        written = causal.forward.decode(causal.arena, buffer)
+        assert written.data_ptr() == buffer.data_ptr() and written.shape == logits.shape == (4, width)
+        torch.testing.assert_close(written, logits)
+        assert buffer[4 * width :].isnan().all()  # only the front
+        hook = model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+        try:
+            torch.testing.assert_close(causal.forward.decode(causal.arena, buffer), 2 * logits)
+        finally:
+            hook.remove()
+        states = body.forward.decode(body.arena)
+        assert body.forward.output_features == model.config.hidden_size == states.shape[1]
+        torch.testing.assert_close(body.forward.decode(body.arena, buffer), states)
+        assert buffer.data_ptr() == body.forward.decode(body.arena, buffer).data_ptr()
 
 
 def test_a_decode_forward_is_idempotent_until_the_runner_advances(tokenizer, device):
@@ -322,46 +351,44 @@ def test_graphs_are_captured_once_per_shape(tokenizer):
     assert graphs and all(key[1:3] == (4, WIDTH_BUCKET) for key in graphs)  # (tokens a slot, rows, width, ...)
     stats = gen.engine.runner.graph_stats
     assert stats.captures == stats.held == len(graphs) and stats.capture_seconds > 0
-    assert stats.held_bytes == gen.engine.runner._graphs.bytes > 0
+    outputs = gen.engine.runner._outputs  # the one buffer every graph writes its logits to
+    assert stats.held_bytes == gen.engine.runner._pool_bytes + outputs.numel() * outputs.element_size() > 0
     assert run(gen) == want
     assert gen.engine.runner.graph_stats == stats  # nothing captured again
     assert list(gen.engine.runner._graphs) == list(graphs)
     assert all(gen.engine.runner._graphs[key] is graphs[key] for key in graphs)
 
 
-def test_the_graph_cache_drops_the_least_recently_used_past_its_bytes_or_its_count():
-    cache = GraphCache(budget=100, most=3)
-    cache.put("a", "graph a", 40)
-    cache.put("b", "graph b", 40)
+def test_the_graph_cache_drops_the_least_recently_used_past_its_count():
+    cache = GraphCache(most=3)
+    for key in "abc":
+        cache.put(key, f"graph {key}")
     assert cache.get("a") == "graph a"  # now the most recently used: "b" goes first
-    cache.put("c", "graph c", 40)  # 120 bytes > 100
-    assert list(cache) == ["a", "c"] and cache.bytes == 80
-    assert cache.get("b") is None
-    cache.put("d", "graph d", 1)
-    cache.put("e", "graph e", 1)  # four graphs > 3, bytes fine
-    assert list(cache) == ["c", "d", "e"] and cache.bytes == 42
-    cache.put("huge", "graph huge", 500)  # alone over the budget: kept, since the call that captured it needs it
-    assert list(cache) == ["huge"] and cache.bytes == 500 and cache["huge"] == "graph huge"
-    cache.put("huge", "graph huge again", 10)  # the same key again: its bytes replaced, not added
-    assert dict(cache) == {"huge": "graph huge again"} and cache.bytes == cache.size("huge") == 10
+    cache.put("d", "graph d")  # four graphs > 3
+    assert list(cache) == ["c", "a", "d"] and cache.get("b") is None
+    cache.put("c", "graph c again")  # the same key again: replaced, now the most recently used, nothing dropped
+    assert dict(cache) == {"a": "graph a", "d": "graph d", "c": "graph c again"}
+    cache.most = 0  # the one just added stays whatever the bound: the call that captured it needs it
+    cache.put("e", "graph e")
+    assert dict(cache) == {"e": "graph e"}
     cache.clear()
-    assert len(cache) == 0 and cache.bytes == 0
+    assert len(cache) == 0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_a_runner_keeps_its_graphs_within_its_memory_budget_and_decodes_the_same(tokenizer):
+def test_a_runners_graphs_share_their_memory_and_decode_the_same(tokenizer):
     """A call of 5 long rows sizes the arena once (8 rows, 512 columns: no later call makes it again, which would
-    drop every graph); calls of 1, 2 and 3 short rows then capture decode graphs of 1, 2 and 4 rows, each sized at
-    least by its output; with a budget just under what they hold, a call of 5 short rows (a new graph of 8 rows)
-    drops the least recently used ones, and a dropped graph asked for again is captured again; every call decodes
-    what transformers' forward decodes."""
+    drop every graph); calls of 1, 2 and 3 short rows then capture decode graphs of 1, 2 and 4 rows. They share the
+    runner's memory pool and write their logits into its one output buffer (8 rows of logits, made at the first
+    capture); past the cache's count, a call of 5 short rows (a new graph of 8 rows) drops the least recently used
+    (the long call's), which is captured again when that call comes back, into the pool's memory it used before (the
+    pool does not grow); every call decodes what transformers' forward decodes."""
     model = build("qwen2", tokenizer, "cuda")
     gen = engine_generator(model, tokenizer)
     eager = transformers_generator(model, tokenizer)
     runner = gen.engine.runner
     graphs = runner._graphs
-    assert graphs.budget > 0  # a share of the card's memory
 
     def run(generator, rows, repeat=1):
         prompts = [generator.encode(PROMPTS[i] * repeat) for i in range(rows)]
@@ -377,17 +404,53 @@ def test_a_runner_keeps_its_graphs_within_its_memory_budget_and_decodes_the_same
         assert run(gen, rows) == run(eager, rows)
     assert runner.arena.generation == generation
     captured = list(graphs)
-    assert {key[1] for key in captured if key[2] == WIDTH_BUCKET} >= {1, 2, 4}  # (tokens a slot, rows, width, ...)
-    for key in captured:
+    decodes = [key for key in captured if key[0] == 1 and key[2] == WIDTH_BUCKET]  # (tokens a slot, rows, width, ...)
+    assert {key[1] for key in decodes} >= {1, 2, 4}
+    buffer = runner._outputs
+    vocabulary = model.lm_head.weight.shape[0]
+    assert buffer.numel() == 8 * vocabulary  # the arena's rows of logits: every decode graph fits
+    for key in decodes:
         _, output = graphs[key]
-        assert graphs.size(key) >= output.numel() * output.element_size()
-    assert graphs.bytes == sum(graphs.size(key) for key in captured)
-    graphs.budget = graphs.bytes - 1
-    assert run(gen, 5) == run(eager, 5)
-    assert graphs.bytes <= graphs.budget and not set(captured) <= set(graphs)
-    assert run(gen, 1) == run(eager, 1) and run(gen, 2) == run(eager, 2)
-    assert graphs.bytes <= graphs.budget or len(graphs) == 1
-    assert runner.arena.generation == generation
+        assert output.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert output.shape == (key[1], vocabulary)
+    stats = runner.graph_stats
+    assert stats.held_bytes == runner._pool_bytes + buffer.numel() * buffer.element_size() > buffer.numel()
+    graphs.most = len(graphs)
+    assert run(gen, 5) == run(eager, 5)  # 8 rows at the short width: the long call's graph goes
+    assert len(graphs) == len(captured) and not set(captured) <= set(graphs)
+    captures, pool_bytes = runner.graph_stats.captures, runner._pool_bytes
+    assert run(gen, 5, repeat=12) == run(eager, 5, repeat=12)
+    assert runner.graph_stats.captures > captures  # the dropped graph, captured again
+    assert runner._pool_bytes == pool_bytes  # into the memory it held before
+    assert runner.arena.generation == generation and len(graphs) == len(captured)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_graphs_dropped_with_the_arena_are_captured_again_into_a_new_pool(tokenizer):
+    """A call of more rows than the arena has makes it again, which drops every graph (they read the old buffers) and
+    their memory pool; the next graphs are captured into a new pool (the old one cannot be captured into again once
+    its graphs are gone): no capture fails and every call decodes what transformers' forward decodes."""
+    model = build("qwen2", tokenizer, "cuda")
+    gen = engine_generator(model, tokenizer)
+    eager = transformers_generator(model, tokenizer)
+    runner = gen.engine.runner
+
+    def run(generator, rows):
+        requests = [StepRequest(f"a{rows}-{i}", generator.encode(PROMPTS[i]), 6) for i in range(rows)]
+        outputs = generator.generate_steps(requests, GREEDY)
+        generator.release([r.key for r in requests])
+        return [o.token_ids for o in outputs]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and goes on without graphs
+        assert run(gen, 2) == run(eager, 2)
+        pool, generation, captures = runner._pool, runner.arena.generation, runner.graph_stats.captures
+        assert captures > 0 and pool is not None
+        for _ in range(2):  # more rows than the arena has (made again: every graph dropped), then the same again
+            assert run(gen, 5) == run(eager, 5)
+        assert runner.arena.generation > generation and runner._pool is not None and runner._pool != pool
+        assert runner.graph_stats.captures > captures and not runner._uncapturable and len(runner._graphs) > 0
 
 
 def short_tail_cases(tokenizer, dtype) -> list[list[list[int]]]:

@@ -148,11 +148,36 @@ class ModelForward:
         """A forward's result: a causal LM's logits (float32), a bare body's final-normed hidden states."""
         return self.finished(self.head(hidden))
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """A causal LM's logits in the model's dtype (a bare body's hidden states): what a graphed forward returns.
-        A graph's memory pool keeps its output, and the float32 copy beside it would triple a pool that the logits
-        fill (a verification of 64 rows of 5 tokens: 97 MB of bf16 logits, 195 MB more in float32)."""
-        return self.lm_head(hidden) if self.lm_head is not None else hidden
+        With `into` (a runner's one output buffer, which all its graphs write to, so that their memory pools keep
+        only what they share: their intermediates) the result is written at its front, a view of it."""
+        if into is None:
+            return self.lm_head(hidden) if self.lm_head is not None else hidden
+        rows = hidden.shape[0]
+        view = into[: rows * self.output_features].view(rows, self.output_features)
+        if self.lm_head is None:
+            return view.copy_(hidden)
+        if self._plain_head():
+            return torch.mm(hidden, self.lm_head.weight.t(), out=view)
+        return view.copy_(self.lm_head(hidden))  # an adapted or hooked head: its own forward, then a copy
+
+    def _plain_head(self) -> bool:
+        """Whether the LM head is a plain linear map (no bias, no hooks): its product can write into a buffer."""
+        head = self.lm_head
+        return (
+            type(head) is torch.nn.Linear
+            and head.bias is None
+            and not head._forward_hooks
+            and not head._forward_pre_hooks
+        )
+
+    @property
+    def output_features(self) -> int:
+        """The width of `head`'s result: the vocabulary of the LM head, else the body's hidden size."""
+        if self.lm_head is not None:
+            return int(self.lm_head.weight.shape[0])
+        return int(self.body.norm.weight.shape[0])
 
     def finished(self, head: torch.Tensor) -> torch.Tensor:
         """`head`'s result as callers take it: logits in float32 (a copy outside any graph), hidden states as they
@@ -172,10 +197,10 @@ class ModelForward:
                 self.packed_checked = True
         return self._hidden(arena, feed, keep)
 
-    def decode(self, arena: Arena) -> torch.Tensor:
+    def decode(self, arena: Arena, into: torch.Tensor | None = None) -> torch.Tensor:
         """One token for every slot of `arena` (`arena.ids`, at each slot's next column and position): the
-        next-token logits (`head`: the model's dtype) of every slot. Reads device buffers only: the runner replays it
-        as a graph."""
+        next-token logits (`head`: the model's dtype, written `into` a buffer when one is given) of every slot. Reads
+        device buffers only: the runner replays it as a graph."""
         rows, width = arena.rows, arena.width
         columns, positions = arena.cursor[0, :rows], arena.cursor[1, :rows]
         arena.mask[:rows].scatter_(1, columns[:, None], True)
@@ -186,9 +211,11 @@ class ModelForward:
         else:
             x = self._layers_by_torch(arena, hidden, cos, sin, torch.arange(rows, device=self.device), columns,
                                       self._decode_attention_by_torch(arena, rows, width))  # fmt: skip
-        return self.head(x)
+        return self.head(x, into)
 
-    def verify(self, arena: Arena, tokens: int, last_only: bool = False) -> torch.Tensor:
+    def verify(
+        self, arena: Arena, tokens: int, last_only: bool = False, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`tokens` tokens for every slot of `arena` (`arena.ids`, slot after slot, at each slot's next columns and
         positions): the logits (`head`: the model's dtype; a bare body's hidden states) of every one, or with
         `last_only` of each slot's token `arena.last[slot]` (an index into the fed tokens). Reads device buffers
@@ -213,7 +240,7 @@ class ModelForward:
         x = self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend)
         if last_only:
             x = x.index_select(0, arena.last[:rows])
-        return self.head(x)
+        return self.head(x, into)
 
     def verifies(self) -> bool:
         """Whether `verify` runs here: it needs rsd's kernels."""

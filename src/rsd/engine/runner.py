@@ -20,6 +20,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,11 +34,10 @@ if TYPE_CHECKING:
     from rsd.engine.transformers_runner import TransformersRunner
 
 DECODE_ENV = "RSD_DECODE"  # "eager": every model runs transformers' own forward (a kernel misbehaves, say)
-# A model's captured graphs: least recently used dropped first past either bound. Each graph's private memory pool
-# holds its output and intermediates (a verification's logits are tokens x vocabulary x 4 bytes) in whole allocator
-# segments, so their number alone bounds nothing: a few graphs of 64 rows can hold gigabytes, a decode graph of one
-# row a segment or two of a few megabytes.
-GRAPH_MEMORY_SHARE = 0.05  # of the card's memory
+# A model's captured graphs, the least recently used dropped past this many. A runner's graphs share one memory pool,
+# which holds their intermediates (one forward's at a time: graphs replay one after another), and write their output
+# (a verification's logits: tokens x vocabulary) into one buffer of the runner's; so the memory they hold is about
+# one forward's, the largest, whatever their number, and dropping one frees none of it (the next capture reuses it).
 MAX_GRAPHS = 512
 MAX_GRAPHED_OPEN = 1024  # the most tokens (padding included) a call opens with through a graph
 
@@ -77,15 +77,19 @@ class ModelRunner:
         self.arena = self.forward.new_arena()
         self.device = self.forward.device
         self.use_graphs = self.device.type == "cuda"
-        self._graphs = GraphCache(graph_memory_budget(self.device))
+        self._graphs = GraphCache()
         self._generation = self.arena.generation
         self._uncapturable: set[int] = set()  # tokens a slot whose forwards failed to capture (they run eagerly)
         self._captures, self._capture_seconds = 0, 0.0
+        self._pool: Any = None  # the memory pool every graph of this runner is captured into (made at the first)
+        self._pool_bytes = 0  # what the pool has grown by (it lives as long as a graph captured into it)
+        self._outputs: torch.Tensor | None = None  # every graph's output is a view of its front (`_output_buffer`)
 
     @property
     def graph_stats(self) -> GraphStats:
         """What this runner's CUDA graphs have cost so far (all zero off CUDA)."""
-        held = len(self._graphs), self._graphs.bytes
+        outputs = 0 if self._outputs is None else self._outputs.numel() * self._outputs.element_size()
+        held = len(self._graphs), self._pool_bytes + outputs
         return GraphStats(self._captures, self._capture_seconds, *held, tuple(sorted(self._uncapturable)))
 
     @property
@@ -190,12 +194,14 @@ class ModelRunner:
         arena.check_feed(tokens)
         arena.ids[: arena.rows * tokens].copy_(ids)
         if tokens == 1:
-            logits = self._run_graph(1, lambda: self.forward.decode(arena))
+            logits = self._run_graph(1, partial(self.forward.decode, arena))
         else:
-            logits = self._run_graph(tokens, lambda: self.forward.verify(arena, tokens, last_only), last_only)
+            logits = self._run_graph(tokens, partial(self.forward.verify, arena, tokens, last_only), last_only)
         arena.cursor[:, : arena.rows] += tokens
         arena.advanced(tokens)
-        return self.forward.finished(logits)
+        out = self.forward.finished(logits)
+        # A graph's output is the runner's buffer, which the next replay of any of its graphs overwrites.
+        return out.clone() if out.data_ptr() == logits.data_ptr() and self._outputs is not None else out
 
     def rollback(self, counts: Sequence[int]) -> None:
         """Forget the last `counts[slot]` tokens each slot fed."""
@@ -211,30 +217,34 @@ class ModelRunner:
         return self.arena.row_cache(slot, ids)
 
     # -- graphed forwards ------------------------------------------------------------------------------------------
-    def _run_graph(self, tokens: int, forward: Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
-        """`forward` (a decode or a verification, reading device buffers only), replayed as a CUDA graph captured once
-        per (tokens a slot, rows, width) on a GPU; run as it is elsewhere."""
+    def _run_graph(
+        self, tokens: int, forward: Callable[[torch.Tensor | None], torch.Tensor], last_only: bool = False
+    ) -> torch.Tensor:
+        """`forward` (a decode or a verification, reading device buffers only; its argument, the buffer its output is
+        written to, or None), replayed as a CUDA graph captured once per (tokens a slot, rows, width) on a GPU; run as
+        it is elsewhere."""
         model, arena = self.forward, self.arena
         if model.kernels and not model.decode_checked and tokens == 1:
             # The first decode forward with rsd's Triton kernels compiles its own (a prefill's are others): outside
             # any graph capture, so that a failure is theirs and decoding goes on without them. The forward is
             # idempotent (it rewrites the same column). A verification runs the prefill's kernels, checked by then.
             try:
-                forward()
+                forward(None)
             except Exception as exc:
                 model.without_kernels(exc)
             model.decode_checked = True
         if not self.use_graphs or tokens in self._uncapturable:
-            return forward()
+            return forward(None)
         if arena.generation != self._generation:  # the buffers were made again: graphs read the old ones
-            self._graphs.clear()
+            self._drop_graphs()
             self._generation = arena.generation
         key = (tokens, arena.rows, arena.width, model.kernels, last_only)
         entry = self._graphs.get(key)
         if entry is None:
             start = time.perf_counter()
+            outputs = self._output_buffer(arena.rows if tokens == 1 or last_only else arena.rows * tokens)
             try:
-                entry, size = self._capture(forward)
+                entry = self._capture(lambda: forward(outputs))
             except Exception as exc:  # a layer that cannot be captured (a quantized kernel that syncs, say)
                 kind = "decode" if tokens == 1 else f"{tokens}-token verification"
                 warnings.warn(
@@ -243,16 +253,33 @@ class ModelRunner:
                     stacklevel=3,
                 )
                 self._uncapturable.add(tokens)
-                return forward()
+                return forward(None)
             self._captures += 1
             self._capture_seconds += time.perf_counter() - start
-            self._graphs.put(key, entry, size)
+            self._graphs.put(key, entry)
         graph, logits = entry
         graph.replay()
         return logits
 
-    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[tuple[Any, torch.Tensor], int]:
-        """The graph of `forward` and its output, and the bytes its memory pool reserved (at least its output's)."""
+    def _drop_graphs(self) -> None:
+        """Every graph goes, and their pool with the last of them: the next capture starts a new one (a pool whose
+        graphs are all gone cannot be captured into again, and its memory is freed once nothing of it is held)."""
+        self._graphs.clear()
+        self._pool, self._pool_bytes = None, 0
+
+    def _output_buffer(self, rows: int) -> torch.Tensor:
+        """The buffer graphs write their outputs to, with room for `rows` rows of output. Grown (doubled at least)
+        when a shape needs more; the graphs that write to the old one keep it until they are dropped."""
+        need = rows * self.forward.output_features
+        if self._outputs is None or self._outputs.numel() < need:
+            # At first the arena's rows (a decode of any call), then at least double: a few sizes in all.
+            least = self.arena.capacity[0] * self.forward.output_features
+            size = max(need, least if self._outputs is None else 2 * self._outputs.numel())
+            self._outputs = torch.empty(size, dtype=self.forward.dtype, device=self.device)
+        return self._outputs
+
+    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """The graph of `forward` and its output, captured into the runner's memory pool (its growth counted)."""
         # A graphed forward is idempotent for given buffers (it rewrites the same columns with the same keys), so the
         # warm-up run that capturing needs can use the live call.
         device = self.device
@@ -262,30 +289,25 @@ class ModelRunner:
             with torch.cuda.stream(stream):
                 forward()
             torch.cuda.current_stream(device).wait_stream(stream)
-            # Capturing empties the allocator's cache first; emptied here, the memory reserved then grows by the
-            # graph's own pool alone (its output and intermediates, in whole segments).
+            # Capturing empties the allocator's cache first; emptied here, the memory reserved then grows by what
+            # the shared pool needs more for this graph's intermediates (in whole segments), most often nothing.
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             reserved = torch.cuda.memory_reserved(device)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._pool):
                 logits = forward()
-            size = max(torch.cuda.memory_reserved(device) - reserved, logits.numel() * logits.element_size())
-        return (graph, logits), size
-
-
-def graph_memory_budget(device: torch.device) -> int:
-    """The bytes a model's captured graphs may hold on `device` (none off CUDA, where nothing is captured)."""
-    if device.type != "cuda":
-        return 0
-    return int(GRAPH_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+            self._pool_bytes += max(0, torch.cuda.memory_reserved(device) - reserved)
+        return graph, logits
 
 
 @dataclass(frozen=True)
 class GraphStats:
     """A runner's graphs: captures made, the host seconds they took (each synchronises the device and runs the
-    forward once more), the graphs held now with the bytes their memory pools reserved, and the tokens a slot whose
-    forwards run without graphs because their capture failed (1: decode; a warning said why when it failed)."""
+    forward once more), the graphs held now, the bytes their shared memory pool and output buffer reserve, and the
+    tokens a slot whose forwards run without graphs because their capture failed (1: decode; a warning said why)."""
 
     captures: int
     capture_seconds: float
@@ -295,34 +317,28 @@ class GraphStats:
 
 
 class GraphCache:
-    """Captured graphs by shape key, each with the bytes it holds; the least recently used are dropped while they
-    hold more than `budget` bytes or number more than `most` (never the one just added: a call needs it)."""
+    """Captured graphs by shape key; past `most` of them the least recently used is dropped (never the one just
+    added: a call needs it)."""
 
-    def __init__(self, budget: int, most: int = MAX_GRAPHS) -> None:
-        self.budget, self.most = budget, most
-        self.bytes = 0
-        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+    def __init__(self, most: int = MAX_GRAPHS) -> None:
+        self.most = most
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
 
     def get(self, key: Hashable) -> Any | None:
         """The entry under `key`, now the most recently used, or None."""
         found = self._entries.get(key)
-        if found is None:
-            return None
-        self._entries.move_to_end(key)
-        return found[0]
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
 
-    def put(self, key: Hashable, entry: Any, size: int) -> None:
-        if key in self._entries:
-            self.bytes -= self._entries.pop(key)[1]
-        self._entries[key] = (entry, size)
-        self.bytes += size
-        while len(self._entries) > 1 and (self.bytes > self.budget or len(self._entries) > self.most):
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.bytes -= dropped
+    def put(self, key: Hashable, entry: Any) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = entry
+        while len(self._entries) > max(1, self.most):
+            self._entries.popitem(last=False)
 
     def clear(self) -> None:
         self._entries.clear()
-        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -334,8 +350,4 @@ class GraphCache:
         return iter(self._entries)
 
     def __getitem__(self, key: Hashable) -> Any:
-        return self._entries[key][0]
-
-    def size(self, key: Hashable) -> int:
-        """The bytes the graph under `key` holds."""
-        return self._entries[key][1]
+        return self._entries[key]
