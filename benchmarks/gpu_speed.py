@@ -503,8 +503,10 @@ def table(results: list[dict], config: BenchConfig) -> str:
             share = f"{split['target'] / m['seconds']:.0%}" if split else ""
             ms = m["forward_ms"]
             price = f"{ms['draft_price']:.2f} ({ms['draft']:.2f} / {ms['target']:.2f})" if ms else ""
+            speedup = m.get("speedup_vs_target_only")  # none where target-only did not run (--methods)
+            versus = "" if speedup is None else f"{speedup:.2f}x"
             lines.append(
-                f"| {r['batch']} | {name} | {m['seconds']:.2f} | {m.get('speedup_vs_target_only', 0):.2f}x | "
+                f"| {r['batch']} | {name} | {m['seconds']:.2f} | {versus} | "
                 f"{fmt(m['target_forwards_per_target_token'])} | {fmt(m['token_acceptance'], '.0%')} | "
                 f"{fmt(m['kept_share'], '.0%')} | {m['flops']['total'] / 1e12:.4g} | {share} | {price} |"
             )

@@ -21,8 +21,8 @@ the first forwards are estimated: the tokens the run's pattern makes them read, 
 token (an upper bound where the calls are larger: longer prefills run nearer the card's peak).
 
     python benchmarks/speculation_ceiling.py --prices 0.18 0.10 --batches 1 16 64
-    python benchmarks/speculation_ceiling.py --run benchmarks/results/h100-b17887f-gpu-speed-14b-batch16.json \
-        --phases benchmarks/results/h100-b1261a5-phases-14b-speculative.json --batches 16
+    python benchmarks/speculation_ceiling.py --run benchmarks/results/h100-5553bb0-gpu-speed-14b-batch16.json \
+        --phases benchmarks/results/h100-5553bb0-phases-14b-speculative.json --batches 16
 """
 
 from __future__ import annotations

@@ -111,3 +111,11 @@ def test_the_draft_price_the_rounds_measured_is_reported_where_they_timed_their_
     assert gpu_speed.forward_ms(timed) == pytest.approx({"draft": 2.2, "target": 12.5, "draft_price": 2.2 / 12.5})
     assert gpu_speed.forward_ms(SimpleNamespace(times=None)) is None
     assert report["table"].splitlines()[0].endswith("| draft price (draft / target ms) |")
+
+
+def test_a_run_without_target_only_leaves_the_ratio_to_it_blank():
+    report = gpu_speed.main(["--tiny", "--batches", "2", "--methods", "rsd", "sd"])
+    rows = [line.split(" | ") for line in report["table"].splitlines()[2:]]
+    assert [row[1] for row in rows] == ["rsd", "sd"]
+    assert all(row[3] == "" and float(row[2]) > 0 for row in rows)  # no "0.00x" against a method that never ran
+    assert "rsd_over_sd" in report["results"][0]

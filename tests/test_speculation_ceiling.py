@@ -47,8 +47,9 @@ def test_the_script_prints_a_row_per_price_and_refuses_bad_rates(capsys):
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-RUN_16 = RESULTS / "h100-b17887f-gpu-speed-14b-batch16.json"
-PHASES_16 = RESULTS / "h100-b1261a5-phases-14b-speculative.json"
+RUN_16 = RESULTS / "h100-5553bb0-gpu-speed-14b-batch16.json"
+RUN_64 = RESULTS / "h100-5553bb0-gpu-speed-14b-batch64.json"
+PHASES = RESULTS / "h100-5553bb0-phases-14b-speculative.json"  # batches 16 and 64
 
 
 def test_the_pattern_rejects_the_share_it_is_set_to_and_every_step_has_rewrites_from_16_rows():
@@ -59,27 +60,27 @@ def test_the_pattern_rejects_the_share_it_is_set_to_and_every_step_has_rewrites_
 
 
 def test_rsd_best_time_adds_its_parts_at_the_runs_own_prices(capsys):
-    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES_16), "--batches", "16", "--draws", "200"])
+    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES), "--batches", "16", "--draws", "200"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(
-        "batch 16: RSD with speculative rewrites at this run's prices (draft price 0.160, k = 4)"
+        "batch 16: RSD with speculative rewrites at this run's prices (draft price 0.163, k = 4)"
     )
-    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES_16))
+    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES))
     figures = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1)
     rsd = run["results"][0]["methods"]["rsd"]
     assert figures["draft and PRM"] == pytest.approx(rsd["split_s"]["draft"] + rsd["split_s"]["prm"])
-    assert figures["first forwards"] == pytest.approx(0.511, abs=1e-3)  # the 8 first forwards the profile timed
-    # 165 rounds of one verification (12.91 ms) and 4 draft forwards (2.06 ms) each.
+    assert figures["first forwards"] == pytest.approx(0.512, abs=1e-3)  # the 8 first forwards the profile timed
+    # 165 rounds of one verification (12.60 ms) and 4 draft forwards (2.06 ms) each.
     assert figures["simulated rounds"] == pytest.approx(165, abs=5)
-    assert figures["rounds"] == pytest.approx(figures["simulated rounds"] * (0.012915 + 4 * 0.002061), rel=1e-3)
+    assert figures["rounds"] == pytest.approx(figures["simulated rounds"] * (0.012601 + 4 * 0.002059), rel=1e-3)
     assert figures["best"] == pytest.approx(
         sum(figures[part] for part in ("draft and PRM", "first forwards", "rounds"))
     )
     assert figures["best at the profiled rounds"] - figures["best"] == pytest.approx(
-        (176 - figures["simulated rounds"]) * (0.012915 + 4 * 0.002061), rel=1e-3
+        (168 - figures["simulated rounds"]) * (0.012601 + 4 * 0.002059), rel=1e-3
     )
-    # The median round without the graphs it captured: 6.398 - 0.588, 6.042 - 0.306, 5.852 - 0.092 s.
-    assert figures["measured without captures"] == pytest.approx(5.760, abs=2e-3)
+    # The median round without the graphs it captured: 5.858 - 0.350, 5.440 - 0.154, 5.485 - 0.076 s.
+    assert figures["measured without captures"] == pytest.approx(5.409, abs=2e-3)
     assert figures["best"] < figures["measured without captures"] < figures["measured"]
 
 
@@ -87,7 +88,7 @@ def test_rsd_best_time_names_a_batch_the_run_does_not_have(capsys):
     with pytest.raises(SystemExit, match="has no batch 64 \\(it has 16\\)"):
         ceiling.main(["--run", str(RUN_16), "--batches", "64", "--draws", "5"])
     with pytest.raises(SystemExit):
-        ceiling.main(["--phases", str(PHASES_16)])
+        ceiling.main(["--phases", str(PHASES)])
     assert "--phases and --draft-time go with --run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ceiling.main(["--draft-time", "0.5"])
@@ -99,25 +100,26 @@ def test_rsd_best_time_names_a_batch_the_run_does_not_have(capsys):
 def test_a_faster_draft_scales_its_own_calls_and_its_proposals_and_no_other_part(capsys):
     """Every draft forward at 0.77 of its measured time: the draft's calls and the rounds' proposals shrink, the
     PRM's calls, the first forwards and the verifications stay; k is chosen again at the new price."""
-    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES_16))
+    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES))
     rsd = run["results"][0]["methods"]["rsd"]
     measured = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1)
     faster = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1, draft_time=0.77)
     assert faster["draft and PRM"] == pytest.approx(0.77 * rsd["split_s"]["draft"] + rsd["split_s"]["prm"])
     assert faster["first forwards"] == measured["first forwards"]
     assert faster["price"] == pytest.approx(0.77 * measured["price"])
-    verification, draft = 0.012915, 0.77 * 0.002061
+    verification, draft = 0.012601, 0.77 * 0.002059
     round_seconds = verification + faster["k"] * draft
     assert faster["rounds"] == pytest.approx(faster["simulated rounds"] * round_seconds, rel=1e-3)
     assert faster["best"] < measured["best"] and faster["measured"] == measured["measured"]
-    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES_16), "--batches", "16", "--draws", "200",
+    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES), "--batches", "16", "--draws", "200",
                   "--draft-time", "0.77"])  # fmt: skip
-    assert "the draft's forwards at 0.77 of their time (draft price 0.123" in capsys.readouterr().out
+    assert "the draft's forwards at 0.77 of their time (draft price 0.126" in capsys.readouterr().out
 
 
-def profiled_first_forward_tokens(path: Path) -> int:
-    """The tokens of a speculative phase profile's first forwards, from the shapes it recorded."""
-    shapes = json.loads(path.read_text())["results"][0]["forward shapes"]["target/forward in the arena"]
+def profiled_first_forward_tokens(path: Path, batch: int) -> int:
+    """The tokens of a speculative phase profile's first forwards at `batch`, from the shapes it recorded."""
+    result = next(r for r in json.loads(path.read_text())["results"] if r["batch"] == batch)
+    shapes = result["forward shapes"]["target/forward in the arena"]
     return sum(int(shape.split(" rows, ")[1].split(" tokens")[0]) * count for shape, count in shapes.items())
 
 
@@ -125,20 +127,31 @@ def test_the_patterns_first_forward_tokens_are_those_the_profiles_ran():
     """What the target reads before each rewrite (the prompt or the last token of its own step, the kept steps
     since, the rejected step but its last token), summed over the run's pattern, against the shapes profiled."""
     config = json.loads(RUN_16.read_text())["config"]
-    assert ceiling.first_forward_tokens(16, config) == profiled_first_forward_tokens(PHASES_16) == 11_248
-    batch_1 = RUN_16.parent / "h100-3693daf-phases-14b-speculative-batch1.json"
-    assert ceiling.first_forward_tokens(1, config) == profiled_first_forward_tokens(batch_1) == 511 + 192
+    assert ceiling.first_forward_tokens(16, config) == profiled_first_forward_tokens(PHASES, 16) == 11_248
+    assert ceiling.first_forward_tokens(64, config) == profiled_first_forward_tokens(PHASES, 64) == 44_928
+    batch_1 = RESULTS / "h100-3693daf-phases-14b-speculative-batch1.json"
+    assert ceiling.first_forward_tokens(1, config) == profiled_first_forward_tokens(batch_1, 1) == 511 + 192
 
 
-def test_the_first_forwards_of_an_unprofiled_batch_are_estimated_at_the_profiles_seconds_per_token(capsys):
-    run_64 = RUN_16.parent / "h100-1d61cec-gpu-speed-14b-batch64.json"
-    run, phases = (json.loads(path.read_text()) for path in (run_64, PHASES_16))
+def test_a_profiled_batch_takes_its_own_first_forwards_and_rounds():
+    run, phases = (json.loads(path.read_text()) for path in (RUN_64, PHASES))
+    figures = ceiling.rsd_best_time(run, 64, phases, draws=50, seed=1)
+    assert figures["first forwards"] == pytest.approx(2.03, abs=0.01) and figures["profiled rounds"] == 186
+    assert "first forwards estimated from batch" not in figures
+
+
+def test_the_first_forwards_of_an_unprofiled_batch_are_estimated_at_the_profiles_seconds_per_token(capsys, tmp_path):
+    phases = json.loads(PHASES.read_text())
+    phases["results"] = [result for result in phases["results"] if result["batch"] == 16]
+    only_16 = tmp_path / "phases-16.json"
+    only_16.write_text(json.dumps(phases))
+    run = json.loads(RUN_64.read_text())
     figures = ceiling.rsd_best_time(run, 64, phases, draws=50, seed=1)
     tokens = ceiling.first_forward_tokens(64, run["config"])
     assert figures["first forward tokens"] == tokens > 4 * 11_248 * 0.9
-    assert figures["first forwards"] == pytest.approx(0.5106 * tokens / 11_248, rel=1e-3)
+    assert figures["first forwards"] == pytest.approx(0.5121 * tokens / 11_248, rel=1e-3)
     assert figures["first forwards estimated from batch"] == 16 and "profiled rounds" not in figures
-    ceiling.main(["--run", str(run_64), "--phases", str(PHASES_16), "--batches", "64", "--draws", "50"])
+    ceiling.main(["--run", str(RUN_64), "--phases", str(only_16), "--batches", "64", "--draws", "50"])
     out = capsys.readouterr().out
     assert f"({tokens:,} tokens, estimated at the profile's seconds per token at batch 16)" in out
     assert "best, profiled rounds" not in out
