@@ -912,18 +912,18 @@ def test_a_draft_with_another_tokenizer_is_refused_and_auto_rewrites_plainly(tmp
     assert error.startswith("rsd: error: ") and "--rewrite plain" in error and "\n" not in error
 
 
-def test_auto_rewrites_speculate_on_a_gpu_in_calls_of_16_rows_only_for_a_much_smaller_draft():
+def test_auto_rewrites_speculate_on_a_gpu_in_calls_of_32_rows_for_a_much_smaller_draft_else_of_8():
     rsd = rsd_of("qwen2", "engine", "auto")
     assert rsd.auto_speculative_rows() is None  # on the CPU: every call
     rsd.target.device = "cuda:0"  # the rule reads where the target lives and the models' sizes, nothing else
     assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_ROWS  # a draft the target's size: few rows only
     target_size = rsd.target.cost.parameters
     rsd.draft.cost = replace(rsd.draft.cost, parameters=int(target_size * AUTO_SPECULATIVE_DRAFT_SHARE))
-    assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_SMALL_DRAFT_ROWS == 16
+    assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_SMALL_DRAFT_ROWS == 32
     generator = rsd.rewriter()  # a call of more rows is written by the target alone
-    assert isinstance(generator, SpeculativeStepGenerator) and generator.max_rows == 16
+    assert isinstance(generator, SpeculativeStepGenerator) and generator.max_rows == 32
     rsd.draft.cost = replace(rsd.draft.cost, parameters=int(target_size * 0.2))  # 1.5B against 7B
-    assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_ROWS
+    assert rsd.auto_speculative_rows() == AUTO_SPECULATIVE_ROWS == 8  # a batch of 16 rewrites about 5 rows a call
 
 
 def test_an_unknown_rewrite_is_refused():

@@ -26,14 +26,14 @@ if TYPE_CHECKING:
 DEFAULT_TEMPLATE = "qwen25-math-cot"
 REWRITES = ("auto", "speculative", "plain")  # how the target writes a step: with the draft's help, or alone
 # "auto" speculates on a GPU in calls of at most `AUTO_SPECULATIVE_SMALL_DRAFT_ROWS` rows when the draft has at most
-# this share of the target's parameters, else in calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on two H100
-# machines against plain rewrites (docs/benchmarks.md): a 1.5B draft for a 14B target (0.10) gains 1.18-1.20x at
-# batch 1 and 1.16-1.26x at batch 16 (calls of about 5 rows); at batch 64 (calls of about 20) 1.03x on one machine
-# and 0.92x on the other, whose slower host the rounds of many rows wait on. For a 7B target (0.20) it gains 1.08x
-# at batch 1 and loses 4-6% at 16 and 64, where a draft forward costs a third of the target's.
+# this share of the target's parameters, else in calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on H100
+# machines against plain rewrites (docs/benchmarks.md): a 1.5B draft for a 14B target (0.10) gains 1.28x at batch 1,
+# 1.35x at batch 16 (calls of about 5 rows) and 1.10x at batch 64 (calls of about 20; 1.05-1.09x in three earlier
+# runs on three machines). For a 7B target (0.20) it gains 1.08x at batch 1 and 1.07x at 16 and loses 4% at 64,
+# where a draft forward costs a third of the target's or more.
 AUTO_SPECULATIVE_DRAFT_SHARE = 0.15
-AUTO_SPECULATIVE_SMALL_DRAFT_ROWS = 16
-AUTO_SPECULATIVE_ROWS = 2
+AUTO_SPECULATIVE_SMALL_DRAFT_ROWS = 32
+AUTO_SPECULATIVE_ROWS = 8
 
 
 def load_generator(
@@ -143,7 +143,7 @@ class RSD:
         "target", "prm") for served models. `rewrite`: how the target writes the steps it rewrites,
         "speculative" (verifying the rejected step, then token-level speculation with the draft: the same steps
         in fewer target forwards; needs both in process with one tokenizer), "plain" (one forward per token), or
-        "auto" (speculative wherever it pays: on a GPU in calls of few rows; a served target verifies greedy
+        "auto" (speculative wherever it pays: on a GPU in calls of up to 32 or 8 rows; a served target verifies greedy
         rejected steps through its vLLM server, docs/serving.md)."""
         if rewrite not in REWRITES:
             raise RSDError(f"rewrite={rewrite!r}: choose one of {', '.join(REWRITES)}.")
@@ -191,8 +191,8 @@ class RSD:
 
     def rewriter(self) -> StepGenerator:
         """Who rewrites rejected steps: the target with speculation where `rewrite` asks for it and it can run; with
-        "auto", on a GPU in calls of up to 16 rows for a draft much smaller than the target, else only in calls of
-        few rows (`AUTO_SPECULATIVE_DRAFT_SHARE` and the row limits beside it): where it was measured to pay."""
+        "auto", on a GPU in calls of up to 32 rows for a draft much smaller than the target, else in calls of up to 8
+        rows (`AUTO_SPECULATIVE_DRAFT_SHARE` and the row limits beside it): where it was measured to pay."""
         if self.rewrite == "plain":
             return self.target
         if self.rewrite == "speculative":

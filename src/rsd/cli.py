@@ -91,7 +91,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the target writes a rejected step: verifying it, then token-level speculation with the draft "
         "(speculative: the same step in fewer target forwards; needs both in process with one tokenizer), one "
         "forward per token (plain), or speculative where it was measured to pay (auto, the default: on a GPU in "
-        "calls of up to 16 rows for a draft under 0.15 of the target's parameters, else of up to 2; always on the "
+        "calls of up to 32 rows for a draft under 0.15 of the target's parameters, else of up to 8; always on the "
         "CPU; a served vLLM target verifies greedy rejected steps where that pays: docs/serving.md)",
     )
 
