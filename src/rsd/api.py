@@ -28,9 +28,9 @@ REWRITES = ("auto", "speculative", "plain")  # how the target writes a step: wit
 # "auto" speculates on a GPU in calls of at most `AUTO_SPECULATIVE_SMALL_DRAFT_ROWS` rows when the draft has at most
 # this share of the target's parameters, else in calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on H100
 # machines against plain rewrites (docs/benchmarks.md): a 1.5B draft for a 14B target (0.10) gains 1.28x at batch 1,
-# 1.35x at batch 16 (calls of about 5 rows) and 1.10x at batch 64 (calls of about 20; 1.05-1.09x in three earlier
-# runs on three machines). For a 7B target (0.20) it gains 1.08x at batch 1 and 1.07x at 16 and loses 4% at 64,
-# where a draft forward costs a third of the target's or more.
+# 1.35x at batch 16 (calls of about 5 rows) and 1.10x at batch 64 (calls of about 20; 1.05-1.09x in three runs of
+# earlier commits on three machines, whose result files are in git history). For a 7B target (0.20) it gains 1.08x
+# at batch 1 and 1.07x at 16 and loses 4% at 64, where a draft forward costs a third of the target's or more.
 AUTO_SPECULATIVE_DRAFT_SHARE = 0.15
 AUTO_SPECULATIVE_SMALL_DRAFT_ROWS = 32
 AUTO_SPECULATIVE_ROWS = 8
