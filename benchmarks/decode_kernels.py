@@ -41,7 +41,7 @@ KERNEL_KINDS = (  # attention first: its kernels' names may name cutlass too
     ("attention", ("fmha", "attention", "flash", "softmax")),
     ("rotation and arena writes", ("rotate_write", "index")),
     ("norms", ("rms", "norm")),
-    ("matrix products", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk", "dot_kernel")),
+    ("matrix products", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk", "dot_kernel", "decode_product")),
 )
 
 

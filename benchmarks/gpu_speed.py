@@ -439,11 +439,17 @@ def round_line(run: Run) -> str:
 # -- figures ----------------------------------------------------------------------------------------------------------
 
 
+def median_round(runs: list[Run]) -> Run:
+    """The round of median time (the faster of the middle two for an even count): the round the figures describe."""
+    return sorted(runs, key=lambda run: run.seconds)[(len(runs) - 1) // 2]
+
+
 def summarize_batch(batch: int, runs: dict[str, list[Run]]) -> dict:
     seconds = {name: statistics.median(r.seconds for r in rs) for name, rs in runs.items()}
     result: dict[str, Any] = {"batch": batch, "seconds": seconds, "methods": {}}
     for name, rs in runs.items():
-        stats = rs[-1].stats
+        middle = median_round(rs)  # its counts, FLOPs and split: those of the round whose time is reported
+        stats = middle.stats
         split = {role: stats.models[role].wall_time_s for role in ("draft", "prm", "target")}
         result["methods"][name] = {
             "seconds": seconds[name],
@@ -456,7 +462,7 @@ def summarize_batch(batch: int, runs: dict[str, list[Run]]) -> dict:
             "token_acceptance": stats.speculation.token_acceptance_rate,
             "speculation": stats.speculation.to_dict(),
             "split_s": split if name.startswith("rsd") else None,
-            "forward_ms": rs[-1].forward_ms,
+            "forward_ms": middle.forward_ms,
             "graphs": [r.graphs for r in rs],
         }
     base = seconds.get("target_only")

@@ -119,3 +119,13 @@ def test_a_run_without_target_only_leaves_the_ratio_to_it_blank():
     assert [row[1] for row in rows] == ["rsd", "sd"]
     assert all(row[3] == "" and float(row[2]) > 0 for row in rows)  # no "0.00x" against a method that never ran
     assert "rsd_over_sd" in report["results"][0]
+
+
+def test_a_batchs_counts_come_from_the_round_whose_time_is_reported():
+    def run(seconds: float, flops: float) -> gpu_speed.Run:
+        return gpu_speed.Run(seconds, stats=flops, graphs=None)
+
+    rounds = [run(2.07, 1.0), run(1.87, 2.0), run(1.90, 3.0), run(1.86, 4.0), run(1.90, 5.0)]
+    assert gpu_speed.median_round(rounds).stats == 3.0  # 1.90 s, the median; not the last round's
+    assert gpu_speed.median_round(rounds[:4]).stats == 2.0  # of the middle two (1.87, 1.90), the faster
+    assert gpu_speed.median_round(rounds[:1]).stats == 1.0

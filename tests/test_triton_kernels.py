@@ -26,6 +26,7 @@ from tiny import make_tokenizer  # noqa: E402
 from rsd.core import StepParams, StepRequest  # noqa: E402
 from rsd.engine import forward as engine_forward  # noqa: E402
 from rsd.engine.forward import Feed, ModelForward, packed_chunks, rms_norm, rotate, signed_sin  # noqa: E402
+from rsd.engine.kernels import decode_matmul as products  # noqa: E402
 from rsd.engine.kernels import layer_kernels as kernels  # noqa: E402
 from rsd.engine.kernels import packed_attention as packed  # noqa: E402
 from rsd.engine.kernels import split_attention as split  # noqa: E402
@@ -196,6 +197,56 @@ def test_add_and_norm_kernel_and_silu_kernel_equal_the_modules(tokenizer, on):
         torch.testing.assert_close(kernels.silu_times_up(gate_up), want, atol=1e-6, rtol=1e-6)
 
 
+def module_rounded_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: in float32, the normalised row cast to x's dtype before the weight."""
+    v = x.float()
+    return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+@pytest.mark.parametrize("splits", [1, 3, 4])
+def test_decode_products_equal_the_operations_they_carry(rows, splits, on, monkeypatch):
+    """The norm before a product, the SiLU gate before it and the residual add after it, with the inner dimension
+    whole or split (3: uneven runs of inner blocks; 4: the last split has none); the arrival counts left zero."""
+    generator = torch.Generator().manual_seed(rows * 10 + splits)
+    features, inner = 40, 160  # three blocks of 16 features, the last one short; five inner blocks of 32
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(on)
+
+    x, weight, bias = randn(rows, inner), randn(features, inner) / inner**0.5, randn(features)
+    norm_weight, gate_up, stream = randn(inner).abs() + 0.5, randn(rows, 2 * inner), randn(rows, features)
+    plan = products.LaunchPlan(16, 16, 32, splits, warps=4, stages=2)
+    monkeypatch.setattr(products, "launch_plan", lambda *shape, normed: plan)
+    counters = products.new_counters(torch.device(on))
+    normed = products.decode_linear(x, weight, bias, norm=(norm_weight, 1e-6), counters=counters)
+    want = F.linear(module_rounded_norm(x, norm_weight, 1e-6), weight, bias)
+    torch.testing.assert_close(normed, want, atol=1e-5, rtol=1e-5)
+    added = products.decode_linear(gate_up, weight, gated=True, residual=stream.clone(), counters=counters)
+    want = stream + F.linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], weight)
+    torch.testing.assert_close(added, want, atol=1e-5, rtol=1e-5)
+    plain = products.decode_linear(x, weight, counters=counters)
+    torch.testing.assert_close(plain, x @ weight.T, atol=1e-5, rtol=1e-5)
+    assert not counters.any()  # every launch leaves them zero: the next launch (a graph's replay) counts afresh
+
+
+def test_decode_product_plans_fill_the_card_and_split_long_inner_runs():
+    h100 = 132
+    plan = products.launch_plan  # (rows, features, inner, sms, normed): a 1.5B model's products at 16 rows
+    assert plan(16, 2048, 1536, h100, normed=True)[1:4] == (128, 128, 4)  # q/k/v: 16 blocks, 4 ways: 64 programs
+    assert plan(16, 17920, 1536, h100, normed=True)[1:4] == (128, 128, 1)  # gate/up: 140 blocks fill the card
+    assert plan(16, 1536, 1536, h100, normed=False)[1:4] == (64, 128, 4)  # output: 24 blocks, 4 ways
+    assert plan(16, 1536, 8960, h100, normed=False)[1:4] == (64, 128, 8)  # down: runs of at most 1536 columns
+    assert [plan(rows, 2048, 1536, h100, normed=True).block_rows for rows in (1, 5, 16)] == [16, 16, 16]
+    assert plan(1, 64, 160, 8, normed=False).splits == 1  # too short to split in whole blocks
+    assert products.decode_products_problem(1536) is None
+    assert "5120" in products.decode_products_problem(5120)
+    with pytest.raises(ValueError, match="17 rows"):
+        products.decode_linear(torch.zeros(17, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="columns"):
+        products.decode_linear(torch.zeros(2, 8), torch.zeros(4, 6))
+
+
 def test_layer_kernels_say_why_a_model_cannot_use_them(tokenizer, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the layout's problems, not the device's (these models are on the CPU)
     assert "normalises each head" in ModelForward(build("qwen3", tokenizer)).kernels_problem()
@@ -204,6 +255,13 @@ def test_layer_kernels_say_why_a_model_cannot_use_them(tokenizer, monkeypatch):
     hooked = build("qwen2", tokenizer)
     hooked.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda module, args: None)
     assert "its projections are not fused" in ModelForward(hooked).kernels_problem()
+    # A hooked output projection keeps the fused layer kernels but not the products that carry them.
+    hooked = build("qwen2", tokenizer)
+    hooked.model.layers[1].self_attn.o_proj.register_forward_hook(lambda module, args, out: None)
+    forward = ModelForward(hooked)
+    assert forward.kernels_problem() is None and not forward.fused_products
+    assert ModelForward(build("qwen2", tokenizer)).fused_products
+    assert not ModelForward(build("qwen2", tokenizer, hidden_size=2560)).fused_products  # cuBLAS is as fast there
 
 
 @pytest.mark.slow  # about 2 minutes through Triton's interpreter

@@ -8,7 +8,9 @@ mask, and causality), with no padding computed. Two ways to run it, chosen by wh
 - rsd's Triton kernels (CUDA, half precision, fusable projections; `kernels/`): the rotation writes the keys and
   values (`rotate_into_arena`), a packed attention reads the arena per tile of a row's tokens
   (`packed_attention`), a decode token's attention is split over the columns (`split_attention`), and the residual
-  adds, norms and SiLU gate are one kernel each;
+  adds, norms and SiLU gate are one kernel each; in a forward of up to 64 tokens (a decode, a short verification)
+  the products carry the norms, the SiLU gate and the residual adds themselves (`decode_matmul`), where the
+  layer's projections are plain linear maps;
 - torch operations everywhere else (the CPU, float32, other layouts of these families): the same arithmetic, the
   attention through SDPA row by row.
 
@@ -27,11 +29,18 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rsd.engine.kernels.layer_kernels import add_rms_norm, layer_kernels_problem, rotate_into_arena, silu_times_up
+from rsd.engine.kernels.decode_matmul import MAX_ROWS, decode_linear, decode_products_problem, new_counters
+from rsd.engine.kernels.layer_kernels import (
+    add_rms_norm,
+    layer_kernels_problem,
+    rms_norm_rows,
+    rotate_into_arena,
+    silu_times_up,
+)
 from rsd.engine.kernels.packed_attention import packed_attention, tile_tokens
 from rsd.engine.kernels.split_attention import HALF_DTYPES, split_attention
 from rsd.engine.kv_cache import Arena, to_device
-from rsd.engine.weights import FusedProjections, fuse_projections
+from rsd.engine.weights import FusedProjections, fuse_projections, plain_module
 from rsd.hf_loading import attention_without_cudnn, first_line
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -135,6 +144,15 @@ class ModelForward:
         # kernels are not a packed forward's (split attention, the rotation by row): each kind is checked apart.
         self.packed_checked = False
         self.decode_checked = False
+        # A forward of up to MAX_ROWS tokens runs each layer's products with the norms, the SiLU gate and the residual
+        # adds inside them (`decode_matmul`), where the model is small enough for that to pay and every projection
+        # is a plain linear map.
+        self.fused_products = (
+            self.projections is not None
+            and decode_products_problem(int(config.hidden_size)) is None
+            and all(plain_products(layer) for layer in self.body.layers)
+        )
+        self.counters = new_counters(self.device)  # the split products' arrival counts (zeros between launches)
 
     def kernels_problem(self) -> str | None:
         if self.projections is None:
@@ -206,7 +224,9 @@ class ModelForward:
         arena.mask[:rows].scatter_(1, columns[:, None], True)
         hidden = self.body.embed_tokens(arena.ids[:rows])
         cos, sin = self.rotary(hidden, positions)
-        if self.kernels:
+        if self.kernels and self.fused_products and rows <= MAX_ROWS:
+            x = self._layers_by_products(arena, hidden, cos, sin, columns, None, self._split_attention(arena))
+        elif self.kernels:
             x = self._layers_by_kernels(arena, hidden, cos, sin, columns, None, self._split_attention(arena))
         else:
             x = self._layers_by_torch(arena, hidden, cos, sin, torch.arange(rows, device=self.device), columns,
@@ -237,7 +257,10 @@ class ModelForward:
         hidden = self.body.embed_tokens(arena.ids[: rows * tokens])
         cos, sin = self.rotary(hidden, positions)
         attend = self._packed_attention(arena, columns, tiles)
-        x = self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend)
+        if self.fused_products and rows * tokens <= MAX_ROWS:
+            x = self._layers_by_products(arena, hidden, cos, sin, columns, slots, attend)
+        else:
+            x = self._layers_by_kernels(arena, hidden, cos, sin, columns, slots, attend)
         if last_only:
             x = x.index_select(0, arena.last[:rows])
         return self.head(x, into)
@@ -321,6 +344,36 @@ class ModelForward:
             norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.body.norm
             hidden, x = add_rms_norm(hidden, update, norm.weight, norm.variance_epsilon)
         return x
+
+    def _layers_by_products(
+        self,
+        arena: Arena,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        columns: torch.Tensor,
+        slots: torch.Tensor | None,
+        attend: Any,
+    ) -> torch.Tensor:
+        """Every layer of a forward of up to `MAX_ROWS` tokens (a decode, a short verification) in six or seven
+        kernels: the four products (`decode_linear`: the norms, the SiLU gate and the residual adds inside them), the
+        rotation with the arena writes, and the attention. `hidden` (the embedded tokens) is the residual stream,
+        updated in place. Returns the final-normed hidden states."""
+        heads, kv_heads, _ = self.shape
+        for index, layer in enumerate(self.body.layers):
+            weights = self.projections[index]
+            attn, mlp = layer.self_attn, layer.mlp
+            norm = norm_of(layer.input_layernorm)
+            qkv = decode_linear(hidden, weights.qkv, weights.qkv_bias, norm=norm, counters=self.counters)
+            keys, values = arena.kv[index, 0], arena.kv[index, 1]
+            query = rotate_into_arena(qkv, cos, sin, keys, values, columns, heads, kv_heads, slots)
+            attention = attend(index, query, attn).reshape(len(hidden), -1)
+            decode_linear(attention, attn.o_proj.weight, attn.o_proj.bias, residual=hidden, counters=self.counters)
+            norm = norm_of(layer.post_attention_layernorm)
+            gate_up = decode_linear(hidden, weights.gate_up, weights.gate_up_bias, norm=norm, counters=self.counters)
+            down = mlp.down_proj
+            decode_linear(gate_up, down.weight, down.bias, gated=True, residual=hidden, counters=self.counters)
+        return rms_norm_rows(hidden, *norm_of(self.body.norm))
 
     def _layers_by_torch(
         self,
@@ -440,6 +493,18 @@ def packed_chunks(
         kept = [(wanted[t], t - first) for t in range(first, end) if t in wanted]
         chunks.append((first, end, tiles, kept))
     return chunks
+
+
+def plain_products(layer: Any) -> bool:
+    """Whether a layer's output and down projections are plain linear maps with row-major weights (no hooks): a
+    decode forward's kernels can read their weights directly."""
+    projections = (layer.self_attn.o_proj, layer.mlp.down_proj)
+    return all(type(p) is torch.nn.Linear and plain_module(p) and p.weight.stride(-1) == 1 for p in projections)
+
+
+def norm_of(norm: Any) -> tuple[torch.Tensor, float]:
+    """An RMSNorm's weight and epsilon, as the kernels take them."""
+    return norm.weight, norm.variance_epsilon
 
 
 def mlp_of(layer: Any, x: torch.Tensor, weights: FusedProjections | None) -> torch.Tensor:

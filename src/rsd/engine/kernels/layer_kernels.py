@@ -80,10 +80,22 @@ def add_rms_norm(
     normed = torch.empty_like(hidden)
     block = 1 << (size - 1).bit_length()
     compiled_kernels().add_norm[(rows,)](
-        hidden, update, weight, normed, hidden.stride(0), update.stride(0), size, eps, BLOCK=block,
+        hidden, update, weight, normed, hidden.stride(0), update.stride(0), size, eps, BLOCK=block, ADD=True,
         num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
     return hidden, normed
+
+
+def rms_norm_rows(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The RMSNorm of each row of `hidden` ([rows, size]), rounded as `add_rms_norm` rounds; `hidden` unchanged."""
+    rows, size = hidden.shape
+    normed = torch.empty_like(hidden)
+    block = 1 << (size - 1).bit_length()
+    compiled_kernels().add_norm[(rows,)](
+        hidden, hidden, weight, normed, hidden.stride(0), hidden.stride(0), size, eps, BLOCK=block, ADD=False,
+        num_warps=8 if block >= 4096 else 4,
+    )  # fmt: skip
+    return normed
 
 
 def silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
@@ -155,15 +167,19 @@ def elementwise_kernels() -> tuple[Any, Any]:
 
     @triton.jit
     def add_rms_norm_rows(
-        hidden_ptr, update_ptr, weight_ptr, normed_ptr, hidden_row, update_row, size, eps, BLOCK: tl.constexpr
-    ):
+        hidden_ptr, update_ptr, weight_ptr, normed_ptr, hidden_row, update_row, size, eps,
+        BLOCK: tl.constexpr, ADD: tl.constexpr,
+    ):  # fmt: skip
         row = tl.program_id(0)
         i = tl.arange(0, BLOCK)
         inside = i < size
         hidden = tl.load(hidden_ptr + row * hidden_row + i, mask=inside, other=0.0)
-        update = tl.load(update_ptr + row * update_row + i, mask=inside, other=0.0)
-        summed = (hidden.to(tl.float32) + update.to(tl.float32)).to(hidden.dtype)  # the residual, rounded
-        tl.store(hidden_ptr + row * hidden_row + i, summed, mask=inside)
+        if ADD:
+            update = tl.load(update_ptr + row * update_row + i, mask=inside, other=0.0)
+            summed = (hidden.to(tl.float32) + update.to(tl.float32)).to(hidden.dtype)  # the residual, rounded
+            tl.store(hidden_ptr + row * hidden_row + i, summed, mask=inside)
+        else:
+            summed = hidden
         x = summed.to(tl.float32)
         scale = 1.0 / tl.sqrt(tl.sum(x * x, 0) / size + eps)
         weight = tl.load(weight_ptr + i, mask=inside, other=0.0)
