@@ -191,6 +191,8 @@ def test_add_and_norm_kernel_and_silu_kernel_equal_the_modules(tokenizer, on):
         torch.testing.assert_close(summed, want_hidden)
         torch.testing.assert_close(normed, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(normed, rms_norm(norm, want_hidden), atol=1e-5, rtol=1e-5)
+        alone = kernels.rms_norm_rows(want_hidden, norm.weight, norm.variance_epsilon)  # the body's final norm
+        torch.testing.assert_close(alone, want, atol=1e-5, rtol=1e-5)
         gate_up = torch.randn((3, 2 * 1500), generator=generator).to(on)  # more than one block of 1024
         mlp = layer.mlp
         want = mlp.act_fn(gate_up[:, :1500]) * gate_up[:, 1500:]

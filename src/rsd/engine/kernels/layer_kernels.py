@@ -76,24 +76,23 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden + update, RMSNorm of it): the residual stream after a sublayer and the next sublayer's input, both
     [rows, size]. `hidden` is updated in place."""
-    rows, size = hidden.shape
-    normed = torch.empty_like(hidden)
-    block = 1 << (size - 1).bit_length()
-    compiled_kernels().add_norm[(rows,)](
-        hidden, update, weight, normed, hidden.stride(0), update.stride(0), size, eps, BLOCK=block, ADD=True,
-        num_warps=8 if block >= 4096 else 4,
-    )  # fmt: skip
-    return hidden, normed
+    return hidden, normed_rows(hidden, update, weight, eps)
 
 
 def rms_norm_rows(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The RMSNorm of each row of `hidden` ([rows, size]), rounded as `add_rms_norm` rounds; `hidden` unchanged."""
+    return normed_rows(hidden, None, weight, eps)
+
+
+def normed_rows(hidden: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The norm kernel over each row: `update` added into `hidden` first where one is given."""
     rows, size = hidden.shape
     normed = torch.empty_like(hidden)
     block = 1 << (size - 1).bit_length()
+    added = update if update is not None else hidden  # not read without an update
     compiled_kernels().add_norm[(rows,)](
-        hidden, hidden, weight, normed, hidden.stride(0), hidden.stride(0), size, eps, BLOCK=block, ADD=False,
-        num_warps=8 if block >= 4096 else 4,
+        hidden, added, weight, normed, hidden.stride(0), added.stride(0), size, eps, BLOCK=block,
+        ADD=update is not None, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
     return normed
 
