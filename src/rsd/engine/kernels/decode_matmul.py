@@ -1,8 +1,9 @@
 """A decode token's matrix products with the small operations around them, one Triton kernel each.
 
-A decode forward of a 1.5B model at up to 64 rows reads each projection's weights once, a few megabytes each, and
-between the products it runs the residual adds, the norms and the SiLU gate: eleven kernels a layer, each with its
-launch and tail. Here a layer's four products carry that work themselves (`decode_linear`):
+A decode forward of a 1.5B model at up to 16 rows (or a verification of up to 16 tokens) reads each projection's
+weights once, a few megabytes each, and between the products it runs the residual adds, the norms and the SiLU
+gate: eleven kernels a layer, each with its launch and tail. Here a layer's four products carry that work
+themselves (`decode_linear`):
 
 - the query/key/value and gate/up products normalise their input as they read it (`norm`: the RMSNorm of the
   residual stream, its row's scale computed by each program from the whole row, which is a few kilobytes);
@@ -30,7 +31,7 @@ import torch
 
 from rsd.engine.kernels.split_attention import ceil_div, sm_count
 
-MAX_ROWS = 16  # the most rows a product runs here: from 32 on, cuBLAS's tiles beat these
+MAX_ROWS = 16  # the most rows a product runs here: at 64, cuBLAS's tiles beat these (a 1.5B layer: 85.5 us to 60.3)
 MAX_HIDDEN = 2048  # the largest model (hidden size) whose layers run these products (see `decode_products_problem`)
 MIN_BLOCK_ROWS = 16  # tl.dot's smallest side
 BLOCK_INNER = 128  # inner columns per iteration
@@ -54,10 +55,10 @@ class LaunchPlan(NamedTuple):
 def decode_products_problem(hidden_size: int) -> str | None:
     """Why a model's decode forwards do not run their products here, or None.
 
-    Measured on an H100 at 16 rows (one product at a time, its weights out of L2): a 1.5B model's layer (hidden
-    1536) takes 53.8 us here against 57.8 us through cuBLAS with the norm and SiLU kernels; a 14B model's (hidden
-    5120) 223.4 us against 220.5 us. Past a few tens of megabytes a product streams its weights as fast through
-    cuBLAS, and the kernels saved matter less."""
+    Measured on an H100 at 16 rows (one product at a time, its weights out of L2, `benchmarks/decode_products.py`'s
+    method): a 1.5B model's layer (hidden 1536) takes 53.8 us here against 57.8 us through cuBLAS with the norm and
+    SiLU kernels; a 14B model's (hidden 5120) 223.4 us at its best plans against 220.5 us. Past a few tens of
+    megabytes a product streams its weights as fast through cuBLAS, and the kernels saved matter less."""
     if hidden_size > MAX_HIDDEN:
         return f"its hidden size {hidden_size} is over {MAX_HIDDEN}: cuBLAS runs its larger products as fast"
     return None
