@@ -247,6 +247,8 @@ def test_decode_product_plans_fill_the_card_and_split_long_inner_runs():
         products.decode_linear(torch.zeros(17, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="columns"):
         products.decode_linear(torch.zeros(2, 8), torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="row-major"):
+        products.decode_linear(torch.zeros(8, 2).T, torch.zeros(4, 8))
 
 
 def test_layer_kernels_say_why_a_model_cannot_use_them(tokenizer, monkeypatch):

@@ -8,9 +8,9 @@ mask, and causality), with no padding computed. Two ways to run it, chosen by wh
 - rsd's Triton kernels (CUDA, half precision, fusable projections; `kernels/`): the rotation writes the keys and
   values (`rotate_into_arena`), a packed attention reads the arena per tile of a row's tokens
   (`packed_attention`), a decode token's attention is split over the columns (`split_attention`), and the residual
-  adds, norms and SiLU gate are one kernel each; in a forward of up to 64 tokens (a decode, a short verification)
-  the products carry the norms, the SiLU gate and the residual adds themselves (`decode_matmul`), where the
-  layer's projections are plain linear maps;
+  adds, norms and SiLU gate are one kernel each; in a forward of up to 16 tokens (a decode, a short verification)
+  of a small model (hidden size up to 2048) the products carry the norms, the SiLU gate and the residual adds
+  themselves (`decode_matmul`), where the layer's projections are plain linear maps;
 - torch operations everywhere else (the CPU, float32, other layouts of these families): the same arithmetic, the
   attention through SDPA row by row.
 

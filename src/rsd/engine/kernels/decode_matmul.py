@@ -105,12 +105,15 @@ def decode_linear(
         raise ValueError(f"x has {x.shape[1]} columns; the weight reads {inner}{' (x2, gated)' if gated else ''}")
     if rows > MAX_ROWS:
         raise ValueError(f"{rows} rows: the decode products run up to {MAX_ROWS}")
+    if any(t is not None and t.stride(-1) != 1 for t in (x, weight, residual)):
+        raise ValueError("x, the weight and the residual stream must each be row-major (a contiguous last dimension)")
     plan = launch_plan(rows, features, inner, sm_count(x.device), normed=norm is not None)
     if plan.splits > 1 and counters is None:
         raise ValueError("a split product needs `counters`")
     out = residual if residual is not None else torch.empty((rows, features), dtype=x.dtype, device=x.device)
     blocks = ceil_div(features, plan.block_features)
-    partials = x.new_empty((blocks * plan.splits * plan.block_features * plan.block_rows,), dtype=torch.float32)
+    partial_floats = blocks * plan.splits * plan.block_features * plan.block_rows if plan.splits > 1 else 1
+    partials = x.new_empty((partial_floats,), dtype=torch.float32)  # unread by an unsplit product
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     compiled_kernel()[(blocks, plan.splits)](
         x, weight, bias if bias is not None else weight, norm_weight, out, partials,
