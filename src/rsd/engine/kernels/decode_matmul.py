@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rsd.engine.kernels.split_attention import ceil_div, sm_count
+from rsd.engine.kernels.split_attention import ceil_div, launch_options, sm_count
 
 MAX_ROWS = 16  # the most rows a product runs here: at 64, cuBLAS's tiles beat these (a 1.5B layer: 85.5 us to 60.3)
 MAX_HIDDEN = 2048  # the largest model (hidden size) whose layers run these products (see `decode_products_problem`)
@@ -122,6 +122,7 @@ def decode_linear(
         NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual is not None,
         IEEE=x.dtype == torch.float32, BLOCK_M=plan.block_rows, BLOCK_N=plan.block_features,
         BLOCK_K=plan.block_inner, SPLIT_K=plan.splits, num_warps=plan.warps, num_stages=plan.stages,
+        **launch_options(x.device),
     )  # fmt: skip
     return out
 
@@ -143,7 +144,11 @@ def compiled_kernel() -> Any:
         rows, features, inner, x_row, w_row, out_row, eps,
         NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # a programmatic dependent: its inputs come from the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         block, split = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rsd.engine.kernels.split_attention import split_attention_problem
+from rsd.engine.kernels.split_attention import launch_options, split_attention_problem
 
 ELEMENTWISE_BLOCK = 1024  # elements per program of the SiLU kernel
 
@@ -67,6 +67,7 @@ def rotate_into_arena(
         qkv.stride(0), cos.stride(0), sin_signed.stride(0), *keys.stride()[:3], *values.stride()[:3],
         heads, kv_heads, HEAD_DIM=head_dim, PACKED=packed,
         num_warps=1 if packed else 4,  # a head is head_dim elements: one warp, for the many programs of a prefill
+        **launch_options(qkv.device),
     )  # fmt: skip
     return query
 
@@ -92,7 +93,7 @@ def normed_rows(hidden: torch.Tensor, update: torch.Tensor | None, weight: torch
     added = update if update is not None else hidden  # not read without an update
     compiled_kernels().add_norm[(rows,)](
         hidden, added, weight, normed, hidden.stride(0), added.stride(0), size, eps, BLOCK=block,
-        ADD=update is not None, num_warps=8 if block >= 4096 else 4,
+        ADD=update is not None, num_warps=8 if block >= 4096 else 4, **launch_options(hidden.device),
     )  # fmt: skip
     return normed
 
@@ -103,7 +104,9 @@ def silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
     size = both // 2
     out = torch.empty((rows, size), dtype=gate_up.dtype, device=gate_up.device)
     grid = (rows, -(-size // ELEMENTWISE_BLOCK))
-    compiled_kernels().silu[grid](gate_up, out, gate_up.stride(0), size, BLOCK=ELEMENTWISE_BLOCK)
+    compiled_kernels().silu[grid](
+        gate_up, out, gate_up.stride(0), size, BLOCK=ELEMENTWISE_BLOCK, **launch_options(gate_up.device)
+    )
     return out
 
 
@@ -127,8 +130,11 @@ def rotate_write_kernel() -> Any:
     def rotate_write(
         qkv_ptr, cos_ptr, sin_ptr, query_ptr, keys_ptr, values_ptr, column_ptr, slot_ptr,
         qkv_row, cos_row, sin_row, k_row, k_head, k_col, v_row, v_head, v_col,
-        heads, kv_heads, HEAD_DIM: tl.constexpr, PACKED: tl.constexpr,
+        heads, kv_heads, HEAD_DIM: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # a programmatic dependent (`split_attention.dependent_launches`): wait for the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row, head = tl.program_id(0), tl.program_id(1)  # head: query heads, then key heads, then value heads
         d = tl.arange(0, HEAD_DIM)
         source = qkv_ptr + row * qkv_row + head * HEAD_DIM
@@ -167,8 +173,11 @@ def elementwise_kernels() -> tuple[Any, Any]:
     @triton.jit
     def add_rms_norm_rows(
         hidden_ptr, update_ptr, weight_ptr, normed_ptr, hidden_row, update_row, size, eps,
-        BLOCK: tl.constexpr, ADD: tl.constexpr,
+        BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         i = tl.arange(0, BLOCK)
         inside = i < size
@@ -187,7 +196,10 @@ def elementwise_kernels() -> tuple[Any, Any]:
         tl.store(normed_ptr + row * size + i, out, mask=inside)
 
     @triton.jit
-    def silu_gate(gate_up_ptr, out_ptr, gate_up_row, size, BLOCK: tl.constexpr):
+    def silu_gate(gate_up_ptr, out_ptr, gate_up_row, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row, block = tl.program_id(0), tl.program_id(1)
         i = block * BLOCK + tl.arange(0, BLOCK)
         inside = i < size

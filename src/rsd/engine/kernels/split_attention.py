@@ -44,6 +44,27 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def dependent_launches(device: torch.device) -> bool:
+    """Whether kernels on `device` launch as programmatic dependents (Hopper and later, a Triton that has them): a
+    kernel's programs start while the kernel before it finishes, and wait for its results (`gdc_wait`) only before
+    reading them. A decode token's small kernels each lose a launch and a ramp: a 1.5B model's token took 5% less
+    on an H100 (`benchmarks/decode_kernels.py`). Off by the same test everywhere else (the interpreter, older cards)."""
+    if device.type != "cuda" or interpreting() or not triton_available():
+        return False
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def launch_options(device: torch.device) -> dict[str, Any]:
+    """A kernel launch's `PDL` switch and, where dependent launches run, Triton's option for them."""
+    pdl = dependent_launches(device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
 def split_attention_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why `split_attention` cannot run for these tensors, or None."""
     if not triton_available():
@@ -103,11 +124,13 @@ def split_attention(
         *query.stride()[:3], *keys.stride()[:3], *values.stride()[:3], visible.stride(0),
         kv_heads, groups, width, chunk, scale,
         GROUPS=group_block, HEAD_DIM=head_dim, BLOCK=BLOCK_COLUMNS, IEEE=query.dtype == torch.float32,
+        **launch_options(query.device),
     )  # fmt: skip
     out = torch.empty((rows, kv_heads, groups, head_dim), dtype=query.dtype, device=query.device)
     kernels.combine[(pairs, groups)](
         partial, maxima, sums, out, splits, groups,
         GROUPS=group_block, HEAD_DIM=head_dim, SPLITS=max(2, 1 << (splits - 1).bit_length()),
+        **launch_options(query.device),
     )  # fmt: skip
     return out
 
@@ -133,8 +156,11 @@ def partial_attention_kernel() -> Any:
         q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr,
         q_row, q_head, q_group, k_row, k_head, k_col, v_row, v_head, v_col, mask_row,
         kv_heads, groups, width, chunk, scale,
-        GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
+        GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # the query and this token's key come from the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pair, split = tl.program_id(0), tl.program_id(1)
         row, head = pair // kv_heads, pair % kv_heads
         g = tl.arange(0, GROUPS)
@@ -184,8 +210,11 @@ def combine_kernel() -> Any:
     @triton.jit
     def attention_combine(
         acc_ptr, max_ptr, sum_ptr, out_ptr, splits, groups,
-        GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+        GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pair, group = tl.program_id(0), tl.program_id(1)  # one query head per program: all its chunks at once
         c = tl.arange(0, SPLITS)
         d = tl.arange(0, HEAD_DIM)
