@@ -128,6 +128,17 @@ def test_problems_name_why_and_the_engine_takes_the_kernels_only_where_they_pay(
         assert forward.kernels_problem() is None and forward.kernels is False
 
 
+def test_dependent_launches_run_only_where_the_card_and_triton_have_them(monkeypatch):
+    cpu = torch.device("cpu")
+    split.dependent_launches.cache_clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not split.dependent_launches(cpu)
+    assert split.launch_options(cpu) == {"PDL": False}  # the interpreter never sees Triton's launch option
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not split.dependent_launches(cpu)
+    split.dependent_launches.cache_clear()
+
+
 def test_rotation_kernel_writes_each_decode_token_at_its_rows_column(on):
     """A decode forward: token i is arena row i, written at its own column `columns[i]` (rows stand at different
     columns: their prefixes and what they fed differ)."""
