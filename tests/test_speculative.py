@@ -439,6 +439,23 @@ def test_a_rounds_k_serves_all_its_rows():
     assert speculative.round_size("high", rooms=[2]) == 2 and speculative.round_size("high", rooms=[0]) == 1
 
 
+def test_a_round_keeps_the_k_before_it_while_that_k_stays_near_the_best():
+    """Each k is a verification shape (a CUDA graph on a GPU): a k near the best stays, one far from it gives way,
+    and a step's end (less room than k) keeps it too, since the draft then proposes no more than the room."""
+    target, draft = pair("qwen2")
+    speculative = speculating(target, draft)
+    speculative.draft_price = 0.15
+    speculative.acceptance["r"] = 0.8
+    best = speculative.round_size("r")
+    assert best == 5
+    assert speculative.round_size("r", steady=4) == 4  # 0.3% below the best
+    assert speculative.round_size("r", steady=2) == best  # 11% below
+    assert speculative.round_size("r", rooms=[2], steady=best) == best
+    assert speculative.round_size("r", rooms=[2]) == 2
+    speculative.acceptance["r"] = 0.3  # the draft stopped agreeing: k comes down whatever it was
+    assert speculative.round_size("r", steady=best) == 1
+
+
 def test_the_measured_acceptance_is_the_rate_at_which_proposed_tokens_stay():
     """A rule that keeps each proposed token with probability 0.8, until the first it turns down: the trajectory's
     measured acceptance settles near 0.8 (a mean of each round's own share would read about 0.6, since a round ends

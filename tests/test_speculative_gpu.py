@@ -15,7 +15,7 @@ from tiny import make_layout_lm, make_tokenizer  # noqa: E402
 
 from rsd.backends.hf import HFStepGenerator  # noqa: E402
 from rsd.core import StepParams, StepRequest  # noqa: E402
-from rsd.speculative import MIN_DRAFT_PRICE, SpeculativeStepGenerator  # noqa: E402
+from rsd.speculative import MAX_K, MIN_DRAFT_PRICE, SpeculativeStepGenerator  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 PROMPTS = ["Let x be the number", "What is 12 - 5?", "A train travels 60 miles per hour for", "Step 1:", "So"]
@@ -58,3 +58,38 @@ def test_speculative_steps_on_a_gpu_are_the_targets_and_price_the_draft_by_its_f
     measured = times.draft_price()
     assert measured is not None and speculative.draft_price == max(MIN_DRAFT_PRICE, measured)
     assert sum(o.speculation.from_draft for o in got) > 0
+
+
+class RecordingRounds(SpeculativeStepGenerator):
+    """The generator, noting each k its rounds chose."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chosen: set[int] = set()
+
+    def round_size(self, *keys, **kwargs) -> int:
+        k = super().round_size(*keys, **kwargs)
+        self.chosen.add(k)
+        return k
+
+
+def test_a_steps_end_keeps_the_verification_shape():
+    """Steps shorter than k end with less room than k: their rounds keep k (the draft proposes what the room takes)
+    and verify 1 + k tokens a slot, padded, so the target captures one verification graph per (k, rows, width), not
+    one per room a step's end leaves. Every proposed token kept and the draft's price fixed: k is MAX_K throughout."""
+    tokenizer = make_tokenizer()
+    target, draft, _ = generators(tokenizer)
+    speculative = RecordingRounds(target, draft, accept=lambda proposal, choices: len(proposal))
+    speculative.times, speculative.draft_price = None, 0.15
+    params = StepParams(delimiter="\x00")
+    prefixes = {f"r{i}": target.encode(p) for i, p in enumerate(PROMPTS)}
+    for cap in (40, 3, 4, 5, 7, 9, 11):
+        requests = [StepRequest(k, p, cap) for k, p in prefixes.items()]
+        got = speculative.generate_steps(requests, params)
+        assert all(len(o.token_ids) <= cap for o in got)
+        prefixes = {r.key: [*r.prefix_ids, *o.token_ids] for r, o in zip(requests, got, strict=True)}
+    assert speculative.chosen == {MAX_K}
+    graphs = speculative.target.runner._graphs
+    assert {tokens for tokens, _rows, _width, _kernels, last_only in graphs if tokens > 1 and not last_only} == {
+        1 + MAX_K
+    }

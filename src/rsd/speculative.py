@@ -45,6 +45,11 @@ from rsd.engine.sampler import Draw, accepted_length, choose
 from rsd.engine.steps import CallRequest, Row, StepModel, check_requests, write_steps
 
 MAX_K = 8  # the most tokens the draft proposes per round
+# A round keeps the k of the rounds before while that k promises at least this share of the best k's tokens per unit
+# of work. On a GPU each k is a verification shape, a CUDA graph captured at its first use (about 0.1 s for a 14B
+# target), and near its best the yield is flat (at acceptance 0.8 and a draft price of 0.15, k = 4..7 are within 4%
+# of the best), so a k that followed every wobble of the measured price would capture shape after shape for nothing.
+STEADY_K_SHARE = 0.97
 TIMED_FORWARDS = 32  # recent timings of each model's forwards whose median prices the draft on a GPU
 MIN_DRAFT_PRICE = 0.02  # a draft forward costs at least this share of a target forward (k stays bounded anyway)
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
@@ -163,6 +168,7 @@ class SpeculativeStepGenerator:
         self.draft_price = max(MIN_DRAFT_PRICE, draft.cost.parameters / max(1, target.cost.parameters))
         on_gpu = self.target.runner.device.type == "cuda" and self.draft.runner.device.type == "cuda"
         self.times = ForwardTimes() if on_gpu else None
+        self.steady_k: int | None = None  # the k of the last round (kept while it stays near the best: STEADY_K_SHARE)
 
     # -- the StepGenerator interface ------------------------------------------------------------------------
     @property
@@ -230,10 +236,11 @@ class SpeculativeStepGenerator:
         draft_logits = self._open_draft(live)
         while live:
             rooms = [max(0, row.cap - len(row.written) - 1) for row in live]  # proposals the step can still use
-            k = self.round_size(*(row.request.key for row in live), rooms=rooms)
+            k = self.round_size(*(row.request.key for row in live), rooms=rooms, steady=self.steady_k)
+            self.steady_k = k
             limits = [min(k, room) for room in rooms]
             table = self._propose(live, draft_logits, limits, params)
-            logits, starts, fed, draws = self._verify(live, table, limits)
+            logits, starts, fed, draws = self._verify(live, table, k, limits)
             choices = choose(logits, params, draws)
             read = (choices if table is None else torch.cat([choices, table.flatten()])).tolist()  # the round's wait
             self._price_draft()
@@ -264,15 +271,17 @@ class SpeculativeStepGenerator:
                 self.draft_price = max(MIN_DRAFT_PRICE, measured)
 
     def _verify(
-        self, live: list[Rewrite], table: torch.Tensor | None, limits: list[int]
+        self, live: list[Rewrite], table: torch.Tensor | None, k: int, limits: list[int]
     ) -> tuple[torch.Tensor, list[int], list[int], list[Draw | None]]:
         """The target reads each row's last written token and its proposals in one forward, without waiting for the
         draft's proposals (they stay on the device). Returns the logits, each row's first logit row, the tokens each
-        row ran, and each logit row's draw. On a GPU every slot reads the same count (one CUDA graph per count)."""
+        row ran, and each logit row's draw. On a GPU every slot reads 1 + k tokens, padded where a step has less room
+        left: one CUDA graph per k (and rows and width), not one per room a step's end leaves; a verification of a
+        few tokens a row costs the same for a few more (it reads the weights once)."""
         runner = self.target.runner
         if [row.target_slot for row in live] != sorted(row.target_slot for row in live):
             raise AssertionError("speculation bookkeeping: rows out of their slots' order")
-        tokens = 1 + max(limits)
+        tokens = 1 + k
         uniform = runner.can_verify(tokens)
         draft_slots = self.draft.runner.slots
         by_slot = {row.target_slot: (i, row, limit) for i, (row, limit) in enumerate(zip(live, limits, strict=True))}
@@ -466,20 +475,29 @@ class SpeculativeStepGenerator:
         with self._timed("draft", 1):
             return runner.feed_last(feeds)
 
-    def round_size(self, *keys: Hashable, rooms: Sequence[int] | None = None) -> int:
+    def round_size(self, *keys: Hashable, rooms: Sequence[int] | None = None, steady: int | None = None) -> int:
         """The k that maximises the tokens a round writes per unit of work, over its rows (the trajectories `keys`,
         with `rooms[i]` proposals the step can still use): a row of measured acceptance a writes
-        (1 - a^(j+1)) / (1 - a) tokens from j = min(k, room) proposals, and the round costs one target forward and k
-        draft forwards whatever its rows. One k for all of them: a row with fewer proposals would not make the round
-        cheaper, since every slot runs as many tokens as the longest."""
+        (1 - a^(j+1)) / (1 - a) tokens from j = min(k, room) proposals, and the round costs one target forward and
+        min(k, the largest room) draft forwards whatever its rows. One k for all of them: a row with fewer proposals
+        would not make the round cheaper, since every slot runs as many tokens as the longest. `steady`, the k of the
+        rounds before, stays while it yields at least STEADY_K_SHARE of the best (ties go to the smaller k)."""
         acceptances = [min(self.acceptance.get(key, PRIOR_ACCEPTANCE), 0.999) for key in keys]
         rooms = list(rooms) if rooms is not None else [MAX_K] * len(keys)
+        widest = max(rooms, default=0)
 
         def tokens_per_work(k: int) -> float:
             written = sum(tokens_per_round(a, min(k, room)) for a, room in zip(acceptances, rooms, strict=True))
-            return written / (1 + self.draft_price * k)
+            return written / (1 + self.draft_price * min(k, widest))
 
-        return max(range(1, MAX_K + 1), key=tokens_per_work)
+        best = max(range(1, MAX_K + 1), key=tokens_per_work)
+        if (
+            steady is not None
+            and 1 <= steady <= MAX_K
+            and tokens_per_work(steady) >= STEADY_K_SHARE * tokens_per_work(best)
+        ):
+            return steady
+        return best
 
     def _output(self, row: Rewrite) -> StepOutput:
         draft = row.draft
