@@ -109,6 +109,9 @@ class BenchConfig:
     token_acceptance: float = 0.8  # the rate at which a proposed token stays (random weights never agree)
     batches: tuple[int, ...] = (1, 16, 64)
     repeats: int = 3  # timed rounds of every method; medians are reported
+    # untimed rounds first: kernels compiled, allocator grown, arenas grown (each growth drops its model's graphs)
+    # and graphs captured; a second one recaptures the shapes the first's last new arena dropped
+    warmups: int = 1
     methods: tuple[str, ...] = METHODS
     device: str = "cuda"
     dtype: str = "bfloat16"
@@ -410,8 +413,9 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, log: Callable
         "rsd": lambda: rsd(models, problems, config, plain=False),
     }
     work = {name: work[name] for name in config.methods}
-    for run in work.values():  # warm-up: kernels compiled, graphs captured, allocator grown
-        timed(config.device, run, models)
+    for _ in range(config.warmups):
+        for run in work.values():
+            timed(config.device, run, models)
     runs: dict[str, list[Run]] = {name: [] for name in work}
     for round_index in range(1, config.repeats + 1):
         for name, run in work.items():
@@ -532,13 +536,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     parser.add_argument("--target", choices=tuple(TARGETS), help="the target's shape (default 7b)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 16 64)")
     parser.add_argument("--repeats", type=int, help="timed rounds per batch size (default 3)")
+    parser.add_argument("--warmups", type=int, help="untimed rounds before them (default 1)")
     parser.add_argument("--steps", type=int, help="steps per problem (default 8)")
     parser.add_argument("--token-acceptance", type=float, help="rate at which a proposed token stays (default 0.8)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to time (default all)")
     parser.add_argument("--out", type=Path, help="folder for gpu_speed_<target>.json")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
-    for name in ("target", "repeats", "steps", "token_acceptance"):
+    for name in ("target", "repeats", "warmups", "steps", "token_acceptance"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.batches:
@@ -548,6 +553,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     config = tiny_config(**overrides) if args.tiny else BenchConfig(**overrides)
     if not 0.0 <= config.token_acceptance <= 1.0:
         parser.error("--token-acceptance is a rate in [0, 1]")
+    if config.warmups < 0 or config.repeats < 1:
+        parser.error("--warmups 0 or more and --repeats 1 or more, please")
     return config, args.out
 
 

@@ -47,9 +47,9 @@ from rsd.engine.steps import CallRequest, Row, StepModel, check_requests, write_
 MAX_K = 8  # the most tokens the draft proposes per round
 # A round keeps the k of the rounds before while that k promises at least this share of the best k's tokens per unit
 # of work. On a GPU each k is a verification shape, a CUDA graph captured at its first use (about 0.1 s for a 14B
-# target), and near its best the yield is flat (at acceptance 0.8 and a draft price of 0.15, k = 4..7 are within 4%
-# of the best), so a k that followed every wobble of the measured price would capture shape after shape for nothing.
-STEADY_K_SHARE = 0.97
+# target), and near its best the yield is flat (at acceptance 0.8 and a draft price of 0.15, k = 4 and 5 are within
+# 0.3%), so a k that followed every wobble of the measured price would capture shape after shape for nothing.
+STEADY_K_SHARE = 0.99
 TIMED_FORWARDS = 32  # recent timings of each model's forwards whose median prices the draft on a GPU
 MIN_DRAFT_PRICE = 0.02  # a draft forward costs at least this share of a target forward (k stays bounded anyway)
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
