@@ -78,7 +78,12 @@ def test_a_steps_end_keeps_the_verification_shape():
     and verify 1 + k tokens a slot, padded, so the target captures one verification graph per (k, rows, width), not
     one per room a step's end leaves. Every proposed token kept and the draft's price fixed: k is MAX_K throughout."""
     tokenizer = make_tokenizer()
-    target, draft, _ = generators(tokenizer)
+    # Half precision: where verifications run as graphs (float32 runs them as eager forwards, of each row's tokens).
+    target, draft = (
+        HFStepGenerator.from_model(make_layout_lm("qwen2", tokenizer, num_hidden_layers=layers).to("cuda").half(),
+                                   tokenizer, role=role)
+        for layers, role in ((4, "target"), (2, "draft"))
+    )  # fmt: skip
     speculative = RecordingRounds(target, draft, accept=lambda proposal, choices: len(proposal))
     speculative.times, speculative.draft_price = None, 0.15
     params = StepParams(delimiter="\x00")
