@@ -36,7 +36,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from rsd.core import (
     TrajectoryStats,
 )
 from rsd.engine.runner import GraphStats, ModelRunner
+from rsd.engine.sampler import Draw
 from rsd.loop import StepwiseDecoder
 from rsd.policies import Threshold
 from rsd.rewards.formats import QwenPRMInput
@@ -246,16 +247,23 @@ class PatternedPRM:
 
 class SeededAcceptance:
     """The acceptance rule of a run at a set token acceptance: each proposed token stays with probability `rate`,
-    drawn from a seeded generator, until the first that does not (the target's own token follows it)."""
+    until the first that does not (the target's own token follows it). A token's draw is fixed by (seed, round,
+    trajectory, position), not taken from a stream: the same round of two runs, of two commits say, meets the same
+    draws whatever k their rounds chose, and their times pair up round by round."""
 
     def __init__(self, rate: float, seed: int) -> None:
-        self.rate, self.rng = rate, random.Random(seed)
+        self.rate, self.seed = rate, seed
+        self.round = 0  # set before each round of the benchmark: each round its own draws
 
-    def __call__(self, proposal: Sequence[int], choices: Sequence[int]) -> int:
+    def __call__(self, proposal: Sequence[int], choices: Sequence[int], start: Draw) -> int:
+        key, position = start
         kept = 0
-        while kept < len(proposal) and self.rng.random() < self.rate:
+        while kept < len(proposal) and self.draw(key, position + kept) < self.rate:
             kept += 1
         return kept
+
+    def draw(self, key: Hashable, position: int) -> float:
+        return random.Random(f"{self.seed}/{self.round}/{key}/{position}").random()
 
 
 @dataclass
@@ -265,6 +273,7 @@ class Models:
     target: HFStepGenerator
     prm: HFRewardModel
     speculative: SpeculativeStepGenerator
+    acceptance: SeededAcceptance  # the speculative generator's acceptance rule
 
 
 def build_models(config: BenchConfig) -> Models:
@@ -277,7 +286,8 @@ def build_models(config: BenchConfig) -> Models:
     draft_gen = HFStepGenerator.from_model(draft, tokenizer, name="random-qwen2.5-math-1.5b", role="draft")
     target_gen = HFStepGenerator.from_model(target, tokenizer, name=f"random-qwen2.5-{config.target}", role="target")
     accept = SeededAcceptance(config.token_acceptance, config.seed)
-    return Models(tokenizer, draft_gen, target_gen, prm, SpeculativeStepGenerator(target_gen, draft_gen, accept))
+    speculative = SpeculativeStepGenerator(target_gen, draft_gen, accept)
+    return Models(tokenizer, draft_gen, target_gen, prm, speculative, accept)
 
 
 def make_problems(tokenizer: Any, count: int, tokens: int, seed: int, tag: str) -> list[Prompted]:
@@ -413,11 +423,13 @@ def measure_batch(models: Models, config: BenchConfig, batch: int, log: Callable
         "rsd": lambda: rsd(models, problems, config, plain=False),
     }
     work = {name: work[name] for name in config.methods}
-    for _ in range(config.warmups):
+    for warmup in range(config.warmups):
+        models.acceptance.round = -1 - warmup
         for run in work.values():
             timed(config.device, run, models)
     runs: dict[str, list[Run]] = {name: [] for name in work}
     for round_index in range(1, config.repeats + 1):
+        models.acceptance.round = round_index
         for name, run in work.items():
             runs[name].append(timed(config.device, run, models))
             if name in SPECULATING:

@@ -71,14 +71,22 @@ def test_forwards_run_without_graphs_are_named_in_the_round_line_and_the_report(
     assert gpu_speed.round_line(gpu_speed.Run(1.0, stats=None, graphs={"draft": graphs["draft"]})) == "1.000s"
 
 
-def test_the_seeded_acceptance_keeps_tokens_at_its_rate():
+def test_the_seeded_acceptance_keeps_tokens_at_its_rate_by_draws_fixed_where_they_stand():
     rule = gpu_speed.SeededAcceptance(0.8, seed=3)
     proposal = list(range(4))
-    kept = [rule(proposal, proposal) for _ in range(20000)]
+    kept = [rule(proposal, proposal, (f"t{i}", 7)) for i in range(20000)]
     # Each proposed token stays with probability 0.8 until the first that does not: E[kept] = sum of 0.8^i.
     expected = sum(0.8**i for i in range(1, 5))
     assert sum(kept) / len(kept) == pytest.approx(expected, rel=0.02)
     assert max(kept) == 4 and min(kept) == 0
+    # A token's draw is its own: the same whatever proposal (k) reaches it, in any order; another round, others.
+    starts = [(f"t{i}", 7) for i in range(200)]
+    shorter = [rule(proposal[:2], proposal[:2], start) for start in reversed(starts)][::-1]
+    assert shorter == [min(2, k) for k in kept[:200]]
+    later = [rule(proposal[2:], proposal[2:], (key, 9)) for key, _ in starts]
+    assert [k for k in kept[:200] if k >= 2] == [2 + n for k, n in zip(kept[:200], later, strict=True) if k >= 2]
+    rule.round = 1
+    assert [rule(proposal, proposal, start) for start in starts] != kept[:200]
 
 
 def test_with_exact_verification_the_timed_paths_write_the_targets_own_tokens():

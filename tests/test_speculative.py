@@ -55,7 +55,7 @@ from rsd.engine.sampler import accepted_length  # noqa: E402
 from rsd.engine.transformers_runner import TransformersRunner  # noqa: E402
 from rsd.eval.harness import default_tinyworld_model  # noqa: E402
 from rsd.policies import Threshold  # noqa: E402
-from rsd.speculative import MAX_K, PRIOR_ACCEPTANCE, SpeculativeStepGenerator  # noqa: E402
+from rsd.speculative import MAX_K, PRIOR_ACCEPTANCE, SpeculativeStepGenerator, exact_acceptance  # noqa: E402
 
 LAYOUTS = ("qwen2", "llama", "qwen3")
 RUNNERS = ("engine", "eager")
@@ -146,7 +146,7 @@ def problems(n: int = 5) -> list[Prompted]:
     return [Prompted(f"p{i}", PROMPTS[i], PROMPTS[i]) for i in range(n)]
 
 
-def speculating(target: HFStepGenerator, draft: HFStepGenerator, accept=accepted_length) -> SpeculativeStepGenerator:
+def speculating(target: HFStepGenerator, draft: HFStepGenerator, accept=None) -> SpeculativeStepGenerator:
     """The target writing with the draft's help, the draft priced as one a twentieth the target's size. Here both
     have the same shapes, and at an equal price one proposal a round is best; a cheap draft proposes up to MAX_K
     tokens a round, as a real one does, so that every part of a round runs."""
@@ -463,7 +463,7 @@ def test_the_measured_acceptance_is_the_rate_at_which_proposed_tokens_stay():
     target, draft = pair("qwen2")
     draws = random.Random(0)
 
-    def at_rate(proposal, choices) -> int:
+    def at_rate(proposal, choices, start) -> int:
         kept = 0
         while kept < len(proposal) and draws.random() < 0.8:
             kept += 1
@@ -706,12 +706,12 @@ def exact_distribution(model, ids: list[int], length: int, temperature: float, t
     return probs
 
 
-def keep_every_proposed_token(proposal, own) -> int:
+def keep_every_proposed_token(proposal, own, start) -> int:
     """A wrong rule: every proposed token stays (the text is then the proposer's)."""
     return len(proposal)
 
 
-def keep_one_past_agreement(proposal, own) -> int:
+def keep_one_past_agreement(proposal, own, start) -> int:
     """A wrong rule: the first token the target disagrees with stays too (an off-by-one)."""
     return min(len(proposal), accepted_length(proposal, own) + 1)
 
@@ -725,7 +725,7 @@ DISTRIBUTION = StepParams(delimiter="\x00", temperature=0.7, top_p=0.8, seed=3)
 def sampled_steps(rule_name: str, with_proposal: bool) -> tuple[list[tuple[int, ...]], Speculation]:
     """The LENGTH tokens of SAMPLES speculative steps (one per trajectory key) after one prefix, and what
     speculation did for them; `with_proposal`: each verifies the draft's greedy step first, as a rewrite does."""
-    rules = {"exact": accepted_length, "every": keep_every_proposed_token, "one-past": keep_one_past_agreement}
+    rules = {"exact": exact_acceptance, "every": keep_every_proposed_token, "one-past": keep_one_past_agreement}
     target, draft = pair("qwen2")
     speculative = speculating(target, draft, accept=rules[rule_name])
     prefix = target.encode(PROMPTS[0])

@@ -84,7 +84,7 @@ def test_a_steps_end_keeps_the_verification_shape():
                                    tokenizer, role=role)
         for layers, role in ((4, "target"), (2, "draft"))
     )  # fmt: skip
-    speculative = RecordingRounds(target, draft, accept=lambda proposal, choices: len(proposal))
+    speculative = RecordingRounds(target, draft, accept=lambda proposal, choices, start: len(proposal))
     speculative.times, speculative.draft_price = None, 0.15
     params = StepParams(delimiter="\x00")
     prefixes = {f"r{i}": target.encode(p) for i, p in enumerate(PROMPTS)}

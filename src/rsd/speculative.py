@@ -55,7 +55,9 @@ MIN_DRAFT_PRICE = 0.02  # a draft forward costs at least this share of a target 
 PRIOR_ACCEPTANCE = 0.8  # the token acceptance assumed before any is measured
 PRIOR_TRIALS = 2.0  # how many checked tokens the prior weighs
 ACCEPTANCE_MEMORY = 0.7  # weight of what was measured before, per round
-AcceptRule = Callable[[Sequence[int], Sequence[int]], int]  # (proposal, the target's own choices) -> tokens kept
+# (proposal, the target's own choices, where the proposal starts: its trajectory and its first token's position)
+# -> how many proposed tokens stay
+AcceptRule = Callable[[Sequence[int], Sequence[int], Draw], int]
 
 
 class ForwardTimes:
@@ -133,13 +135,11 @@ class SpeculativeStepGenerator:
     """The target as a `StepGenerator` whose steps the draft helps write (both in process, one tokenizer).
 
     Its steps equal the target's own; requests may carry a `proposal` (a rejected draft step) to verify first.
-    `accept` decides how many proposed tokens stay given the target's own choices: `accepted_length` (they stay
+    `accept` decides how many proposed tokens stay given the target's own choices: `exact_acceptance` (they stay
     while they are equal) is the only exact rule; another one makes the forwards of a run at a set acceptance, to
-    time them on models that never agree (random weights)."""
+    time them on models that never agree (random weights), and may draw by where the proposal stands."""
 
-    def __init__(
-        self, target: Any, draft: Any, accept: AcceptRule = accepted_length, max_rows: int | None = None
-    ) -> None:
+    def __init__(self, target: Any, draft: Any, accept: AcceptRule | None = None, max_rows: int | None = None) -> None:
         """`max_rows`: a call of more rows than this is written by the target alone, one forward per token (the
         same steps): where speculation does not pay at that batch (`rsd.api.RSD`'s "auto" rewrites)."""
         problem = speculation_problem(target, draft)
@@ -155,7 +155,7 @@ class SpeculativeStepGenerator:
             self.draft = StepModel(engine.model, engine.stop_rule.tokenizer, engine.stop_rule.eos_token_ids, "draft")
         self.name, self.role, self.cost = target.name, target.role, target.cost
         self.tokenizer = target.tokenizer
-        self.accept = accept
+        self.accept = accept or exact_acceptance
         self.max_rows = max_rows
         # Per trajectory, the token acceptance measured over its rounds (smoothed); a round's k follows those of its
         # rows, so what a step costs depends on which trajectories share its rounds (its tokens never do). `tallies`
@@ -363,7 +363,7 @@ class SpeculativeStepGenerator:
     def _accept(self, row: Rewrite, proposal: list[int], own: list[int], params: StepParams) -> int:
         """Append the proposal's kept tokens and the target's own next one, up to where the step ends. Returns how
         many proposed tokens the step kept."""
-        kept = min(self.accept(proposal, own[: len(proposal)]), len(proposal))
+        kept = min(self.accept(proposal, own[: len(proposal)], (row.request.key, row.position)), len(proposal))
         new = [*proposal[:kept], own[kept]]
         before = len(row.written)
         row.written += new
@@ -514,6 +514,12 @@ class SpeculativeStepGenerator:
             forwards=row.target.forwards,
             speculation=row.speculation,
         )
+
+
+def exact_acceptance(proposal: Sequence[int], choices: Sequence[int], start: Draw) -> int:
+    """The exact rule: proposed tokens stay while they equal the target's own choices (`accepted_length`), wherever
+    they stand."""
+    return accepted_length(proposal, choices)
 
 
 def tokens_per_round(acceptance: float, proposals: int) -> float:
