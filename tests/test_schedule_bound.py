@@ -79,10 +79,11 @@ def test_committed_gpu_results_replay():
     for path in sorted(RESULTS.glob("*.json")):
         report = json.loads(path.read_text())
         if not schedule_bound.is_gpu_speed_report(report):
-            # The other scripts' output: phase_profile.py's, decode_kernels.py's, gpu_speed.py's own from the
-            # side-by-side methods on (which records no per-call costs to replay), and serve_load.py's (a CPU's).
+            # The other scripts' output: phase_profile.py's, decode_kernels.py's, decode_products.py's,
+            # gpu_speed.py's own from the side-by-side methods on (which records no per-call costs to replay), and
+            # serve_load.py's (a CPU's).
             other = "phases" in path.name or "copy_bandwidth_gbs" in report or "gpu-speed" in path.name
-            other = other or "serve-load" in path.name
+            other = other or "serve-load" in path.name or "decode-products" in path.name
             assert other, f"{path.name}: not the output of a benchmark in benchmarks/"
             continue
         for row in schedule_bound.analyse(report, draws=20):
