@@ -46,7 +46,7 @@ from rsd.engine.steps import CallRequest, Row, StepModel, check_requests, write_
 
 MAX_K = 8  # the most tokens the draft proposes per round
 # A round keeps the k of the rounds before while that k promises at least this share of the best k's tokens per unit
-# of work. On a GPU each k is a verification shape, a CUDA graph captured at its first use (about 0.1 s for a 14B
+# of work. On a GPU each k is a verification shape, a CUDA graph captured at its first use (0.04-0.06 s for a 14B
 # target), and near its best the yield is flat (at acceptance 0.8 and a draft price of 0.15, k = 4 and 5 are within
 # 0.3%), so a k that followed every wobble of the measured price would capture shape after shape for nothing.
 STEADY_K_SHARE = 0.99
