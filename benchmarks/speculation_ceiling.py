@@ -20,6 +20,14 @@ the run measured, with and without the CUDA graphs its rounds captured. Where th
 the first forwards are estimated: the tokens the run's pattern makes them read, at the profile's own seconds per
 token (an upper bound where the calls are larger: longer prefills run nearer the card's peak).
 
+With `--run`, also the same run if its rows were not in lock-step (a design rsd does not have: batching at the
+token across RSD's phases). Each iteration runs k draft forwards for every row, drafting its own step or proposing
+for its rewrite, so the draft's forwards serve both; a PRM call over the rows whose draft step just ended (one row
+at `--prm-floor-ms`, each further row at this run's own price per row); the first forwards of the rewrites it
+rejected; one verification over every row rewriting, whatever step it is at. Priced at the run's forwards (the
+draft's at the larger of the rounds' median and its own calls' time per token), with the best fixed k; no host
+time, captures or the draft's reading of a rewritten step. At one row it runs the forwards lock-step does.
+
     python benchmarks/speculation_ceiling.py --prices 0.18 0.10 --batches 1 16 64
     python benchmarks/speculation_ceiling.py --run benchmarks/results/h100-5553bb0-gpu-speed-14b-batch16.json \
         --phases benchmarks/results/h100-5553bb0-phases-14b-speculative.json --batches 16
@@ -33,6 +41,7 @@ import random
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +104,10 @@ def rewrite_speedup(
 FIRST_FORWARDS = "target/forward in the arena"  # in a speculative profile: each rewrite's first forward
 ROUNDS = "target/rewrite: verification forward"
 PHASES_KEY = "phases [seconds, host seconds, calls]"
+# A one-row PRM call at batch 1 (h100-2a97f74-gpu-speed-14b-batch1.json: 8 calls in 0.042 s, the first of them a
+# prompt's prefill): what a call of the few rows whose step just ended costs where rows are not in lock-step.
+PRM_FLOOR_MS = 4.4
+CONTINUOUS_DRAWS = 100  # runs of draws per k for rows not in lock-step (each a whole run of every row)
 
 
 def batch_result(report: dict[str, Any], batch: int, source: str) -> dict[str, Any]:
@@ -122,24 +135,8 @@ def pattern_calls(batch: int, config: dict[str, Any]) -> list[int]:
 
 
 def first_forward_tokens(batch: int, config: dict[str, Any]) -> int:
-    """The tokens the rewrites' first forwards of a `gpu_speed.py` run at `batch` read: for each rejected step, what
-    the target has not seen of its row (the prompt the first time; then the last token of its own step before, and
-    the steps the draft wrote since) and the rejected step (all but its last token: a proposal leaves room for the
-    target's own)."""
-    prompt, step_tokens = config["prompt_tokens"], config["step_tokens"]
-    tokens = 0
-    for problem in range(batch):
-        last_written = None  # the step the target last wrote for this row
-        for step in range(config["steps"]):
-            if pattern_keeps(problem, step, config):
-                continue
-            if last_written is None:
-                unseen = prompt + step * step_tokens
-            else:
-                unseen = 1 + (step - 1 - last_written) * step_tokens
-            tokens += unseen + step_tokens - 1
-            last_written = step
-    return tokens
+    """The tokens the rewrites' first forwards of a `gpu_speed.py` run at `batch` read (`rows_first_tokens`)."""
+    return sum(sum(row) for row in rows_first_tokens(batch, config))
 
 
 def first_forwards(phases: dict[str, Any], batch: int, config: dict[str, Any]) -> tuple[float, int | None]:
@@ -219,6 +216,126 @@ def rsd_best_time(
     return figures
 
 
+@dataclass
+class Prices:
+    """What a continuous schedule's forwards cost, in seconds, from a run's own measurements."""
+
+    draft: float  # a draft forward (proposals and step tokens alike)
+    verification: float  # a target verification forward
+    first_forward_token: float  # a token of a rewrite's first forward (compute-bound: priced per token)
+    prm_floor: float  # a PRM call of one row
+    prm_row: float  # each further row of a PRM call
+
+
+@dataclass
+class Lane:
+    """One problem under a continuous schedule: where it is and what is left of its current phase."""
+
+    problem: int
+    step: int = 0
+    drafting: int = 0  # step tokens the draft has still to write
+    rewriting: int = 0  # tokens the target has still to write of a rejected step
+    waiting: bool = False  # its draft step is written and waits for the PRM
+
+    def next_step(self, step_tokens: int, steps: int) -> None:
+        """The step is done: the draft writes the next one, if any."""
+        self.step += 1
+        self.drafting = step_tokens if self.step < steps else 0
+
+    def rewrite(self, left: int, step_tokens: int, steps: int) -> None:
+        """`left` tokens of the rewrite remain to write; at none, the step is done."""
+        self.rewriting = max(0, left)
+        if self.rewriting == 0:
+            self.next_step(step_tokens, steps)
+
+
+def continuous_run(
+    rng: random.Random, batch: int, config: dict[str, Any], prices: Prices, k: int, first_tokens: list[list[int]]
+) -> float:
+    """Seconds of one run whose rows are not in lock-step: each iteration runs k draft forwards for every row that
+    drafts its step or proposes for its rewrite, a PRM call over the rows whose draft step just ended, the first
+    forwards of the rewrites those rejected (`first_tokens[problem][step]` tokens each) and one verification over
+    every row rewriting. The pattern decides as in the run; the acceptance draws are `rng`'s."""
+    acceptance, step_tokens, steps = config["token_acceptance"], config["step_tokens"], config["steps"]
+    lanes = [Lane(problem, drafting=step_tokens) for problem in range(batch)]
+    seconds = 0.0
+    while lanes:
+        seconds += k * prices.draft
+        proposing = [lane for lane in lanes if lane.rewriting > 0]
+        for lane in lanes:
+            if lane.drafting > 0:
+                lane.drafting = max(0, lane.drafting - k)
+                lane.waiting = lane.drafting == 0
+        scored = [lane for lane in lanes if lane.waiting]
+        if scored:
+            seconds += prices.prm_floor + (len(scored) - 1) * prices.prm_row
+        for lane in scored:
+            lane.waiting = False
+            if pattern_keeps(lane.problem, lane.step, config):
+                lane.next_step(step_tokens, steps)
+            else:  # the first forward reads the rejected step: a prefix of it stays, and the target's own token
+                seconds += first_tokens[lane.problem][lane.step] * prices.first_forward_token
+                lane.rewrite(step_tokens - kept_run(rng, acceptance, step_tokens - 1) - 1, step_tokens, steps)
+        if proposing:
+            seconds += prices.verification
+        for lane in proposing:
+            lane.rewrite(lane.rewriting - kept_run(rng, acceptance, min(k, lane.rewriting - 1)) - 1, step_tokens, steps)
+        lanes = [lane for lane in lanes if lane.drafting or lane.rewriting or lane.waiting]
+    return seconds
+
+
+def rows_first_tokens(batch: int, config: dict[str, Any]) -> list[list[int]]:
+    """Per problem and step of a `gpu_speed.py` run at `batch`, the tokens of the first forward of that step's rewrite
+    (0 where the step is kept): what the target has not seen of its row (the prompt the first time; then the last
+    token of its own step before, and the steps the draft wrote since) and the rejected step (all but its last
+    token: a proposal leaves room for the target's own)."""
+    prompt, step_tokens = config["prompt_tokens"], config["step_tokens"]
+    table = []
+    for problem in range(batch):
+        row, last_written = [], None
+        for step in range(config["steps"]):
+            if pattern_keeps(problem, step, config):
+                row.append(0)
+                continue
+            if last_written is None:
+                unseen = prompt + step * step_tokens
+            else:
+                unseen = 1 + (step - 1 - last_written) * step_tokens
+            row.append(unseen + step_tokens - 1)
+            last_written = step
+        table.append(row)
+    return table
+
+
+def continuous_best_time(
+    run: dict[str, Any], batch: int, figures: dict[str, float], draws: int, seed: int, prm_floor: float
+) -> dict[str, float]:
+    """The best time of the same run if its rows were not in lock-step (`continuous_run`, the best fixed k, the mean
+    over `draws` runs of draws), priced at the run's own forwards: the rounds' draft forward or the draft calls'
+    time per token, the larger; the rounds' verification; the first forwards at `figures`' seconds per token; a PRM
+    call at `prm_floor` seconds for one row and this run's per-row price for each further row."""
+    config, result = run["config"], batch_result(run, batch, "--run")
+    rsd = result["methods"]["rsd"]
+    steps, step_tokens = config["steps"], config["step_tokens"]
+    per_token_draft = rsd["split_s"]["draft"] / (steps * step_tokens)
+    prm_call = rsd["split_s"]["prm"] / steps
+    prices = Prices(
+        draft=figures["draft time"] * max(rsd["forward_ms"]["draft"] / 1e3, per_token_draft),
+        verification=rsd["forward_ms"]["target"] / 1e3,
+        first_forward_token=figures["first forwards"] / max(1, figures.get("first forward tokens", 0)),
+        prm_floor=prm_floor,
+        prm_row=max(0.0, prm_call - prm_floor) / max(1, batch - 1),
+    )
+    first_tokens = rows_first_tokens(batch, config)
+
+    def mean_time(k: int) -> float:
+        rng = random.Random(seed)
+        return statistics.mean(continuous_run(rng, batch, config, prices, k, first_tokens) for _ in range(draws))
+
+    k, best = min(((k, mean_time(k)) for k in range(1, MAX_K + 1)), key=lambda pair: pair[1])
+    return {"continuous k": k, "continuous best": best, "prm floor": prm_floor, "prm row": prices.prm_row}
+
+
 def first_forwards_note(figures: dict[str, float]) -> str:
     if "first forward tokens" not in figures:
         return " (no --phases: left out)"
@@ -256,6 +373,11 @@ def best_time_lines(figures: dict[str, float], batch: int) -> list[str]:
         f"  measured                  {against(figures['measured'])}; without captures "
         f"{against(figures['measured without captures'])}"
     )
+    if "continuous best" in figures:
+        lines.append(
+            f"  rows not in lock-step     {against(figures['continuous best'])} (k = {figures['continuous k']:.0f}; "
+            f"a PRM call {1e3 * figures['prm floor']:.1f} ms + {1e3 * figures['prm row']:.2f} ms a further row)"
+        )
     return lines
 
 
@@ -277,20 +399,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=1.0,
         help="with --run: every draft forward at this share of the time the run measured (a faster draft)",
     )
+    parser.add_argument(
+        "--prm-floor-ms",
+        type=float,
+        default=PRM_FLOOR_MS,
+        help=f"with --run: a PRM call of one row, for rows not in lock-step (default {PRM_FLOOR_MS})",
+    )
     args = parser.parse_args(argv)
     if args.draws < 1:
         parser.error("--draws is at least 1")
     if args.draft_time <= 0:
         parser.error("--draft-time is a share of the measured time, above 0")
+    if args.prm_floor_ms < 0:
+        parser.error("--prm-floor-ms is at least 0")
     if args.run is not None:
         run = read_report(parser, args.run)
         phases = read_report(parser, args.phases) if args.phases is not None else None
         for batch in args.batches:
             figures = rsd_best_time(run, batch, phases, args.draws, args.seed, args.draft_time)
+            draws = min(args.draws, CONTINUOUS_DRAWS)
+            figures.update(continuous_best_time(run, batch, figures, draws, args.seed, args.prm_floor_ms / 1e3))
             print("\n".join(best_time_lines(figures, batch)))
         return
-    if args.phases is not None or args.draft_time != 1.0:
-        parser.error("--phases and --draft-time go with --run")
+    if args.phases is not None or args.draft_time != 1.0 or args.prm_floor_ms != PRM_FLOOR_MS:
+        parser.error("--phases, --draft-time and --prm-floor-ms go with --run")
     if not 0.0 <= args.acceptance <= 1.0 or not 0.0 <= args.keep_share < 1.0:
         parser.error("--acceptance is in [0, 1] and --keep-share in [0, 1)")
     if any(price < 0 for price in args.prices) or args.step_tokens < 2:

@@ -89,7 +89,7 @@ def test_rsd_best_time_names_a_batch_the_run_does_not_have(capsys):
         ceiling.main(["--run", str(RUN_16), "--batches", "64", "--draws", "5"])
     with pytest.raises(SystemExit):
         ceiling.main(["--phases", str(PHASES)])
-    assert "--phases and --draft-time go with --run" in capsys.readouterr().err
+    assert "--phases, --draft-time and --prm-floor-ms go with --run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ceiling.main(["--draft-time", "0.5"])
     with pytest.raises(SystemExit):
@@ -155,3 +155,54 @@ def test_the_first_forwards_of_an_unprofiled_batch_are_estimated_at_the_profiles
     out = capsys.readouterr().out
     assert f"({tokens:,} tokens, estimated at the profile's seconds per token at batch 16)" in out
     assert "best, profiled rounds" not in out
+
+
+PRICES = ceiling.Prices(draft=1.0, verification=10.0, first_forward_token=0.01, prm_floor=0.5, prm_row=0.25)
+
+
+def tiny_config(acceptance: float, steps: int) -> dict:
+    return {"token_acceptance": acceptance, "step_tokens": 8, "steps": steps, "keep_share": 0.5, "prompt_tokens": 4}
+
+
+def test_rows_not_in_lock_step_pay_what_each_iteration_runs():
+    # One row, two steps of 8 tokens, k = 4: the pattern keeps step 0 and rejects step 1. Each step is two
+    # iterations of 4 draft forwards and a PRM call of one row; the rewrite's first forward reads the 12 tokens the
+    # target has not seen and 7 of the rejected step, and keeps all of them (acceptance 1): no verification follows.
+    config = tiny_config(1.0, steps=2)
+    first = ceiling.rows_first_tokens(1, config)
+    assert first == [[0, 19]]
+    seconds = ceiling.continuous_run(random.Random(0), 1, config, PRICES, 4, first)
+    assert seconds == pytest.approx(4 * 4 * 1.0 + 2 * 0.5 + 19 * 0.01)
+    # Two rows, one step: the pattern keeps row 0's and rejects row 1's. One PRM call scores both; nothing is ever
+    # kept (acceptance 0), so the rewrite writes one token a verification: 7 iterations of 4 draft forwards and one
+    # verification after its first forward (4 prompt tokens and 7 of the step).
+    config = tiny_config(0.0, steps=1)
+    first = ceiling.rows_first_tokens(2, config)
+    assert first == [[0], [11]]
+    seconds = ceiling.continuous_run(random.Random(0), 2, config, PRICES, 4, first)
+    assert seconds == pytest.approx(2 * 4 + (0.5 + 0.25) + 11 * 0.01 + 7 * (4 + 10))
+
+
+def test_rows_not_in_lock_step_match_lock_step_at_batch_1_and_beat_it_at_16():
+    """At one row the two schedules run the same forwards; at 16 the draft's forwards carry the rows drafting with
+    the rows proposing, and a verification carries rewrites of different steps."""
+    one = json.loads((RESULTS / "h100-2a97f74-gpu-speed-14b-batch1.json").read_text())
+    figures = ceiling.rsd_best_time(one, 1, None, draws=200, seed=1)
+    continuous = ceiling.continuous_best_time(one, 1, figures, draws=20, seed=1, prm_floor=0.0044)
+    assert continuous["continuous best"] == pytest.approx(figures["best"], rel=0.03)
+    run, phases = (json.loads(path.read_text()) for path in (RUN_16, PHASES))
+    figures = ceiling.rsd_best_time(run, 16, phases, draws=200, seed=1)
+    continuous = ceiling.continuous_best_time(run, 16, figures, draws=10, seed=1, prm_floor=0.0044)
+    assert continuous["continuous best"] < 0.85 * figures["best"]
+    assert continuous["prm row"] == pytest.approx((0.14245 / 8 - 0.0044) / 15, rel=1e-3)
+
+
+def test_the_script_prints_rows_not_in_lock_step_and_refuses_a_negative_prm_call(capsys):
+    ceiling.main(["--run", str(RUN_16), "--phases", str(PHASES), "--batches", "16", "--draws", "10"])
+    assert "  rows not in lock-step     " in capsys.readouterr().out.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        ceiling.main(["--run", str(RUN_16), "--prm-floor-ms", "-1"])
+    assert "--prm-floor-ms is at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ceiling.main(["--prm-floor-ms", "3"])
+    assert "--phases, --draft-time and --prm-floor-ms go with --run" in capsys.readouterr().err
