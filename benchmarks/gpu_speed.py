@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from rsd.backends.hf import HFStepGenerator
+from rsd.continuous import ContinuousDecoder, runs_continuously
 from rsd.core import (
     Prompted,
     RewardOutput,
@@ -406,7 +407,9 @@ def rsd(models: Models, problems: list[Prompted], config: BenchConfig, plain: bo
                     max_steps=config.steps, batch_size=len(problems), seed=config.seed)  # fmt: skip
     fallback = models.target if plain else models.speculative
     prm = PatternedPRM(models.prm, config.keep_share, config.steps)
-    decoder = StepwiseDecoder(models.draft, run, prm, fallback, Threshold(0.5))
+    # The library's "auto" schedule: rows each on their own with speculative rewrites on a GPU, else lock-step.
+    decoder_class = ContinuousDecoder if runs_continuously(fallback) else StepwiseDecoder
+    decoder = decoder_class(models.draft, run, prm, fallback, Threshold(0.5))
     trajectories = decoder.run(problems)  # caches are released as trajectories end: keys can repeat
     stats = TrajectoryStats()
     for traj in trajectories:

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPLATE = "qwen25-math-cot"
 REWRITES = ("auto", "speculative", "plain")  # how the target writes a step: with the draft's help, or alone
+# How in-process RSD moves its rows: all together step by step, or each on its own (`rsd.continuous`); "auto" is
+# continuous where the target runs on a GPU with speculative rewrites, whose forwards cost nearly the same for a few
+# rows as for many, so rows that share them gain.
+SCHEDULES = ("auto", "continuous", "lockstep")
 # "auto" speculates on a GPU in calls of at most `AUTO_SPECULATIVE_SMALL_DRAFT_ROWS` rows when the draft has at most
 # this share of the target's parameters, else in calls of at most `AUTO_SPECULATIVE_ROWS` rows. Measured on H100
 # machines against plain rewrites (docs/benchmarks.md): a 1.5B draft for a 14B target (0.10) gains 1.28x at batch 1,
@@ -136,6 +140,7 @@ class RSD:
         trust_remote_code: bool = False,
         tokenizers: dict[str, str] | None = None,
         rewrite: str = "auto",
+        schedule: str = "auto",
     ) -> None:
         """`draft`, `target` and `prm` each take a hub id, a local folder, `http://HOST:PORT/v1` server URLs, a
         built model, "tinyworld" (the built-in model of that role) or "tinyworld:ROLE"; the PRM also takes any
@@ -144,13 +149,22 @@ class RSD:
         "speculative" (verifying the rejected step, then token-level speculation with the draft: the same steps
         in fewer target forwards; needs both in process with one tokenizer), "plain" (one forward per token), or
         "auto" (speculative wherever it pays: on a GPU in calls of up to 32 or 8 rows; a served target verifies greedy
-        rejected steps through its vLLM server, docs/serving.md)."""
+        rejected steps through its vLLM server, docs/serving.md). `schedule`: how in-process RSD moves its rows,
+        "lockstep" (every row drafts its step, then the PRM scores them all, then the target rewrites the rejected
+        ones while the others wait), "continuous" (each row on its own: the draft's forwards carry the rows drafting
+        and the rows proposing for a rewrite together; needs speculative rewrites) or "auto" (continuous where the
+        target is on a GPU and speculative rewrites run, else lockstep). Both give the same steps."""
         if rewrite not in REWRITES:
             raise RSDError(f"rewrite={rewrite!r}: choose one of {', '.join(REWRITES)}.")
+        if schedule not in SCHEDULES:
+            raise RSDError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        if schedule == "continuous" and rewrite == "plain":
+            raise RSDError("schedule='continuous' needs speculative rewrites; use rewrite='auto' or 'speculative'.")
         tokenizers = tokenizers or {}
         check_sources({"draft": draft, "target": target, "prm": prm})
         self.config = config or RunConfig()
         self.rewrite = rewrite
+        self.schedule = schedule
         if prm_format is not None:
             from rsd.rewards.formats import check_prm_format
 
@@ -165,7 +179,7 @@ class RSD:
         self._speculative: StepGenerator | None = None
         if rewrite == "plain" and hasattr(self.target, "verify"):
             self.target.verify = "never"  # a served target: no request scores the rejected step first
-        if rewrite == "speculative":
+        if rewrite == "speculative" or schedule == "continuous":
             self.speculative_target()  # refuse now, not after the first rejected step
 
     def speculative_target(self, max_rows: int | None = None) -> StepGenerator:
@@ -209,6 +223,15 @@ class RSD:
         share = self.draft.cost.parameters / max(1, self.target.cost.parameters)
         return AUTO_SPECULATIVE_SMALL_DRAFT_ROWS if share <= AUTO_SPECULATIVE_DRAFT_SHARE else AUTO_SPECULATIVE_ROWS
 
+    def continuous(self) -> bool:
+        """Whether RSD's rows move each on its own (`schedule`): asked for, or "auto" with the target on a GPU and
+        speculative rewrites that can run."""
+        if self.schedule != "auto":
+            return self.schedule == "continuous"
+        from rsd.continuous import runs_continuously
+
+        return runs_continuously(self.rewriter())
+
     @property
     def served(self) -> bool:
         """Whether any model is behind a server: then the asynchronous controller drives them."""
@@ -220,8 +243,9 @@ class RSD:
         forwards). `policy` replaces RSD's weighting function for this decoder; `overrides` replace fields of the
         run configuration.
 
-        In-process models advance in batched rounds (`StepwiseDecoder`); served models advance each trajectory
-        as soon as its own step is done (`AsyncStepwiseDecoder`). Both give the same results.
+        In-process models advance in batched rounds (`StepwiseDecoder`), or for RSD each row on its own
+        (`ContinuousDecoder`, `schedule`); served models advance each trajectory as soon as its own step is done
+        (`AsyncStepwiseDecoder`). All give the same results.
         """
         config = replace(self.config, **overrides) if overrides else self.config
         decoder_class = StepwiseDecoder
@@ -229,6 +253,11 @@ class RSD:
             from rsd.async_loop import AsyncStepwiseDecoder as decoder_class
         if method == "rsd":
             policy = policy or self.policy
+            if self.continuous():
+                from rsd.continuous import ContinuousDecoder
+
+                rewriter = self.speculative_target()
+                return ContinuousDecoder(self.draft, config, self.prm, rewriter, policy, proposer_role="draft")
             return decoder_class(self.draft, config, self.prm, self.rewriter(), policy, proposer_role="draft")
         if method in ("draft", "target"):
             return decoder_class(getattr(self, method), config, proposer_role=method)

@@ -94,6 +94,15 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         "calls of up to 32 rows for a draft under 0.15 of the target's parameters, else of up to 8; always on the "
         "CPU; a served vLLM target verifies greedy rejected steps where that pays: docs/serving.md)",
     )
+    group.add_argument(
+        "--schedule",
+        default="auto",
+        choices=("auto", "continuous", "lockstep"),
+        help="how in-process RSD moves its rows: all together, draft then PRM then the target's rewrites (lockstep), "
+        "or each on its own, the draft's forwards carrying rows drafting and rows proposing for a rewrite together "
+        "(continuous: needs speculative rewrites); auto, the default: continuous with the target on a GPU. The "
+        "same steps either way",
+    )
 
 
 def run_config(args: argparse.Namespace):
@@ -145,6 +154,7 @@ def build_rsd(args: argparse.Namespace):
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
         rewrite=args.rewrite,
+        schedule=args.schedule,
         tokenizers={
             "draft": args.draft_tokenizer,
             "target": args.target_tokenizer,
