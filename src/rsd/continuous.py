@@ -289,11 +289,6 @@ class ContinuousDecoder(StepwiseDecoder):
             for slot, lane in enumerate(going_on):
                 lane.rewrite.target_slot = slot
         self.rewriting = going_on
-        if going_on:
-            taken = {lane.rewrite.target_slot for lane in going_on}
-            idle = [slot for slot in range(self.target.runner.slots) if slot not in taken]
-            if idle:
-                self.target.runner.park(idle)
 
     def _next_step(self, lane: Lane) -> None:
         lane.rewrite = None
@@ -396,6 +391,18 @@ class ContinuousDecoder(StepwiseDecoder):
             lane.held += len(feed)
         with self.spec._timed("draft", 1):
             self.logits = runner.feed_last(feeds)
+        self._park_idle()
+
+    def _park_idle(self) -> None:
+        """Slots of either arena's bucket that hold no lane start their columns over: every forward feeds them, and
+        they must not outgrow the arena."""
+        for runner, taken in ((self.draft.runner, {lane.slot for lane in self.lanes}),
+                              (self.target.runner, {lane.rewrite.target_slot for lane in self.rewriting})):  # fmt: skip
+            if not taken and runner is self.target.runner:
+                continue  # the target's arena holds no call until a rewrite opens it again
+            idle = [slot for slot in range(runner.slots) if slot not in taken]
+            if idle:
+                runner.park(idle)
 
     def _rollback_counts(self, lanes: list[Lane], keep: Callable[[Lane], int]) -> list[int]:
         counts = [0] * self.draft.runner.slots
