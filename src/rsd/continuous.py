@@ -156,11 +156,7 @@ class ContinuousDecoder(StepwiseDecoder):
     def _iterate(self) -> None:
         params = self.lanes[0].traj.config.step_params()
         started = time.perf_counter()
-        keys = [lane.key for lane in self.rewriting]
-        rooms = [max(0, lane.rewrite.cap - len(lane.rewrite.written) - 1) for lane in self.rewriting]
-        k = self.spec.round_size(*keys, rooms=rooms, steady=self.spec.steady_k) if keys else MAX_K
-        if keys:
-            self.spec.steady_k = k
+        k = self._round_size()
         limits = [self._limit(lane, k) for lane in self.lanes]
         table = self._propose(limits, params)
         read = self._verify(table, k, limits, params)
@@ -175,6 +171,16 @@ class ContinuousDecoder(StepwiseDecoder):
         self._take_verdicts(read, params)
         self._score(ended, params)
         self._catch_up()
+
+    def _round_size(self) -> int:
+        """The draft forwards of an iteration: while any lane drafts its step, the most a round takes (a drafting lane
+        keeps every token, and the lanes rewriting propose on the same forwards); else the rewrites' own k."""
+        if len(self.rewriting) < len(self.lanes):
+            return MAX_K
+        keys = [lane.key for lane in self.rewriting]
+        rooms = [max(0, lane.rewrite.cap - len(lane.rewrite.written) - 1) for lane in self.rewriting]
+        self.spec.steady_k = self.spec.round_size(*keys, rooms=rooms, steady=self.spec.steady_k)
+        return self.spec.steady_k
 
     def _limit(self, lane: Lane, k: int) -> int:
         """Tokens the lane takes from this iteration's draft forwards: its step's room, or its proposals'."""
