@@ -408,7 +408,7 @@ def rsd(models: Models, problems: list[Prompted], config: BenchConfig, plain: bo
     fallback = models.target if plain else models.speculative
     prm = PatternedPRM(models.prm, config.keep_share, config.steps)
     # The library's "auto" schedule: rows each on their own with speculative rewrites on a GPU, else lock-step.
-    decoder_class = ContinuousDecoder if runs_continuously(fallback) else StepwiseDecoder
+    decoder_class = ContinuousDecoder if runs_continuously(fallback, run.batch_size) else StepwiseDecoder
     decoder = decoder_class(models.draft, run, prm, fallback, Threshold(0.5))
     trajectories = decoder.run(problems)  # caches are released as trajectories end: keys can repeat
     stats = TrajectoryStats()

@@ -20,8 +20,8 @@ the run measured, with and without the CUDA graphs its rounds captured. Where th
 the first forwards are estimated: the tokens the run's pattern makes them read, at the profile's own seconds per
 token (an upper bound where the calls are larger: longer prefills run nearer the card's peak).
 
-With `--run`, also the same run if its rows were not in lock-step (a design rsd does not have: batching at the
-token across RSD's phases). Each iteration runs k draft forwards for every row, drafting its own step or proposing
+With `--run`, also the same run if its rows were not in lock-step (`rsd.continuous`, the continuous schedule,
+modelled). Each iteration runs k draft forwards for every row, drafting its own step or proposing
 for its rewrite, so the draft's forwards serve both; a PRM call over the rows whose draft step just ended (one row
 at `--prm-floor-ms`, each further row at this run's own price per row); the first forwards of the rewrites it
 rejected; one verification over every row rewriting, whatever step it is at. Priced at the run's forwards (the

@@ -100,7 +100,7 @@ def test_the_schedule_is_chosen_by_what_runs_and_refused_where_it_cannot():
     models = [default_tinyworld_model(role) for role in roles]
     on_cpu = RSD(*models, device="cpu", dtype="float32")
     assert on_cpu.schedule == "auto" and type(on_cpu.decoder("rsd")) is StepwiseDecoder  # the CPU: lock-step
-    assert not runs_continuously(on_cpu.rewriter()) and not runs_continuously(on_cpu.target)
+    assert not runs_continuously(on_cpu.rewriter(), 16) and not runs_continuously(on_cpu.target, 16)
     assert type(RSD(*models, device="cpu", schedule="lockstep").decoder("rsd")) is StepwiseDecoder
     assert type(on_cpu.decoder("target")) is StepwiseDecoder
     with pytest.raises(RSDError, match="schedule='sometimes': choose one of auto, continuous, lockstep"):

@@ -223,14 +223,14 @@ class RSD:
         share = self.draft.cost.parameters / max(1, self.target.cost.parameters)
         return AUTO_SPECULATIVE_SMALL_DRAFT_ROWS if share <= AUTO_SPECULATIVE_DRAFT_SHARE else AUTO_SPECULATIVE_ROWS
 
-    def continuous(self) -> bool:
-        """Whether RSD's rows move each on its own (`schedule`): asked for, or "auto" with the target on a GPU and
-        speculative rewrites that can run."""
+    def continuous(self, batch_size: int) -> bool:
+        """Whether RSD's rows move each on its own (`schedule`): asked for, or "auto" with the target on a GPU,
+        speculative rewrites that can run and more than one row a batch."""
         if self.schedule != "auto":
             return self.schedule == "continuous"
         from rsd.continuous import runs_continuously
 
-        return runs_continuously(self.rewriter())
+        return runs_continuously(self.rewriter(), batch_size)
 
     @property
     def served(self) -> bool:
@@ -253,7 +253,7 @@ class RSD:
             from rsd.async_loop import AsyncStepwiseDecoder as decoder_class
         if method == "rsd":
             policy = policy or self.policy
-            if self.continuous():
+            if self.continuous(config.batch_size):
                 from rsd.continuous import ContinuousDecoder
 
                 rewriter = self.speculative_target()

@@ -434,7 +434,10 @@ class ContinuousDecoder(StepwiseDecoder):
         lane.step.forwards += 1
 
 
-def runs_continuously(rewriter: object) -> bool:
-    """Whether rows gain from moving each on its own with this rewriter: speculative rewrites with the target on a
-    GPU, where a forward costs nearly the same for a few rows as for many (the "auto" schedule)."""
-    return isinstance(rewriter, SpeculativeStepGenerator) and rewriter.target.runner.device.type == "cuda"
+def runs_continuously(rewriter: object, batch_size: int) -> bool:
+    """Whether rows gain from moving each on its own (the "auto" schedule): speculative rewrites with the target on a
+    GPU, where a forward costs nearly the same for a few rows as for many, and more than one row to share them. (One
+    row alone runs the same forwards either way, and lock-step stops drafting at the step's end, where an iteration
+    runs its MAX_K draft forwards.)"""
+    on_gpu = isinstance(rewriter, SpeculativeStepGenerator) and rewriter.target.runner.device.type == "cuda"
+    return on_gpu and batch_size > 1
