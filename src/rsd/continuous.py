@@ -21,7 +21,7 @@ with speculative rewrites and every trajectory samples alike; `StepwiseDecoder` 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +51,7 @@ class Lane:
     done: bool = False
 
     @property
-    def key(self):
+    def key(self) -> Hashable:
         return self.traj.key
 
     def ids(self) -> list[int]:
