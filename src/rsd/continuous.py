@@ -204,7 +204,7 @@ class ContinuousDecoder(StepwiseDecoder):
                 chosen.append(choose(logits, params, self._draws(j, slots)))
                 for lane, limit in zip(self.lanes, limits, strict=True):
                     if j < limit:  # a forward this lane's own tokens needed (others ride on it)
-                        self._count_draft(lane, lane.held, 1, decode=True)
+                        self._count_draft(lane, lane.held, 1)
                     lane.held += 1
         return torch.stack(chosen)
 
@@ -262,18 +262,8 @@ class ContinuousDecoder(StepwiseDecoder):
             return
         tokens = {lane.slot: t for lane, t in zip(self.lanes, read.tokens, strict=True)}
         for lane, own in zip(self.rewriting, read.owns, strict=True):
-            row, proposal = lane.rewrite, tokens[lane.slot]
-            written_before = len(row.written)
-            row.target.count_run(row.position - 1, 1 + len(proposal))
-            row.target.forwards += 1
-            row.run_after_prefix += 1 + len(proposal)
-            kept = self.spec._accept(row, proposal, own, params)
-            lane.consistent = len(row.prefix) + written_before + min(kept, max(0, len(proposal) - 1))
-            row.speculation.proposed += len(proposal)
-            row.speculation.from_draft += kept
-            row.speculation.rounds += 1
-            rejected = kept < len(proposal) and len(row.written) - written_before > kept
-            self.spec._measure(lane.key, kept, kept + rejected)
+            self.spec._judge(lane.rewrite, tokens[lane.slot], own, params)
+            lane.consistent = lane.rewrite.draft_consistent
         self.spec._roll_target_back([lane.rewrite for lane in self.rewriting])
         self._end_rewrites()
 
@@ -418,7 +408,7 @@ class ContinuousDecoder(StepwiseDecoder):
                 raise AssertionError(f"continuous bookkeeping: lane {lane.key!r} holds {lane.held} < {keep(lane)}")
         return counts
 
-    def _count_draft(self, lane: Lane, first: int, tokens: int, decode: bool = False) -> None:
+    def _count_draft(self, lane: Lane, first: int, tokens: int) -> None:
         """Draft tokens run for the lane from position `first`: its step's, or its rewrite's proposals'."""
         if tokens < 1:
             return

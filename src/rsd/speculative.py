@@ -319,26 +319,30 @@ class SpeculativeStepGenerator:
         params: StepParams,
         outputs: list[StepOutput | None],
     ) -> list[Rewrite]:
-        """Keep what the target agrees with; returns the rows that go on (those that end leave both arenas). A row's
-        counts are its own tokens (its last one and its proposals), whatever the others made the forward run."""
+        """Keep what the target agrees with; returns the rows that go on (those that end leave both arenas)."""
         for row, proposal, own, count in zip(live, proposals, owns, fed, strict=True):
-            written_before = len(row.written)
-            row.target.count_run(row.position - 1, 1 + len(proposal))
-            row.target.forwards += 1
-            row.run_after_prefix += 1 + len(proposal)
             row.target_held += count
-            kept = self._accept(row, proposal, own, params)
-            # The draft fed the tokens before the row's last proposal; those the target kept stay in its cache. (It
-            # fed more where the step had less room than the round's k: those are forgotten.)
-            row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, len(proposal) - 1))
-            row.speculation.proposed += len(proposal)
-            row.speculation.from_draft += kept
-            row.speculation.rounds += 1
-            # A proposed token was turned down only where the target's own token took its place; a step that ended
-            # inside the kept tokens turned none down (the draft was right as far as the step went).
-            rejected = kept < len(proposal) and len(row.written) - written_before > kept
-            self._measure(row.request.key, kept, kept + rejected)
+            self._judge(row, proposal, own, params)
         return self._leave_finished(live, outputs)
+
+    def _judge(self, row: Rewrite, proposal: list[int], own: list[int], params: StepParams) -> None:
+        """One row's verdict on its proposal, given the target's own choices, and what it cost: the row's counts are
+        its own tokens (its last one and its proposals), whatever the others made the forward run."""
+        written_before = len(row.written)
+        row.target.count_run(row.position - 1, 1 + len(proposal))
+        row.target.forwards += 1
+        row.run_after_prefix += 1 + len(proposal)
+        kept = self._accept(row, proposal, own, params)
+        # The draft fed the tokens before the row's last proposal; those the target kept stay in its cache. (It fed
+        # more where the step had less room than the round's k: those are forgotten.)
+        row.draft_consistent = len(row.prefix) + written_before + min(kept, max(0, len(proposal) - 1))
+        row.speculation.proposed += len(proposal)
+        row.speculation.from_draft += kept
+        row.speculation.rounds += 1
+        # A proposed token was turned down only where the target's own token took its place; a step that ended inside
+        # the kept tokens turned none down (the draft was right as far as the step went).
+        rejected = kept < len(proposal) and len(row.written) - written_before > kept
+        self._measure(row.request.key, kept, kept + rejected)
 
     def _measure(self, key: Hashable, accepted: int, trials: int) -> None:
         """Fold a round's accepted tokens out of its trials (tokens checked) into the trajectory's acceptance: the
